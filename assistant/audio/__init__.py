@@ -1,0 +1,1 @@
+"""Audio in and out: sources, VAD, speech recognition, speech synthesis, sinks."""

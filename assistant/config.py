@@ -1,0 +1,432 @@
+"""config.yaml -> typed, frozen settings objects.
+
+Every section is a frozen dataclass; every field has a default and a one-line doc in its
+metadata, so the loader can say exactly what a key expects when the file is wrong. Loading
+rejects unknown keys, wrong types and out-of-range values with one line naming the file and
+the key path (``ConfigError``); the CLI turns that into exit code 78 (EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+EX_CONFIG = 78  # sysexits.h: configuration error
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for a person: file, key path, expected, found."""
+
+    def __init__(self, message: str, key: str = "", source: str = ""):
+        self.key = key
+        self.source = source
+        super().__init__(message)
+
+
+def _f(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
+       file: bool = False) -> Any:
+    """A field with its documentation; lo/hi bound numbers, file marks a model-file path."""
+    meta = {"doc": doc, "lo": lo, "hi": hi, "file": file}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: _copy_default(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy_default(d: Any) -> Any:
+    if isinstance(d, list):
+        return tuple(d)
+    if dataclasses.is_dataclass(d):
+        return dataclasses.replace(d)
+    return d
+
+
+# --------------------------------------------------------------------------- sections
+
+@dataclass(frozen=True)
+class PersonaConfig:
+    name: str = _f("Rocky", "The assistant's name, used in the system prompt and the logs.")
+    system_prompt: str = _f(
+        "You are {name}, a helpful voice assistant running offline on a small board with a "
+        "camera. Answer in one to three short sentences suitable for speaking aloud. When an "
+        "image is given it is what your camera sees right now.",
+        "System prompt for the LLM; {name} is replaced by persona.name.")
+    greeting: str = _f("Hello, I'm listening.", "Spoken once when the daemon is ready; empty for none.")
+    goodbye: str = _f("Goodbye!", "Spoken when the person says an exit phrase.")
+    cleared: str = _f("Okay, I've forgotten our conversation.", "Spoken after a clear phrase.")
+    language: Literal["en", "zh", "auto"] = _f(
+        "auto", "Conversation language: en, zh, or auto (follow the language the person spoke).")
+
+    @property
+    def prompt(self) -> str:
+        return self.system_prompt.replace("{name}", self.name)
+
+
+@dataclass(frozen=True)
+class AudioInputConfig:
+    device: Union[str, int] = _f("default", "Microphone: 'default', a device index, or part of its name (see `rkvlm-assistant devices`).")
+    sample_rate: Optional[int] = _f(None, "Capture rate in Hz; null uses the device's default. Resampled to 16 kHz.", lo=8000, hi=192000)
+    channels: int = _f(1, "Channels to capture; they are mixed down to mono.", lo=1, hi=32)
+
+
+@dataclass(frozen=True)
+class AudioOutputConfig:
+    device: Union[str, int] = _f("default", "Speaker: 'default', a device index, or part of its name.")
+    sample_rate: Optional[int] = _f(None, "Playback rate in Hz; null uses the device's default. Speech is resampled to it.", lo=8000, hi=192000)
+    volume: float = _f(1.0, "Linear gain applied to speech before playback.", lo=0.0, hi=4.0)
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    input: AudioInputConfig = _f(AudioInputConfig(), "Microphone settings.")
+    output: AudioOutputConfig = _f(AudioOutputConfig(), "Speaker settings.")
+    barge_in: bool = _f(False, "false: the microphone is ignored while the assistant speaks. true: speech during an answer cuts it short.")
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    aggressiveness: int = _f(2, "webrtcvad aggressiveness, 0 (keeps most) to 3 (filters most).", lo=0, hi=3)
+    frame_ms: Literal[10, 20, 30] = _f(30, "VAD frame length in ms: 10, 20 or 30.")
+    pre_roll_ms: int = _f(300, "Audio kept from before speech was detected, so the first syllable is not cut.", lo=0, hi=2000)
+    start_ms: int = _f(90, "Voiced audio needed to decide that speech started.", lo=10, hi=1000)
+    end_silence_ms: int = _f(700, "Silence that ends an utterance.", lo=100, hi=5000)
+    min_speech_ms: int = _f(300, "Utterances with less voiced audio than this (clicks, coughs) are dropped.", lo=0, hi=5000)
+    max_utterance_s: float = _f(15.0, "An utterance is cut here even if the person keeps talking.", lo=1.0, hi=120.0)
+
+
+@dataclass(frozen=True)
+class AsrConfig:
+    model: str = _f("tiny.en", "faster-whisper model: a size name (tiny.en, base, small, ...) or a local CTranslate2 model directory.")
+    language: Literal["auto", "en", "zh"] = _f("auto", "Spoken language: en, zh or auto (detect per utterance; needs a multilingual model).")
+    download_root: Optional[str] = _f(None, "Where named models are cached; null: the Hugging Face cache.")
+    cpu_threads: int = _f(0, "CPU threads for whisper; 0 lets CTranslate2 choose.", lo=0, hi=64)
+    beam_size: int = _f(1, "Beam size; 1 is greedy and fastest.", lo=1, hi=10)
+    no_speech_threshold: float = _f(0.6, "A segment whose no-speech probability is above this is not speech.", lo=0.0, hi=1.0)
+    logprob_threshold: float = _f(-1.0, "A segment whose average log-probability is below this is not trusted.", lo=-10.0, hi=0.0)
+
+
+@dataclass(frozen=True)
+class IntentConfig:
+    clear_phrases: tuple[str, ...] = _f(
+        ["clear", "clear history", "clear the history", "start over", "new conversation",
+         "forget everything", "清除", "清空历史", "清除历史", "重新开始"],
+        "Whole utterances that forget the conversation (history and KV cache).")
+    exit_phrases: tuple[str, ...] = _f(
+        ["exit", "quit", "goodbye", "bye", "stop listening", "退出", "再见", "结束"],
+        "Whole utterances that end the conversation.")
+    exit_action: Literal["idle", "stop"] = _f(
+        "idle", "After an exit phrase: idle keeps the daemon listening, stop ends the process (exit code 0).")
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    source: Union[str, int, None] = _f(0, "Camera: a V4L2 index (0) or path (/dev/video0), an image or video file, or null for none.")
+    width: int = _f(640, "Capture width in pixels (V4L2 cameras).", lo=16, hi=7680)
+    height: int = _f(480, "Capture height in pixels (V4L2 cameras).", lo=16, hi=4320)
+    fps: int = _f(30, "Capture rate (V4L2 cameras); video files play at their own rate.", lo=1, hi=240)
+    warmup_frames: int = _f(5, "Frames dropped after opening a USB camera (they are dark while it adjusts exposure).", lo=0, hi=120)
+
+
+@dataclass(frozen=True)
+class RknnEncoderConfig:
+    model: Optional[str] = _f(None, "The vision encoder .rknn file.", file=True)
+    core_mask: Literal["auto", "0", "1", "2", "0_1", "0_1_2"] = _f("auto", "NPU cores: auto, 0, 1, 2, 0_1 or 0_1_2 (RK3576 has cores 0 and 1).")
+    pad_color: float = _f(127.5, "Grey level used to pad the image to a square before resizing.", lo=0.0, hi=255.0)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    encoder: Literal["none", "llamacpp", "rknn"] = _f(
+        "llamacpp", "Image encoder: llamacpp (the GGUF model's mmproj, CPU), rknn (NPU), or none (text only).")
+    family: Optional[str] = _f(None, "Model family for image tags and sizes (qwen2-vl, qwen2.5-vl, qwen3-vl, internvl3, minicpm-v); null: from llm.rkllm.family.")
+    rknn: RknnEncoderConfig = _f(RknnEncoderConfig(), "NPU encoder settings (vision.encoder: rknn).")
+    on_speech_start: bool = _f(True, "Take the snapshot and encode it as soon as speech starts, overlapping the person talking.")
+
+
+@dataclass(frozen=True)
+class LlamaCppConfig:
+    model: str = _f("smolvlm2-256m", "A catalogue name (see `rkvlm-assistant models list`) or the path of a GGUF language model.")
+    mmproj: Optional[str] = _f(None, "Path of the multimodal projector GGUF; null: the catalogue's, or none for a text-only model.", file=True)
+    models_dir: Optional[str] = _f(None, "Where catalogue models are kept; null: $XDG_DATA_HOME/rkvlm-assistant/models.")
+    n_threads: int = _f(0, "CPU threads; 0 uses all cores.", lo=0, hi=256)
+    n_batch: int = _f(512, "Prompt tokens evaluated per batch.", lo=1, hi=8192)
+    seed: int = _f(0, "Sampling seed, for repeatable answers.", lo=0, hi=2**31 - 1)
+
+
+@dataclass(frozen=True)
+class RkllmConfig:
+    library: str = _f("librkllmrt.so", "librkllmrt.so: a path, or a name the dynamic loader finds.")
+    runtime_version: Literal["auto", "1.2.1", "1.2.2", "1.2.3", "1.3.0"] = _f(
+        "auto", "RKLLM runtime ABI: 1.2.1, 1.2.2, 1.2.3 or 1.3.0; auto reads it from the library and refuses if it cannot tell.")
+    model: Optional[str] = _f(None, "The .rkllm model file.", file=True)
+    family: Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl3", "minicpm-v"] = _f(
+        "qwen2-vl", "Model family: chat template, image tags, expected image size and embedding size.")
+    n_keep: int = _f(-1, "Tokens kept when the runtime shifts a full context; -1: the runtime's default.", lo=-1, hi=131072)
+    cpu_mask: Optional[str] = _f(None, "CPU cores for the runtime, e.g. '4-7' or '4,5,6,7' (the big cores); null: runtime default.")
+    embed_flash: bool = _f(True, "Keep the embedding table in flash instead of memory (saves RAM).")
+    lora: Optional[str] = _f(None, "Optional LoRA adapter file.", file=True)
+    lora_scale: float = _f(1.0, "LoRA adapter scale.", lo=0.0, hi=10.0)
+    prompt_cache: Optional[str] = _f(None, "Prompt cache file: loaded if present, written with the system prompt's cache on the first run.")
+
+
+@dataclass(frozen=True)
+class LlmConfig:
+    backend: Literal["llamacpp", "rkllm"] = _f("llamacpp", "llamacpp (CPU, any Linux) or rkllm (the NPU of an RK3576 / RK3588).")
+    max_context_len: int = _f(4096, "Context size in tokens: system prompt, history, image tokens and the answer.", lo=128, hi=131072)
+    max_new_tokens: int = _f(256, "Longest answer in tokens.", lo=1, hi=8192)
+    temperature: float = _f(0.7, "Sampling temperature; 0 is greedy.", lo=0.0, hi=5.0)
+    top_k: int = _f(20, "Top-k sampling.", lo=0, hi=1000)
+    top_p: float = _f(0.9, "Top-p sampling.", lo=0.0, hi=1.0)
+    repeat_penalty: float = _f(1.1, "Repetition penalty.", lo=0.5, hi=3.0)
+    keep_history: bool = _f(True, "Keep earlier turns in the KV cache so follow-up questions work.")
+    on_context_full: Literal["clear", "error"] = _f(
+        "clear", "When the next turn does not fit: clear forgets the history and answers, error refuses the turn.")
+    llamacpp: LlamaCppConfig = _f(LlamaCppConfig(), "Portable backend settings (llm.backend: llamacpp).")
+    rkllm: RkllmConfig = _f(RkllmConfig(), "NPU backend settings (llm.backend: rkllm).")
+
+
+@dataclass(frozen=True)
+class TtsConfig:
+    voice: str = _f("en_US-joe-medium", "Piper voice: a .onnx path (its .onnx.json beside it) or a voice name found in voices_dir or an installed voice package.")
+    voice_zh: Optional[str] = _f(None, "Piper voice for Chinese answers (e.g. zh_CN-huayan-medium); null: use voice.")
+    voices_dir: Optional[str] = _f(None, "Directory searched for voice names; null: $XDG_DATA_HOME/rkvlm-assistant/voices.")
+    length_scale: float = _f(1.0, "Speaking pace: above 1 is slower.", lo=0.3, hi=3.0)
+    speaker: Optional[int] = _f(None, "Speaker id for multi-speaker voices.", lo=0, hi=10000)
+    sentence_pause_ms: int = _f(150, "Silence between sentences.", lo=0, hi=3000)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _f("INFO", "Log level.")
+    transcript: Optional[str] = _f(None, "Append each turn (question, answer, timings) as a JSON line to this file; null: off.")
+
+
+@dataclass(frozen=True)
+class Config:
+    persona: PersonaConfig = _f(PersonaConfig(), "Who the assistant is.")
+    audio: AudioConfig = _f(AudioConfig(), "Microphone and speaker.")
+    vad: VadConfig = _f(VadConfig(), "Voice activity detection: where an utterance starts and ends.")
+    asr: AsrConfig = _f(AsrConfig(), "Speech recognition (faster-whisper).")
+    intent: IntentConfig = _f(IntentConfig(), "Phrases that clear or end the conversation.")
+    camera: CameraConfig = _f(CameraConfig(), "The camera whose snapshot goes with each question.")
+    vision: VisionConfig = _f(VisionConfig(), "The image encoder.")
+    llm: LlmConfig = _f(LlmConfig(), "The language model.")
+    tts: TtsConfig = _f(TtsConfig(), "Speech synthesis (piper).")
+    logging: LoggingConfig = _f(LoggingConfig(), "Logging.")
+    # Where the file came from: relative paths in it are relative to its folder.
+    source: str = field(default="<defaults>", metadata={"doc": "", "internal": True})
+
+    def path(self, value: str | None) -> Path | None:
+        """Resolve a path from the config: ~ expanded, relative to the config file's folder."""
+        if value is None:
+            return None
+        p = Path(os.path.expanduser(str(value)))
+        if not p.is_absolute() and self.source not in ("<defaults>", "<string>"):
+            p = Path(self.source).resolve().parent / p
+        return p
+
+
+# --------------------------------------------------------------------------- loading
+
+def _describe(tp: Any, meta: dict) -> str:
+    """What a field expects, in words."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) if isinstance(a, str) else str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        parts = [_describe(a, meta) for a in args if a is not type(None)]
+        s = " or ".join(parts)
+        return s + (" or null" if type(None) in args else "")
+    if origin is tuple:
+        return "a list of " + _describe(args[0], {}) + "s"
+    rng = ""
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and hi is not None:
+        rng = f" from {lo:g} to {hi:g}"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer" + rng
+    if tp is float:
+        return "a number" + rng
+    if tp is str:
+        return "a string"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return str(tp)
+
+
+def _found(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _convert(value: Any, tp: Any, meta: dict, key: str, source: str) -> Any:
+    raw = value
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{source}: {key}: expected {_describe(tp, meta)}, found {_found(raw)}",
+                           key=key, source=source)
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        for a in args:
+            # YAML reads `frame_ms: 30` as int and `core_mask: 0` as int: accept the text form too.
+            if value == a and type(value) is type(a) or (isinstance(a, str) and not isinstance(value, bool)
+                                                          and isinstance(value, int) and str(value) == a):
+                return a
+        raise bad()
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad()
+        # Try int before str so "device: 2" stays an index.
+        for a in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
+            try:
+                return _convert(value, a, meta, key, source)
+            except ConfigError:
+                continue
+        raise bad()
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise bad()
+        return tuple(_convert(v, args[0], {}, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise bad()
+        return _build(tp, value, key, source)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise bad()
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for k in data:
+        if k not in fields:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            known = ", ".join(fields)
+            raise ConfigError(f"{source}: {where}: unknown key (expected one of: {known})",
+                              key=where, source=source)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            where = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _convert(data[name], hints[name], dict(f.metadata), where, source)
+    return cls(**kwargs)
+
+
+def parse(text: str, source: str = "<string>") -> Config:
+    """Parse YAML text into a Config; raises ConfigError with the key path on any problem."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}:{where}: not valid YAML: {problem}", source=source) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top, found {_found(data)}",
+                          source=source)
+    cfg = _build(Config, data, "", source)
+    return dataclasses.replace(cfg, source=source)
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Load and validate a config file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found (pass --config PATH, or copy config.yaml there)",
+                          source=str(p)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read the config file: {e}", source=str(p)) from None
+    return parse(text, str(p))
+
+
+def iter_fields(obj: Any, prefix: str = ""):
+    """Yield (key path, field, value) for every leaf setting, depth first."""
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("internal"):
+            continue
+        value = getattr(obj, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            yield from iter_fields(value, key)
+        else:
+            yield key, f, value
+
+
+def file_settings(cfg: Config) -> list[tuple[str, Path]]:
+    """(key path, resolved path) of every model-file setting that is set, for the check."""
+    out = []
+    for key, f, value in iter_fields(cfg):
+        if f.metadata.get("file") and value is not None:
+            out.append((key, cfg.path(value)))
+    return out
+
+
+def missing_file_error(cfg: Config, key: str, path: Path, what: str = "file") -> ConfigError:
+    return ConfigError(f"{cfg.source}: {key}: {what} not found: {path}", key=key, source=cfg.source)
+
+
+def active_file_keys(cfg: Config) -> set[str]:
+    """The file settings the configured backends will actually open."""
+    keys = set()
+    if cfg.llm.backend == "rkllm":
+        keys |= {"llm.rkllm.model", "llm.rkllm.lora"}
+    if cfg.llm.backend == "llamacpp" and cfg.vision.encoder == "llamacpp":
+        keys.add("llm.llamacpp.mmproj")
+    if cfg.vision.encoder == "rknn":
+        keys.add("vision.rknn.model")
+    return keys
+
+
+def check_files(cfg: Config, keys: set[str] | None = None) -> list[ConfigError]:
+    """Every configured model file that does not exist, as errors (all of them, not the first)."""
+    keys = active_file_keys(cfg) if keys is None else keys
+    errors = []
+    for key, p in file_settings(cfg):
+        if key not in keys:
+            continue
+        if not p.is_file():
+            errors.append(missing_file_error(cfg, key, p))
+    return errors

@@ -1,0 +1,1 @@
+"""LLM backends: ``llamacpp`` (portable, CPU) and ``rkllm`` (the Rockchip NPU)."""

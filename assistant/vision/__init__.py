@@ -1,0 +1,1 @@
+"""Cameras, image preprocessing and vision encoders."""
