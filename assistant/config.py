@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -245,7 +246,7 @@ def _describe(tp: Any, meta: dict) -> str:
         s = " or ".join(parts)
         return s + (" or null" if type(None) in args else "")
     if origin is tuple:
-        return "a list of " + _describe(args[0], {}) + "s"
+        return "a list of " + _describe(args[0], {}).removeprefix("a ").removeprefix("an ") + "s"
     rng = ""
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and hi is not None:
@@ -351,10 +352,23 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `0_1` as the integer 1 and `1:30` as 90: a core mask or a time would
+    change meaning silently. Integers here are plain decimal (or 0x hex) only."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0x[0-9a-fA-F]+)$"),
+                              list("-+0123456789"))
+
+
 def parse(text: str, source: str = "<string>") -> Config:
     """Parse YAML text into a Config; raises ConfigError with the key path on any problem."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -47,7 +47,7 @@ class Components:
     asr: object                       # .transcribe(pcm) -> Transcript
     voices: object                    # .for_language(lang) -> synthesizer
     llm: Optional[LLMBackend]
-    llm_problem: str = ""             # spoken instead of an answer when llm is None
+    llm_problem: str = ""             # why there is no LLM (llm is None), for the log and notes
     camera: object = None
     encoder: object = None
     llm_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -204,7 +204,7 @@ class Pipeline:
         image = await self._image(turn)
         if self.parts.llm is None:
             turn.note = self.parts.llm_problem
-            await self.voice.say([self.parts.llm_problem], "en", turn)
+            await self.voice.say([self._sorry("no-model")], "en", turn)
             return
         sentences: asyncio.Queue = asyncio.Queue()
         speaking = asyncio.create_task(self.voice.say(sentences, lang, turn))
@@ -304,6 +304,9 @@ class Pipeline:
         return "zh" if self.cfg.asr.language == "zh" else "en"
 
     def _sorry(self, why: str) -> str:
+        if why == "no-model":
+            return ("My language model is not installed yet, so I cannot answer. "
+                    "The command that installs it is in the log.")
         if why == "context":
             return "Sorry, our conversation is too long for me. Say clear to start over."
         return "Sorry, something went wrong while I was thinking. Please ask again."

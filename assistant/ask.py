@@ -1,0 +1,51 @@
+"""`rkvlm-assistant ask`: one question from a WAV file (and an image) through the same
+pipeline as the daemon, with file devices; returns what happened as a JSON-able dict."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from assistant import components
+from assistant.config import Config, check_files
+from assistant.errors import AssistantError
+from assistant.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+async def ask(cfg: Config, audio: Path, image: Optional[Path], out: Optional[Path], *,
+              realtime: bool = False, allow_missing_llm: bool = False) -> dict:
+    for p, what in ((audio, "--audio"), (image, "--image")):
+        if p is not None and not p.is_file():
+            raise AssistantError(f"{what}: file not found: {p}")
+    missing = check_files(cfg)
+    if missing:
+        for e in missing[1:]:
+            log.error("%s", e)
+        raise missing[0]
+    t0 = time.monotonic()
+    source = components.wav_source(cfg, audio, realtime=realtime)
+    parts = await components.assemble(cfg, source, lambda rate: components.wav_sink(out, rate),
+                                      image=image, use_camera=False,
+                                      allow_missing_llm=allow_missing_llm)
+    load_s = time.monotonic() - t0
+    try:
+        pipeline = Pipeline(cfg, parts)
+        await pipeline.run(greet=False)
+    finally:
+        await components.close(parts)
+    turns = [t.as_json() for t in pipeline.turns]
+    result = dict(turns[-1]) if turns else {
+        "transcript": "", "language": "", "intent": "nothing", "answer": "",
+        "note": "no speech found in the audio", "timings_ms": {}}
+    result.pop("turn", None)
+    result["audio"] = str(audio)
+    result["image_file"] = str(image) if image else None
+    result["answer_wav"] = str(out) if out else None
+    result["load_ms"] = round(load_s * 1000.0, 1)
+    if len(turns) > 1:
+        result["turns"] = turns
+    return result

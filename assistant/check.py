@@ -1,0 +1,117 @@
+"""`rkvlm-assistant check` and `rkvlm-assistant devices`.
+
+check reports every problem at once (a missing model, an absent device, a runtime that will
+not load), not just the first, so a person fixes them in one go.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from assistant import components
+from assistant.config import EX_CONFIG, Config, check_files
+from assistant.errors import AssistantError, DeviceError
+
+log = logging.getLogger(__name__)
+
+
+def _probe(label: str, fn: Callable[[], object], failures: list, kind: str) -> None:
+    try:
+        detail = fn()
+        print(f"  ok   {label}" + (f": {detail}" if detail else ""))
+    except AssistantError as e:
+        print(f"  FAIL {label}: {e}")
+        failures.append(kind)
+    except Exception as e:  # a probe must report, not crash the check
+        print(f"  FAIL {label}: {type(e).__name__}: {e}")
+        failures.append(kind)
+
+
+def run_check(cfg: Config) -> int:
+    print(f"config: {cfg.source}: valid")
+    failures: list[str] = []
+    for e in check_files(cfg):
+        print(f"  FAIL {e}")
+        failures.append("model")
+
+    def asr():
+        from assistant.audio.model_paths import resolve_whisper
+        return str(resolve_whisper(cfg.asr, cfg.path))
+
+    def tts():
+        from assistant.audio.model_paths import resolve_voice
+        names = [("tts.voice", cfg.tts.voice)] + ([("tts.voice_zh", cfg.tts.voice_zh)] if cfg.tts.voice_zh else [])
+        return ", ".join(str(resolve_voice(cfg.tts, n, cfg.path, key=k)[0]) for k, n in names)
+
+    def llm():
+        if cfg.llm.backend == "rkllm":
+            from assistant.llm.rkllm import probe_library
+            return probe_library(cfg.llm.rkllm, cfg.path)
+        from assistant.llm.catalog import resolve
+        model, mmproj = resolve(cfg.llm.llamacpp, cfg.path)
+        return f"{model}" + (f" + {mmproj}" if mmproj and cfg.vision.encoder == "llamacpp" else "")
+
+    def encoder():
+        if cfg.vision.encoder == "rknn":
+            from assistant.vision.rknn_encoder import probe_rknnlite
+            return probe_rknnlite()
+        return f"{cfg.vision.encoder}"
+
+    _probe(f"speech recognition (asr.model: {cfg.asr.model})", asr, failures, "model")
+    _probe(f"speech synthesis (tts.voice: {cfg.tts.voice})", tts, failures, "model")
+    _probe(f"language model (llm.backend: {cfg.llm.backend})", llm, failures, "model")
+    _probe("vision encoder (vision.encoder)", encoder, failures, "model")
+
+    def mic():
+        from assistant.audio.devices import describe_device
+        return describe_device(cfg.audio.input.device, "input")
+
+    def spk():
+        from assistant.audio.devices import describe_device
+        return describe_device(cfg.audio.output.device, "output")
+
+    def cam():
+        if cfg.camera.source is None or cfg.vision.encoder == "none":
+            return "none configured"
+        c = components.camera(cfg)
+        c.open()
+        try:
+            frame = c.snapshot()
+            return f"{c.name}: {frame.shape[1]}x{frame.shape[0]}"
+        finally:
+            c.close()
+
+    _probe(f"microphone (audio.input.device: {cfg.audio.input.device})", mic, failures, "device")
+    _probe(f"speaker (audio.output.device: {cfg.audio.output.device})", spk, failures, "device")
+    _probe(f"camera (camera.source: {cfg.camera.source})", cam, failures, "device")
+    if not failures:
+        print("all good")
+        return 0
+    print(f"{len(failures)} problem(s) found")
+    return EX_CONFIG if "model" in failures else DeviceError.exit_code
+
+
+def print_devices() -> int:
+    from assistant.audio.devices import list_audio_devices
+    from assistant.vision.camera import list_cameras
+
+    try:
+        inputs, outputs = list_audio_devices()
+    except DeviceError as e:
+        print(f"audio: {e}")
+        inputs, outputs = [], []
+    for title, devs in (("microphones (audio.input.device)", inputs),
+                        ("speakers (audio.output.device)", outputs)):
+        print(f"{title}:")
+        for d in devs:
+            print(f"  {d}")
+        if not devs:
+            print("  (none)")
+    print("cameras (camera.source):")
+    cams = list_cameras()
+    for c in cams:
+        print(f"  {c}")
+    if not cams:
+        print("  (none)")
+    return 0

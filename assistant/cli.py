@@ -1,0 +1,169 @@
+"""rkvlm-assistant: run / ask / check / devices / models / bench / demo.
+
+Exit codes: 0 done, 1 a failure during work, 2 bad command line, 65 bad input file,
+69 a device or service is unavailable, 70 a runtime (NPU, llama.cpp) failed, 78 the
+configuration is wrong (systemd does not restart on 78).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+from assistant import __version__
+from assistant.config import EX_CONFIG, Config, ConfigError, load
+from assistant.errors import AssistantError
+
+log = logging.getLogger("assistant")
+
+SYSTEM_CONFIG = Path("/etc/rkvlm-assistant/config.yaml")
+
+
+def find_config(arg: Optional[str]) -> Config:
+    """--config, else $RKVLM_CONFIG, else ./config.yaml, else /etc/rkvlm-assistant/config.yaml."""
+    if arg or os.environ.get("RKVLM_CONFIG"):
+        return load(arg or os.environ["RKVLM_CONFIG"])
+    for p in (Path("config.yaml"), SYSTEM_CONFIG):
+        if p.is_file():
+            return load(p)
+    return Config()
+
+
+def setup_logging(level: str) -> None:
+    # Under systemd (INVOCATION_ID set) journald stamps the time itself.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("INVOCATION_ID"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=getattr(logging, level), format=fmt, stream=sys.stderr, force=True)
+
+
+# ---------------------------------------------------------------------------- commands
+
+def cmd_run(args, cfg: Config) -> int:
+    from assistant.daemon import run_daemon
+
+    return asyncio.run(run_daemon(cfg))
+
+
+def cmd_ask(args, cfg: Config) -> int:
+    from assistant.ask import ask
+
+    result = asyncio.run(ask(cfg, Path(args.audio), Path(args.image) if args.image else None,
+                             Path(args.out) if args.out else None, realtime=args.realtime))
+    print(json.dumps(result, ensure_ascii=False, indent=None if args.compact else 2))
+    return 0
+
+
+def cmd_check(args, cfg: Config) -> int:
+    from assistant.check import run_check
+
+    return run_check(cfg)
+
+
+def cmd_devices(args, cfg: Config) -> int:
+    from assistant.check import print_devices
+
+    return print_devices()
+
+
+def cmd_models(args, cfg: Config) -> int:
+    from assistant.llm import catalog
+
+    models_dir = catalog.models_dir(cfg.llm.llamacpp, cfg.path)
+    if args.models_cmd == "pull":
+        return catalog.cli_models_pull(args.name, models_dir)
+    return catalog.cli_models_list(models_dir)
+
+
+def cmd_bench(args, cfg: Config) -> int:
+    from assistant.bench import run_bench
+
+    return run_bench(cfg, args)
+
+
+def cmd_demo(args, cfg: Config) -> int:
+    from assistant.demo import run_demo
+
+    return run_demo(cfg, Path(args.out_dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rkvlm-assistant",
+                                description="Offline voice-and-vision assistant for RK3576 / RK3588 boards.")
+    p.add_argument("--version", action="version", version=f"rkvlm-assistant {__version__}")
+    p.add_argument("--config", "-c", help="config file (default: $RKVLM_CONFIG, ./config.yaml, "
+                                          "/etc/rkvlm-assistant/config.yaml)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="override logging.level")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("run", help="the daemon: listen on the microphone, answer on the speaker")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("ask", help="one turn from a WAV file (and an image); prints JSON")
+    s.add_argument("--audio", required=True, help="the spoken question, a WAV file")
+    s.add_argument("--image", help="what the camera sees, an image file")
+    s.add_argument("--out", help="write the spoken answer to this WAV file")
+    s.add_argument("--realtime", action="store_true", help="feed the audio at real-time pace, like a microphone")
+    s.add_argument("--compact", action="store_true", help="print the JSON on one line")
+    s.set_defaults(func=cmd_ask)
+
+    s = sub.add_parser("check", help="validate the config; report every missing model and device")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("devices", help="list microphones, speakers and cameras")
+    s.set_defaults(func=cmd_devices)
+
+    s = sub.add_parser("models", help="the portable backend's model catalogue")
+    msub = s.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
+    msub.add_parser("list", help="catalogue models, and which are installed where")
+    m = msub.add_parser("pull", help="download a catalogue model (resumes, verifies)")
+    m.add_argument("name")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("bench", help="measure each stage and the end-of-speech-to-first-audio time")
+    s.add_argument("--turns", type=int, default=3, help="questions to time (default 3)")
+    s.add_argument("--profile", choices=["measured", "rk3576", "rk3588"], default="measured",
+                   help="measured: this machine's real stages; rk3576/rk3588: the NPU stages "
+                        "simulated from published figures, the rest measured")
+    s.add_argument("--json", action="store_true", help="print the figures as JSON")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("demo", help="speak a sample question about a sample image through the whole loop")
+    s.add_argument("--out-dir", default="out", help="where the sample files and the answer go")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = find_config(args.config)
+    except ConfigError as e:
+        setup_logging("INFO")
+        print(f"rkvlm-assistant: {e}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(args.log_level or cfg.logging.level)
+    # SIGTERM (systemctl stop) ends the process like Ctrl-C: cleanly, through the finally blocks.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        return args.func(args, cfg)
+    except ConfigError as e:
+        print(f"rkvlm-assistant: {e}", file=sys.stderr)
+        return EX_CONFIG
+    except AssistantError as e:
+        print(f"rkvlm-assistant: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 0 if args.cmd == "run" else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

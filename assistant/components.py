@@ -1,0 +1,183 @@
+"""Build the pipeline's parts from the config, and load them in parallel.
+
+This is the one place that maps settings to implementations: a new device or backend is
+one new module and one branch here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from assistant.audio.base import AudioSink, AudioSource
+from assistant.config import Config
+from assistant.errors import ModelMissingError
+from assistant.pipeline import Components
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- devices
+
+def microphone(cfg: Config) -> AudioSource:
+    from assistant.audio.mic import MicSource
+
+    return MicSource(cfg.audio.input, frame_ms=cfg.vad.frame_ms)
+
+
+def speaker(cfg: Config) -> AudioSink:
+    from assistant.audio.speaker import SpeakerSink
+
+    return SpeakerSink(cfg.audio.output)
+
+
+def wav_source(cfg: Config, path: Path, realtime: bool = False) -> AudioSource:
+    from assistant.audio.wav_source import WavSource
+
+    return WavSource(path, frame_ms=cfg.vad.frame_ms, realtime=realtime)
+
+
+def wav_sink(path: Optional[Path], sample_rate: int) -> AudioSink:
+    from assistant.audio.wav_sink import WavSink
+
+    return WavSink(path, sample_rate=sample_rate)
+
+
+def camera(cfg: Config, image: Optional[Path] = None):
+    """The configured camera, or a file camera on ``image`` (ask / demo)."""
+    from assistant.vision.camera import open_camera
+
+    if image is not None:
+        from dataclasses import replace
+        return open_camera(replace(cfg.camera, source=str(image)), cfg.path)
+    return open_camera(cfg.camera, cfg.path)
+
+
+# ---------------------------------------------------------------------------- models
+
+def transcriber(cfg: Config):
+    from assistant.audio.asr import Transcriber
+    from assistant.audio.model_paths import resolve_whisper
+
+    return Transcriber(cfg.asr, resolve_whisper(cfg.asr, cfg.path))
+
+
+def voices(cfg: Config):
+    from assistant.audio.tts import VoiceSet
+
+    return VoiceSet(cfg.tts, cfg.path)
+
+
+def language_model(cfg: Config):
+    """(backend, encoder or None, encoder shares the LLM's native context)."""
+    with_vision = cfg.vision.encoder != "none" and cfg.camera.source is not None
+    if cfg.llm.backend == "rkllm":
+        from assistant.llm.rkllm import RkllmBackend
+
+        llm = RkllmBackend(cfg.llm, cfg.persona, with_vision=with_vision and cfg.vision.encoder == "rknn",
+                           resolve_path=cfg.path)
+    else:
+        from assistant.llm.catalog import resolve
+        from assistant.llm.llamacpp import LlamaCppBackend
+
+        model, mmproj = resolve(cfg.llm.llamacpp, cfg.path)
+        if cfg.vision.encoder != "llamacpp":
+            mmproj = None
+        llm = LlamaCppBackend(cfg.llm, cfg.persona, model, mmproj)
+    encoder, shares = None, False
+    if with_vision:
+        encoder, shares = vision_encoder(cfg, llm)
+    return llm, encoder, shares
+
+
+def vision_encoder(cfg: Config, llm):
+    if cfg.vision.encoder == "rknn":
+        from assistant.vision.rknn_encoder import RknnEncoder
+
+        family = cfg.vision.family or cfg.llm.rkllm.family
+        return RknnEncoder(cfg.vision.rknn, family, cfg.path), False
+    if cfg.vision.encoder == "llamacpp":
+        if cfg.llm.backend != "llamacpp":
+            from assistant.config import ConfigError
+            raise ConfigError(f"{cfg.source}: vision.encoder: 'llamacpp' needs llm.backend: llamacpp "
+                              f"(with llm.backend: rkllm use vision.encoder: rknn)", key="vision.encoder")
+        return llm.encoder(), True
+    return None, False
+
+
+# ---------------------------------------------------------------------------- assembly
+
+async def _timed(name: str, fn, timings: dict) -> None:
+    t0 = time.monotonic()
+    await asyncio.to_thread(fn)
+    timings[name] = time.monotonic() - t0
+
+
+async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Optional[Path] = None,
+                   use_camera: bool = True, allow_missing_llm: bool = False) -> Components:
+    """Create every part and load the models in parallel (whisper, piper, the LLM and the
+    vision encoder at once: on a board the NPU loads overlap the CPU ones).
+
+    ``sink_factory(voice_rate)`` makes the sink once the voice's rate is known (a WAV sink
+    writes at the voice's own rate; a speaker ignores it). With ``allow_missing_llm`` a
+    missing LLM model does not stop the voice loop: questions get the reason spoken instead.
+    """
+    t0 = time.monotonic()
+    asr = transcriber(cfg)
+    tts = voices(cfg)
+    llm = encoder = None
+    shares = False
+    problem = ""
+    try:
+        llm, encoder, shares = language_model(cfg)
+    except ModelMissingError as e:
+        if not allow_missing_llm:
+            raise
+        problem = str(e)
+        log.error("%s", e)
+    cam = camera(cfg, image) if (use_camera or image is not None) and cfg.vision.encoder != "none" else None
+
+    timings: dict = {}
+    jobs = [_timed("asr", asr.load, timings), _timed("tts", tts.load, timings)]
+    if llm is not None:
+        async def llm_then_encoder():
+            await _timed("llm", llm.load, timings)
+            if encoder is not None:   # the projector needs the loaded LLM (llama.cpp)
+                await _timed("encoder", encoder.load, timings)
+        jobs.append(llm_then_encoder() if shares else _timed("llm", llm.load, timings))
+        if encoder is not None and not shares:
+            jobs.append(_timed("encoder", encoder.load, timings))
+    if cam is not None:
+        jobs.append(_timed("camera", cam.open, timings))
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        for part in (llm, encoder, cam):
+            if part is not None:
+                part.close()
+        raise errors[0]
+    sink = sink_factory(tts.sample_rate)
+    await sink.open()
+    log.info("ready in %.1f s (%s)", time.monotonic() - t0,
+             ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    return Components(source=source, sink=sink, asr=asr, voices=tts, llm=llm,
+                      llm_problem=problem, camera=cam, encoder=encoder,
+                      encoder_shares_llm=shares)
+
+
+async def close(parts: Components) -> None:
+    """Release everything (idempotent parts; errors logged, never raised at shutdown)."""
+    for name, fn in (("source", parts.source.close), ("sink", parts.sink.close)):
+        try:
+            await fn()
+        except Exception as e:
+            log.warning("closing the %s: %s", name, e)
+    for part in (parts.encoder, parts.llm, parts.camera):
+        if part is not None:
+            try:
+                await asyncio.to_thread(part.close)
+            except Exception as e:
+                log.warning("closing %s: %s", type(part).__name__, e)

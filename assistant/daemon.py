@@ -1,0 +1,60 @@
+"""`rkvlm-assistant run`: the pipeline on the configured microphone, speaker and camera,
+under systemd (sd_notify READY / STATUS / WATCHDOG / STOPPING) or by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from assistant import components
+from assistant.config import Config, check_files
+from assistant.pipeline import Pipeline
+from assistant.sdnotify import Notifier
+
+log = logging.getLogger(__name__)
+
+
+async def run_daemon(cfg: Config) -> int:
+    missing = check_files(cfg)
+    if missing:
+        # Every missing file at once; ConfigError -> exit 78, systemd does not restart.
+        for e in missing[1:]:
+            log.error("%s", e)
+        raise missing[0]
+    notify = Notifier()
+    notify("STATUS=loading models")
+    parts = await components.assemble(cfg, components.microphone(cfg),
+                                      lambda rate: components.speaker(cfg))
+    pipeline = Pipeline(cfg, parts, notify=notify)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    stopping = False
+
+    def stop(signame: str) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            log.info("%s: stopping", signame)
+            notify("STOPPING=1")
+            main.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig.name)
+    watchdog = asyncio.create_task(notify.watchdog())
+    notify("READY=1")
+    notify("STATUS=listening")
+    log.info("listening (llm %s, vision %s, asr %s)", cfg.llm.backend, cfg.vision.encoder, cfg.asr.model)
+    try:
+        code = await pipeline.run(greet=True)
+        log.info("stopped by an exit phrase (intent.exit_action: stop)")
+        return code
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+        return 0
+    finally:
+        watchdog.cancel()
+        notify("STOPPING=1")
+        await components.close(parts)
+        notify.close()
