@@ -41,6 +41,10 @@ def wav_source(cfg: Config, path: Path, realtime: bool = False) -> AudioSource:
 
 
 def wav_sink(path: Optional[Path], sample_rate: int) -> AudioSink:
+    """A WAV file at the voice's own rate (no resampling), or nothing when path is None."""
+    if path is None:
+        from assistant.audio.null_sink import NullSink
+        return NullSink(sample_rate)
     from assistant.audio.wav_sink import WavSink
 
     return WavSink(path, sample_rate=sample_rate)
@@ -117,13 +121,16 @@ async def _timed(name: str, fn, timings: dict) -> None:
 
 
 async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Optional[Path] = None,
-                   use_camera: bool = True, allow_missing_llm: bool = False) -> Components:
+                   use_camera: bool = True, allow_missing_llm: bool = False,
+                   models: Optional[tuple] = None) -> Components:
     """Create every part and load the models in parallel (whisper, piper, the LLM and the
     vision encoder at once: on a board the NPU loads overlap the CPU ones).
 
     ``sink_factory(voice_rate)`` makes the sink once the voice's rate is known (a WAV sink
     writes at the voice's own rate; a speaker ignores it). With ``allow_missing_llm`` a
     missing LLM model does not stop the voice loop: questions get the reason spoken instead.
+    ``models`` = (llm, encoder, shares) replaces the configured ones (the benchmark's
+    simulated NPU stages).
     """
     t0 = time.monotonic()
     asr = transcriber(cfg)
@@ -132,7 +139,7 @@ async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Opt
     shares = False
     problem = ""
     try:
-        llm, encoder, shares = language_model(cfg)
+        llm, encoder, shares = models if models is not None else language_model(cfg)
     except ModelMissingError as e:
         if not allow_missing_llm:
             raise

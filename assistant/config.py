@@ -104,8 +104,8 @@ class VadConfig:
 @dataclass(frozen=True)
 class AsrConfig:
     model: str = _f("tiny.en", "faster-whisper model: a size name (tiny.en, base, small, ...) or a local CTranslate2 model directory.")
-    language: Literal["auto", "en", "zh"] = _f("auto", "Spoken language: en, zh or auto (detect per utterance; needs a multilingual model).")
-    download_root: Optional[str] = _f(None, "Where named models are cached; null: the Hugging Face cache.")
+    language: Literal["auto", "en", "zh"] = _f("auto", "Spoken language: en, zh or auto (detect en/zh per utterance: a multilingual model and one extra encoder pass; a .en model is always en).")
+    download_root: Optional[str] = _f(None, "Where named models are downloaded or assembled; null: $XDG_CACHE_HOME/rkvlm-assistant (packaged models) and the Hugging Face cache (downloads).")
     cpu_threads: int = _f(0, "CPU threads for whisper; 0 lets CTranslate2 choose.", lo=0, hi=64)
     beam_size: int = _f(1, "Beam size; 1 is greedy and fastest.", lo=1, hi=10)
     no_speech_threshold: float = _f(0.6, "A segment whose no-speech probability is above this is not speech.", lo=0.0, hi=1.0)
@@ -119,7 +119,8 @@ class IntentConfig:
          "forget everything", "清除", "清空历史", "清除历史", "重新开始"],
         "Whole utterances that forget the conversation (history and KV cache).")
     exit_phrases: tuple[str, ...] = _f(
-        ["exit", "quit", "goodbye", "bye", "stop listening", "退出", "再见", "结束"],
+        ["exit", "quit", "goodbye", "bye", "bye bye", "good night", "stop listening",
+         "退出", "再见", "拜拜", "结束"],
         "Whole utterances that end the conversation.")
     exit_action: Literal["idle", "stop"] = _f(
         "idle", "After an exit phrase: idle keeps the daemon listening, stop ends the process (exit code 0).")

@@ -1,0 +1,244 @@
+"""The pipeline's turn logic with real whisper, piper and webrtcvad, and a scripted LLM.
+
+The LLM double (tests/scripted_llm.py) lets these tests steer what the model does (fail,
+fill its context, answer slowly) while everything that hears and speaks is real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from assistant.audio.tts import VoiceSet
+from assistant.audio.wav_sink import WavSink
+from assistant.audio.wav_source import WavSource, read_wav
+from assistant.config import Config, IntentConfig, LlmConfig, TtsConfig, VadConfig
+from assistant.errors import AssistantError, DeviceError
+from assistant.llm.base import ImageEmbedding
+from assistant.pipeline import Components, Pipeline
+from assistant.vision.base import Camera, VisionEncoder
+from scripted_llm import ScriptedLLM
+from speech_fixtures import pad_with_silence, write_wav
+
+RATE = 16000
+
+
+@pytest.fixture(scope="module")
+def voices():
+    vs = VoiceSet(TtsConfig())
+    vs.load()
+    return vs
+
+
+def conversation_wav(tmp_path, spoken, *phrases, gap_s=1.5):
+    """One WAV with the phrases spoken one after another, silence between."""
+    parts = [np.zeros(int(0.5 * RATE), np.int16)]
+    for p in phrases:
+        parts += [spoken.pcm(p), np.zeros(int(gap_s * RATE), np.int16)]
+    return write_wav(tmp_path / "conversation.wav", np.concatenate(parts), RATE)
+
+
+class StillCamera(Camera):
+    name = "still"
+
+    def __init__(self, fail=False):
+        self.fail = fail
+        self.opened = 0
+        self.shots = 0
+
+    def open(self):
+        self.opened += 1
+
+    def snapshot(self):
+        self.shots += 1
+        if self.fail:
+            raise DeviceError("camera /dev/video9 stopped answering: is it still plugged in?")
+        return np.full((48, 64, 3), 128, np.uint8)
+
+
+class CountingEncoder(VisionEncoder):
+    name = "counting"
+
+    def __init__(self):
+        self.calls = 0
+        self.threads = set()
+
+    def load(self):
+        pass
+
+    def encode(self, rgb):
+        self.calls += 1
+        self.threads.add(threading.current_thread().name)
+        return ImageEmbedding(np.full((16, 8), 0.5, np.float32), 32, 32)
+
+
+def make(tmp_path, wav, asr, voices, llm, cfg=None, camera=None, encoder=None, realtime=False,
+         sink_realtime=False):
+    cfg = cfg or Config()
+    cfg = replace(cfg, persona=replace(cfg.persona, language="en"))
+    parts = Components(source=WavSource(wav, frame_ms=cfg.vad.frame_ms, realtime=realtime),
+                       sink=WavSink(tmp_path / "answer.wav", voices.sample_rate, realtime=sink_realtime),
+                       asr=asr, voices=voices, llm=llm, camera=camera, encoder=encoder)
+    return Pipeline(cfg, parts), parts
+
+
+async def drive(pipe, parts, greet=False):
+    try:
+        return await pipe.run(greet=greet)
+    finally:
+        await parts.sink.close()
+
+
+def heard_back(asr, path):
+    pcm, rate = read_wav(path)
+    from assistant.audio.resample import resample
+    return asr.transcribe(resample(pcm, rate, RATE)).text.lower()
+
+
+def test_question_clear_question_exit(tmp_path, spoken, whisper_tiny, voices):
+    wav = conversation_wav(tmp_path, spoken, "What do you see on the table?", "Clear.",
+                           "What color is the cup?", "Exit.")
+    llm = ScriptedLLM(["I see a red apple.", "The cup is blue."])
+    cam, enc = StillCamera(), CountingEncoder()
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm, camera=cam, encoder=enc)
+    code = asyncio.run(drive(pipe, parts))
+    assert code == 0
+    intents = [t.intent for t in pipe.turns]
+    assert intents == ["question", "clear", "question", "exit"]
+    assert "table" in pipe.turns[0].transcript.lower()
+    assert pipe.turns[0].answer == "I see a red apple."
+    assert pipe.turns[2].answer == "The cup is blue."
+    # Each question got a fresh image, encoded in a worker thread, not on the loop.
+    assert [c["image"] is not None for c in llm.calls] == [True, True]
+    assert enc.calls >= 2 and "MainThread" not in enc.threads
+    assert all(c["thread"] != "MainThread" for c in llm.calls)
+    # clear and exit both forget the conversation.
+    assert llm.clears == 2
+    # Timings for every stage of a question.
+    t0 = pipe.turns[0].summary()
+    for key in ("asr", "vision_wait", "llm", "first_audio_ms", "llm_first_piece_ms"):
+        assert key in t0, t0
+    # Everything said went to the sink, and it is what whisper hears back.
+    said = heard_back(whisper_tiny, tmp_path / "answer.wav")
+    assert "apple" in said and "forgotten" in said and "blue" in said and "goodbye" in said
+
+
+def test_exit_action_stop_ends_the_run(tmp_path, spoken, whisper_tiny, voices):
+    wav = conversation_wav(tmp_path, spoken, "Exit.", "What do you see on the table?")
+    cfg = Config(intent=IntentConfig(exit_action="stop"))
+    llm = ScriptedLLM()
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm, cfg=cfg)
+    assert asyncio.run(drive(pipe, parts)) == 0
+    assert [t.intent for t in pipe.turns] == ["exit"]
+    assert llm.calls == []
+
+
+def test_noise_and_silence_start_no_turn(tmp_path, whisper_tiny, voices):
+    rng = np.random.default_rng(3)
+    pcm = np.concatenate([np.zeros(RATE, np.int16),
+                          (rng.standard_normal(RATE * 2) * 300).astype(np.int16),
+                          np.zeros(RATE, np.int16)])
+    wav = write_wav(tmp_path / "noise.wav", pcm, RATE)
+    llm = ScriptedLLM()
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm)
+    asyncio.run(drive(pipe, parts))
+    assert llm.calls == []
+    assert all(t.intent == "nothing" for t in pipe.turns)
+
+
+def test_backend_error_is_spoken_and_the_loop_goes_on(tmp_path, spoken, whisper_tiny, voices):
+    wav = conversation_wav(tmp_path, spoken, "What do you see on the table?", "What color is the cup?")
+    llm = ScriptedLLM(["unused", "The cup is blue."])
+    llm.fail_next = "RKLLM run failed: error -1 from the runtime"
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm)
+    asyncio.run(drive(pipe, parts))
+    assert [t.intent for t in pipe.turns] == ["question", "question"]
+    assert "error -1" in pipe.turns[0].note
+    assert pipe.turns[1].answer == "The cup is blue."
+    said = heard_back(whisper_tiny, tmp_path / "answer.wav")
+    assert "sorry" in said and "blue" in said
+
+
+@pytest.mark.parametrize("policy", ["clear", "error"])
+def test_full_context_follows_the_policy(tmp_path, spoken, whisper_tiny, voices, policy):
+    wav = conversation_wav(tmp_path, spoken, "What do you see on the table?", "What color is the cup?")
+    cfg = Config(llm=LlmConfig(max_new_tokens=20, on_context_full=policy))
+    llm = ScriptedLLM(["I see an apple on a table.", "The cup is blue."], context=60)
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm, cfg=cfg)
+    asyncio.run(drive(pipe, parts))
+    first, second = pipe.turns
+    assert first.answer
+    if policy == "clear":
+        assert second.answer == "The cup is blue."
+        assert "cleared" in second.note and llm.clears == 1
+    else:
+        assert second.answer == "" and "clear" in second.note and llm.clears == 0
+        assert len(llm.calls) == 1
+
+
+def test_camera_failure_answers_without_the_image(tmp_path, spoken, whisper_tiny, voices):
+    wav = conversation_wav(tmp_path, spoken, "What do you see on the table?", "What color is the cup?")
+    llm = ScriptedLLM(["I cannot see right now.", "Still blind."])
+    cam = StillCamera(fail=True)
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm, camera=cam, encoder=CountingEncoder())
+    asyncio.run(drive(pipe, parts))
+    assert [t.answer for t in pipe.turns] == ["I cannot see right now.", "Still blind."]
+    assert all(c["image"] is None for c in llm.calls)
+    assert "plugged in" in pipe.turns[0].note
+    assert cam.opened >= 1   # the stage tried to reopen the camera after the failure
+
+
+def test_missing_llm_speaks_the_reason(tmp_path, spoken, whisper_tiny, voices):
+    wav = conversation_wav(tmp_path, spoken, "What do you see on the table?")
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, None)
+    parts.llm_problem = "llm.llamacpp.model: smolvlm2-256m is not installed: rkvlm-assistant models pull smolvlm2-256m"
+    asyncio.run(drive(pipe, parts))
+    (turn,) = pipe.turns
+    assert turn.intent == "question" and turn.answer == ""
+    assert "models pull" in turn.note
+    assert "not installed" in heard_back(whisper_tiny, tmp_path / "answer.wav")
+
+
+def test_first_sentence_is_spoken_before_the_answer_ends(tmp_path, spoken, whisper_tiny, voices):
+    wav = conversation_wav(tmp_path, spoken, "What do you see on the table?")
+    long_answer = ("I see a red apple. " * 3 + "It sits on a wooden table near a window.").strip()
+    llm = ScriptedLLM([long_answer], piece_delay=0.05)
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm)
+    asyncio.run(drive(pipe, parts))
+    (turn,) = pipe.turns
+    s = turn.summary()
+    # Streaming: audio started while the LLM was still generating.
+    assert s["first_audio_ms"] < turn.since_speech_end("done")
+    assert turn.marks["first_audio"] < turn.marks["llm_first_piece"] + turn.timings["llm"] / 1000
+
+
+def test_mic_is_gated_while_speaking(tmp_path, spoken, whisper_tiny, voices):
+    """Without barge-in, a question asked over the answer is not heard."""
+    q = spoken.pcm("What do you see on the table?")
+    # The second question starts right after the first one ends: the answer is playing then.
+    pcm = np.concatenate([np.zeros(RATE // 2, np.int16), q, np.zeros(int(0.9 * RATE), np.int16),
+                          spoken.pcm("What color is the cup?"), np.zeros(RATE, np.int16)])
+    wav = write_wav(tmp_path / "overlap.wav", pcm, RATE)
+    llm = ScriptedLLM(["Let me describe everything I can see in front of me in great detail. " * 2])
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm, realtime=True, sink_realtime=True)
+    asyncio.run(drive(pipe, parts))
+    assert [t.intent for t in pipe.turns] == ["question"]
+
+
+def test_barge_in_cuts_the_answer(tmp_path, spoken, whisper_tiny, voices):
+    q = spoken.pcm("What do you see on the table?")
+    pcm = np.concatenate([np.zeros(RATE // 2, np.int16), q, np.zeros(int(1.6 * RATE), np.int16),
+                          spoken.pcm("Stop."), np.zeros(int(1.5 * RATE), np.int16)])
+    wav = write_wav(tmp_path / "barge.wav", pcm, RATE)
+    cfg = Config(audio=replace(Config().audio, barge_in=True))
+    llm = ScriptedLLM(["Let me describe everything I can see in front of me in great detail. " * 4,
+                       "Okay."], piece_delay=0.02)
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm, cfg=cfg, realtime=True, sink_realtime=True)
+    asyncio.run(drive(pipe, parts))
+    assert len(pipe.turns) == 2
+    assert pipe.turns[0].note == "interrupted by the person speaking"
+    assert parts.sink.seconds_written < 10  # the long answer was cut short
