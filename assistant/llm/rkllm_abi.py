@@ -16,7 +16,7 @@ changed, and why a binding for one crashes on the other:
 The library exports no version function, so :func:`library_version` reads the banner the
 runtime prints at start-up ("rkllm-runtime version: 1.2.1, ...") from the file's bytes, and
 :func:`choose_abi` refuses, naming ``llm.rkllm.runtime_version``, whenever the version cannot
-be told or does not match the setting.
+be told or does not match the setting. :func:`open_runtime` does all of it for a config.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from ctypes import (CFUNCTYPE, POINTER, Structure, Union, c_bool, c_char_p, c_fl
                     c_int, c_int8, c_int32, c_size_t, c_uint8, c_uint32, c_void_p)
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+from assistant.config import RkllmConfig
 from assistant.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,13 @@ RKLLM_INFER_GENERATE = 0
 SUPPORTED_VERSIONS = ("1.2.1", "1.2.2", "1.2.3", "1.3.0")
 _ABI_OF_VERSION = {"1.2.1": "1.2", "1.2.2": "1.2", "1.2.3": "1.2", "1.3.0": "1.3"}
 SETTING = "llm.rkllm.runtime_version"
+
+PathResolver = Callable[[Optional[str]], Optional[Path]]
+
+
+def plain_path(value: Optional[str]) -> Optional[Path]:
+    """The default path resolver: ~ expanded, nothing else (Config.path resolves more)."""
+    return Path(value).expanduser() if value else None
 
 # Functions every supported release exports; one missing means an older runtime (< 1.2.1).
 REQUIRED_SYMBOLS = (
@@ -430,18 +438,39 @@ _RTLD_DI_LINKMAP = 2
 
 
 def loaded_path(lib: ctypes.CDLL) -> Optional[Path]:
-    """The file the dynamic loader opened for ``lib`` (glibc's dlinfo), or None."""
-    try:
-        dlinfo = ctypes.CDLL(None).dlinfo
-    except AttributeError:
-        return None
+    """The file the dynamic loader opened for ``lib``, or None when it cannot be found.
+
+    glibc's dlinfo names it exactly (also for a bare name found through the search path);
+    without dlinfo, the process's memory map is searched for the library's name.
+    """
+    for provider in (None, "libdl.so.2"):  # dlinfo moved into libc in glibc 2.34
+        try:
+            dlinfo = ctypes.CDLL(provider).dlinfo
+            break
+        except (OSError, AttributeError):
+            continue
+    else:
+        return mapped_path(Path(lib._name).name)
     dlinfo.argtypes = [c_void_p, c_int, c_void_p]
     dlinfo.restype = c_int
     lm = POINTER(_LinkMap)()
-    if dlinfo(lib._handle, _RTLD_DI_LINKMAP, ctypes.byref(lm)) != 0 or not lm:
-        return None
-    name = lm.contents.l_name
-    return Path(name.decode("utf-8", "replace")) if name else None
+    if dlinfo(lib._handle, _RTLD_DI_LINKMAP, ctypes.byref(lm)) != 0 or not lm \
+            or not lm.contents.l_name:
+        return mapped_path(Path(lib._name).name)
+    return Path(lm.contents.l_name.decode("utf-8", "replace"))
+
+
+def mapped_path(name: str) -> Optional[Path]:
+    """The first file mapped into this process whose name starts with ``name`` (Linux)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and Path(parts[5].strip()).name.startswith(name):
+                    return Path(parts[5].strip())
+    except OSError:
+        pass
+    return None
 
 
 def missing_symbols(lib: ctypes.CDLL) -> list[str]:
@@ -453,3 +482,40 @@ def missing_symbols(lib: ctypes.CDLL) -> list[str]:
         except AttributeError:
             missing.append(name)
     return missing
+
+
+def open_runtime(rk: RkllmConfig, resolve_path: PathResolver = plain_path
+                 ) -> tuple[ctypes.CDLL, Optional[Path], str, Abi]:
+    """Open librkllmrt.so and tell its ABI: (library, file, version, ABI).
+
+    Nothing in the library is called: a wrong ABI would crash. BackendError when the
+    library cannot be opened, its version cannot be told or is not supported, or it lacks
+    functions every supported release has.
+    """
+    value = rk.library
+    if "/" in value or value.startswith("~"):
+        path = resolve_path(value)
+        if path is None or not path.is_file():
+            raise BackendError(
+                f"llm.rkllm.library: {path} not found: install librkllmrt.so from an "
+                f"rknn-llm release (see docs/board.md) or fix the path")
+        target = str(path)
+    else:
+        target = value  # a name the dynamic loader searches for
+    try:
+        lib = ctypes.CDLL(target)
+    except OSError as e:
+        raise BackendError(
+            f"cannot load the RKLLM runtime {target} ({e}): install librkllmrt.so from an "
+            f"rknn-llm release (see docs/board.md) or set llm.rkllm.library to its path. "
+            f"It runs only on RK3576 / RK3588 boards; elsewhere use llm.backend: llamacpp."
+        ) from None
+    lib_path = loaded_path(lib) or (Path(target) if "/" in target else None)
+    version, abi = choose_abi(rk.runtime_version, lib_path)
+    missing = missing_symbols(lib)
+    if missing:
+        raise BackendError(
+            f"{lib_path or target} lacks {', '.join(missing)}: it is older than RKLLM runtime "
+            f"1.2.1. Install librkllmrt.so from an rknn-llm release "
+            f"{', '.join(SUPPORTED_VERSIONS)} (see docs/board.md).")
+    return lib, lib_path, version, abi

@@ -1,0 +1,534 @@
+"""The board backend: one multimodal LLM turn on the RK3576 / RK3588 NPU via librkllmrt.so.
+
+A ctypes binding of Rockchip's RKLLM runtime, releases 1.2.1 - 1.2.3 and 1.3.0 (struct
+layouts in :mod:`assistant.llm.rkllm_abi`; the version is set or read from the library,
+never guessed). The runtime is synchronous here: ``rkllm_run`` blocks while the runtime's own
+thread calls the result callback with each piece of text; pieces cross to the caller
+through ``on_piece`` (``stream_turn`` hands them to the asyncio loop). All calls into the
+runtime, except ``rkllm_abort``, are serialised by one lock, so it is never entered from two
+threads at once; ``rkllm_abort`` is the one call meant to overlap a run.
+
+The callback and every buffer the runtime may keep a pointer to live exactly as long as the
+handle: a ``weakref.finalize`` owns them and destroys the handle at ``close()``, when the
+backend is garbage-collected, or at interpreter exit, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import hashlib
+import logging
+import re
+import threading
+import time
+import weakref
+from ctypes import POINTER, byref, c_float, c_int, c_void_p
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from assistant.config import ConfigError, LlmConfig, PersonaConfig, RkllmConfig
+from assistant.errors import BackendError, ContextFullError, ModelMissingError
+from assistant.llm import rkllm_abi as abi_mod
+from assistant.llm.base import ImageEmbedding, LLMBackend, TurnStats
+from assistant.llm.families import IMAGE_PLACEHOLDER, Family, get_family
+from assistant.llm.rkllm_abi import (RKLLM_INFER_GENERATE, RKLLM_INPUT_MULTIMODAL,
+                                     RKLLM_INPUT_PROMPT, RKLLM_RUN_ERROR, RKLLM_RUN_FINISH,
+                                     RKLLM_RUN_NORMAL, RKLLM_RUN_WAITING, Abi,
+                                     LLMResultCallback, PathResolver, RKLLMLoraAdapter,
+                                     RKLLMLoraParam, RKLLMPromptCacheParam, plain_path)
+
+log = logging.getLogger(__name__)
+
+_MAX_CPU = 7  # RK3576 / RK3588: CPUs 0-3 little, 4-7 big
+
+
+def parse_cpu_mask(spec: Optional[str]) -> Optional[int]:
+    """'4-7', '4,5,6,7' or '0-1,4-7' -> a bit mask; None/empty -> None (runtime default)."""
+    if spec is None or not str(spec).strip():
+        return None
+    mask = 0
+    for part in str(spec).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        first = int(m.group(1)) if m else -1
+        last = int(m.group(2) or first) if m else -1
+        if not m or first > last or last > _MAX_CPU:
+            raise ConfigError(
+                f"llm.rkllm.cpu_mask: expected CPU numbers 0-{_MAX_CPU} as a list or ranges "
+                f"like '4-7' or '4,5,6,7' (the big cores of an RK3576 / RK3588), found "
+                f"{spec!r}", key="llm.rkllm.cpu_mask")
+        for cpu in range(first, last + 1):
+            mask |= 1 << cpu
+    return mask
+
+
+def probe_library(rk: RkllmConfig, resolve_path: PathResolver = plain_path) -> str:
+    """For `check`: which runtime llm.rkllm.library is, without loading a model."""
+    _, path, version, abi = abi_mod.open_runtime(rk, resolve_path)
+    how = "from the library" if rk.runtime_version == "auto" else "llm.rkllm.runtime_version"
+    return f"RKLLM runtime {version} ({how}, ABI {abi.name}) at {path or rk.library}"
+
+
+class _Turn:
+    """What the callback thread learns during one rkllm_run."""
+
+    def __init__(self, on_piece: Callable[[str], None]):
+        self.on_piece = on_piece
+        # WAITING pieces end inside a UTF-8 character: the decoder holds those bytes
+        # until the rest of the character arrives with the next piece.
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pieces = 0
+        self.error: Optional[str] = None
+        self.perf: Optional[dict] = None
+        self.failure: Optional[BaseException] = None
+        self.abort_followed_up = False
+
+
+def _destroy(lib: ctypes.CDLL, handle: int, keepalive: list) -> None:
+    """Finalizer: destroy the runtime handle; ``keepalive`` (callback, params) dies after."""
+    try:
+        ret = lib.rkllm_destroy(c_void_p(handle))
+        if ret != 0:
+            log.warning("rkllm_destroy returned %d", ret)
+    finally:
+        keepalive.clear()
+
+
+class RkllmBackend(LLMBackend):
+    """A ``.rkllm`` model on the NPU, its conversation kept in the runtime's KV cache."""
+
+    name = "rkllm"
+
+    def __init__(self, llm: LlmConfig, persona: PersonaConfig, *, with_vision: bool,
+                 resolve_path: PathResolver = plain_path):
+        self._llm = llm
+        self._rk = llm.rkllm
+        self.family: Family = get_family(self._rk.family)
+        self.with_vision = with_vision
+        self._resolve = resolve_path
+        self._cpu_mask = parse_cpu_mask(self._rk.cpu_mask)
+        self._system = self.family.system_prompt(persona.prompt)
+        # Until the runtime reports the KV size, the system prompt's share is estimated.
+        self._system_estimate = self.count_tokens(self._system)
+        self._overhead = self.count_tokens(self.family.prompt_prefix + self.family.prompt_postfix)
+
+        self._lock = threading.Lock()        # every runtime call but rkllm_abort
+        self._state_lock = threading.Lock()  # the handle and the running turn, for abort()
+        self._abort = threading.Event()
+        self._lib: Optional[ctypes.CDLL] = None
+        self._abi: Optional[Abi] = None
+        self._handle: Optional[int] = None
+        self._finalizer: Optional[weakref.finalize] = None
+        self._turn: Optional[_Turn] = None
+        self._tags: tuple[bytes, bytes, bytes] = (
+            self.family.image_start.encode(), self.family.image_end.encode(),
+            self.family.image_content.encode())
+        self._lora_name: Optional[bytes] = None
+        self._cache: Optional[Path] = None
+        self._cache_key = ""
+        self._save_cache = False
+        self._tokens_used = 0
+        self.runtime_version: Optional[str] = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "RkllmBackend":
+        """From the whole Config; base_domain_id 1 when the NPU vision encoder is used too."""
+        return cls(cfg.llm, cfg.persona, with_vision=cfg.vision.encoder == "rknn",
+                   resolve_path=cfg.path)
+
+    # ------------------------------------------------------------------ loading
+
+    def _model_path(self) -> Path:
+        path = self._resolve(self._rk.model)
+        if path is None:
+            raise ModelMissingError(
+                "llm.rkllm.model is not set: point it at the .rkllm model converted with "
+                "rkllm-toolkit for this board (see docs/board.md)")
+        if not path.is_file():
+            raise ModelMissingError(
+                f"llm.rkllm.model: {path} not found: copy the .rkllm model there or fix the "
+                f"path (see docs/board.md)")
+        return path
+
+    def load(self) -> None:
+        """Load the library and the model, set the chat template, LoRA and prompt cache.
+
+        Blocking and idempotent; safe to run in a worker thread next to the encoder's load.
+        """
+        with self._lock:
+            if self._handle is not None:
+                return
+            t0 = time.monotonic()
+            model = self._model_path()
+            lib, _, version, abi = abi_mod.open_runtime(self._rk, self._resolve)
+            abi.bind(lib)
+            param = lib.rkllm_createDefaultParam()
+            self._fill_param(param, abi, model)
+
+            # The callback reaches the backend through a weak reference, so the finalizer
+            # that keeps it alive does not keep the backend alive too.
+            me = weakref.ref(self)
+
+            def trampoline(result: Any, userdata: Any, state: int) -> int:
+                backend = me()
+                return backend._on_result(result, state) if backend is not None else 0
+
+            callback = LLMResultCallback(trampoline)
+            keepalive: list = [callback, param]
+            if abi.callback_struct is not None:
+                cb_arg: Any = abi.callback_struct(result_callback=callback)
+                keepalive.append(cb_arg)
+                cb_ref: Any = byref(cb_arg)
+            else:
+                cb_ref = callback
+            handle = c_void_p()
+            ret = lib.rkllm_init(byref(handle), byref(param), cb_ref)
+            if ret != 0 or not handle.value:
+                raise BackendError(
+                    f"rkllm_init failed (code {ret}) for {model}: the runtime log above says "
+                    f"why. Check that the model was converted by rkllm-toolkit {version} for "
+                    f"this chip, that the NPU driver is 0.9.8 or newer "
+                    f"(cat /sys/kernel/debug/rknpu/version), that llm.max_context_len "
+                    f"({self._llm.max_context_len}) is within the model's limit, and that "
+                    f"there is enough free memory.")
+            self._lib, self._abi, self._handle = lib, abi, handle.value
+            self.runtime_version = version
+            self._finalizer = weakref.finalize(self, _destroy, lib, handle.value, keepalive)
+            try:
+                self._setup(model, version)
+            except BaseException:
+                self._release()
+                raise
+            log.info("rkllm %s loaded in %.1f s: runtime %s, family %s, context %d, "
+                     "new tokens %d, base_domain_id %d, cpus %s",
+                     model.name, time.monotonic() - t0, version, self.family.name,
+                     self._llm.max_context_len, self._llm.max_new_tokens,
+                     param.extend_param.base_domain_id,
+                     hex(self._cpu_mask) if self._cpu_mask is not None else "default")
+
+    def _fill_param(self, param: Any, abi: Abi, model: Path) -> None:
+        """Every field the runtime reads, from the config; the rest keep the defaults."""
+        llm, rk = self._llm, self._rk
+        param.model_path = str(model).encode()
+        param.max_context_len = llm.max_context_len
+        param.max_new_tokens = llm.max_new_tokens
+        # temperature 0 means greedy: top_k 1 says so to any sampler.
+        param.top_k = 1 if llm.temperature == 0 else llm.top_k
+        param.top_p = llm.top_p
+        param.temperature = llm.temperature
+        param.repeat_penalty = llm.repeat_penalty
+        if rk.n_keep >= 0:
+            param.n_keep = rk.n_keep
+        param.skip_special_token = True
+        param.is_async = False
+        if abi.tags_in_param:
+            param.img_start, param.img_end, param.img_content = self._tags
+        else:
+            param.ignore_eos_token = False
+        ext = param.extend_param
+        # The vision encoder's NPU memory lives in IOMMU domain 0; without moving the LLM
+        # to domain 1, allocating both fails.
+        ext.base_domain_id = 1 if self.with_vision else 0
+        ext.embed_flash = 1 if rk.embed_flash else 0
+        if self._cpu_mask is not None:
+            ext.enabled_cpus_mask = self._cpu_mask
+            ext.enabled_cpus_num = bin(self._cpu_mask).count("1")
+        ext.n_batch = 1
+        ext.use_cross_attn = 0
+
+    def _setup(self, model: Path, version: str) -> None:
+        """After init: chat template, LoRA adapter, prompt cache, token count."""
+        lib, h = self._lib, c_void_p(self._handle)
+        ret = lib.rkllm_set_chat_template(h, self._system.encode(),
+                                          self.family.prompt_prefix.encode(),
+                                          self.family.prompt_postfix.encode())
+        if ret != 0:
+            raise BackendError(f"rkllm_set_chat_template failed (code {ret}): the runtime log "
+                               f"above says why")
+        lora = self._resolve(self._rk.lora)
+        if lora is not None:
+            if not lora.is_file():
+                raise ModelMissingError(f"llm.rkllm.lora: {lora} not found: copy the LoRA "
+                                        f"adapter there or set llm.rkllm.lora to null")
+            name = lora.stem.encode()
+            adapter = RKLLMLoraAdapter(str(lora).encode(), name, self._rk.lora_scale)
+            ret = lib.rkllm_load_lora(h, byref(adapter))
+            if ret != 0:
+                raise BackendError(f"rkllm_load_lora failed (code {ret}) for {lora}: was it "
+                                   f"exported for this model by rkllm-toolkit {version}?")
+            self._lora_name = name
+        self._cache = self._resolve(self._rk.prompt_cache)
+        if self._cache is not None:
+            self._open_prompt_cache(model, version)
+        self._refresh_tokens()
+
+    def _open_prompt_cache(self, model: Path, version: str) -> None:
+        """Load the cache when it was made for this model and system prompt, else plan to save.
+
+        A ``.key`` file beside the cache names what it was made for: a cache of another
+        system prompt would silently change who the assistant is.
+        """
+        cache = self._cache
+        key = hashlib.sha256("\n".join([
+            str(model.resolve()), str(model.stat().st_size), version, self._system,
+            self.family.prompt_prefix, self.family.prompt_postfix]).encode()).hexdigest()
+        self._cache_key = key
+        keyfile = cache.with_name(cache.name + ".key")
+        try:
+            matches = cache.is_file() and keyfile.read_text(encoding="ascii").strip() == key
+        except OSError:
+            matches = False
+        if matches:
+            ret = self._lib.rkllm_load_prompt_cache(c_void_p(self._handle), str(cache).encode())
+            if ret == 0:
+                log.info("rkllm prompt cache loaded from %s", cache)
+                return
+            log.warning("rkllm_load_prompt_cache failed (code %d) for %s; it will be rebuilt",
+                        ret, cache)
+        elif cache.is_file():
+            log.info("rkllm prompt cache %s was made for another model or system prompt; "
+                     "it will be rebuilt", cache)
+        self._save_cache = True
+
+    # ------------------------------------------------------------------ the callback
+
+    def _on_result(self, result: Any, state: int) -> int:
+        """Runs on the runtime's thread; never raises into C."""
+        turn = self._turn
+        if turn is None:
+            return 0
+        try:
+            if state in (RKLLM_RUN_NORMAL, RKLLM_RUN_WAITING):
+                if self._abort.is_set():  # pieces after an abort are dropped
+                    self._follow_up_abort(turn)
+                    return 0
+                raw = result.contents.text if result else None
+                turn.pieces += 1
+                text = turn.decoder.decode(raw or b"")
+                if text:
+                    turn.on_piece(text)
+            elif state == RKLLM_RUN_FINISH:
+                if result:
+                    p = result.contents.perf
+                    turn.perf = {"prefill_ms": float(p.prefill_time_ms),
+                                 "prefill_tokens": int(p.prefill_tokens),
+                                 "generate_ms": float(p.generate_time_ms),
+                                 "generate_tokens": int(p.generate_tokens),
+                                 "memory_mb": float(p.memory_usage_mb)}
+                tail = turn.decoder.decode(b"", final=True)
+                if tail and not self._abort.is_set():
+                    turn.on_piece(tail)
+            elif state == RKLLM_RUN_ERROR:
+                raw = result.contents.text if result else None
+                turn.error = (raw or b"").decode("utf-8", "replace")
+        except BaseException as e:  # on_piece failed (e.g. the loop is gone): stop the turn
+            turn.failure = e
+            self._abort.set()
+            self._follow_up_abort(turn)
+        return 0
+
+    def _follow_up_abort(self, turn: _Turn) -> None:
+        """Ask the runtime to stop (again) from another thread, once per turn.
+
+        Covers an abort the runtime missed because it came before the task started, and a
+        failing on_piece. Not from this thread: the runtime may wait in rkllm_abort for the
+        task to end, and the task waits for this callback to return.
+        """
+        if not turn.abort_followed_up:
+            turn.abort_followed_up = True
+            threading.Thread(target=self._abort_turn, args=(turn,), name="rkllm-abort",
+                             daemon=True).start()
+
+    def _abort_turn(self, turn: _Turn) -> None:
+        with self._state_lock:
+            if self._turn is turn and self._handle is not None:  # not a later turn
+                self._lib.rkllm_abort(c_void_p(self._handle))
+
+    # ------------------------------------------------------------------ one turn
+
+    def _image_array(self, image: ImageEmbedding) -> np.ndarray:
+        data = np.ascontiguousarray(image.data, dtype=np.float32)
+        if data.ndim != 2 or data.shape[0] == 0 or data.shape[1] == 0:
+            raise BackendError(f"the image embedding has shape {data.shape}; expected "
+                               f"(image tokens, embedding size)")
+        self.family.check_embedding(data.shape[0], data.shape[1], source="the image embedding")
+        return data
+
+    def _check_fits(self, prompt: str, n_image_tokens: int, keep_history: bool) -> None:
+        """ContextFullError when the turn cannot fit, before the runtime fails on it."""
+        ctx, new = self._llm.max_context_len, self._llm.max_new_tokens
+        used = max(self._tokens_used if keep_history else 0, self._system_estimate)
+        need = self.count_tokens(prompt) + self._overhead + n_image_tokens
+        if n_image_tokens:
+            need += self.count_tokens(self.family.image_start + self.family.image_end)
+        if used + need + new > ctx:
+            what = "question and image" if n_image_tokens else "question"
+            raise ContextFullError(
+                f"the next turn needs about {need + new} tokens (about {need} for the {what}, "
+                f"up to {new} for the answer) but only {max(ctx - used, 0)} of "
+                f"llm.max_context_len {ctx} are free: clear the conversation, or raise "
+                f"llm.max_context_len / lower llm.max_new_tokens")
+
+    def run_turn(self, text: str, image: Optional[ImageEmbedding], keep_history: bool,
+                 on_piece: Callable[[str], None]) -> TurnStats:
+        """One user turn, text or text + image; the answer streams through ``on_piece``."""
+        with self._lock:
+            if self._handle is None:
+                raise BackendError("the rkllm backend is not loaded (call load() first)")
+            abi = self._abi
+            if IMAGE_PLACEHOLDER in text:  # only the backend places the image
+                text = text.replace(IMAGE_PLACEHOLDER, " ").strip()
+            embed = self._image_array(image) if image is not None else None
+            prompt = IMAGE_PLACEHOLDER + text if embed is not None else text
+            n_image_tokens = embed.shape[0] if embed is not None else 0
+            self._check_fits(prompt, n_image_tokens, keep_history)
+
+            prompt_b = prompt.encode("utf-8")
+            inp = abi.Input()
+            inp.role = b"user"
+            inp.enable_thinking = False
+            if embed is None:
+                inp.input_type = RKLLM_INPUT_PROMPT
+                inp.prompt_input = prompt_b
+            else:
+                inp.input_type = RKLLM_INPUT_MULTIMODAL
+                mm = inp.multimodal_input
+                mm.prompt = prompt_b
+                img = mm if abi.tags_in_param else mm.image
+                img.image_embed = embed.ctypes.data_as(POINTER(c_float))
+                img.n_image_tokens = n_image_tokens
+                img.n_image = 1
+                img.image_width = image.width
+                img.image_height = image.height
+                if not abi.tags_in_param:
+                    img.image_start, img.image_end, img.image_content = self._tags
+            infer = abi.InferParam()
+            infer.mode = RKLLM_INFER_GENERATE
+            infer.keep_history = 1 if keep_history else 0
+            lora = RKLLMLoraParam(self._lora_name) if self._lora_name else None
+            if lora is not None:
+                infer.lora_params = ctypes.pointer(lora)
+            # The cache is saved from a text turn: an image's tokens are no use next time.
+            saving = self._save_cache and embed is None
+            cache = (RKLLMPromptCacheParam(1, str(self._cache).encode()) if saving else None)
+            if cache is not None:
+                infer.prompt_cache_params = ctypes.pointer(cache)
+            if not abi.tags_in_param:  # 1.3: NULL sampling = the init values
+                infer.max_new_tokens = self._llm.max_new_tokens
+
+            turn = _Turn(on_piece)
+            with self._state_lock:
+                self._abort.clear()
+                self._turn = turn
+            t0 = time.monotonic()
+            try:
+                ret = self._lib.rkllm_run(c_void_p(self._handle), byref(inp), byref(infer), None)
+            finally:
+                with self._state_lock:
+                    self._turn = None
+            wall_ms = (time.monotonic() - t0) * 1000
+            aborted = self._abort.is_set()
+            self._refresh_tokens(after_turn=(turn, keep_history))
+            if turn.failure is not None:
+                raise turn.failure
+            if turn.error is not None or (ret != 0 and not aborted):
+                detail = f": {turn.error}" if turn.error else ""
+                raise BackendError(
+                    f"the RKLLM runtime failed during the turn (rkllm_run returned {ret}"
+                    f"{detail}); the runtime log above says why. A common cause is a full "
+                    f"context: clear the conversation, or raise llm.max_context_len / lower "
+                    f"llm.max_new_tokens.")
+            if saving and not aborted:
+                self._write_cache_key()
+            return self._stats(turn, aborted, wall_ms)
+
+    def _stats(self, turn: _Turn, aborted: bool, wall_ms: float) -> TurnStats:
+        perf = turn.perf or {}
+        stats = TurnStats(
+            prompt_tokens=perf.get("prefill_tokens", 0),
+            generated_tokens=perf.get("generate_tokens", turn.pieces),
+            prefill_ms=perf.get("prefill_ms", 0.0),
+            generate_ms=perf.get("generate_ms", 0.0),
+            context_used=self._tokens_used,
+            aborted=aborted,
+            extra={"memory_mb": perf.get("memory_mb"), "wall_ms": wall_ms,
+                   "runtime_version": self.runtime_version})
+        rate = (stats.generated_tokens / stats.generate_ms * 1000) if stats.generate_ms else 0.0
+        log.info("rkllm turn: prefill %d tokens in %.0f ms, generate %d tokens in %.0f ms "
+                 "(%.1f tokens/s), memory %s MB, context %d/%d%s",
+                 stats.prompt_tokens, stats.prefill_ms, stats.generated_tokens,
+                 stats.generate_ms, rate,
+                 f"{perf['memory_mb']:.0f}" if "memory_mb" in perf else "?",
+                 self._tokens_used, self._llm.max_context_len, " (aborted)" if aborted else "")
+        return stats
+
+    def _write_cache_key(self) -> None:
+        keyfile = self._cache.with_name(self._cache.name + ".key")
+        try:
+            keyfile.write_text(self._cache_key + "\n", encoding="ascii")
+            self._save_cache = False
+            log.info("rkllm prompt cache saved to %s", self._cache)
+        except OSError as e:
+            log.warning("cannot write %s (%s); the prompt cache will be saved again", keyfile, e)
+
+    def _refresh_tokens(self, after_turn: Optional[tuple[_Turn, bool]] = None) -> None:
+        """Tokens in the KV cache: asked from the runtime, else followed from perf stats."""
+        sizes = (c_int * 8)()  # one per batch; n_batch is 1
+        if self._lib.rkllm_get_kv_cache_size(c_void_p(self._handle), sizes) == 0:
+            self._tokens_used = int(sizes[0])
+        elif after_turn is not None:
+            turn, keep = after_turn
+            perf = turn.perf or {}
+            if keep:
+                self._tokens_used += perf.get("prefill_tokens", 0) + perf.get(
+                    "generate_tokens", turn.pieces)
+            else:
+                self._tokens_used = self._system_estimate
+
+    # ------------------------------------------------------------------ control
+
+    def abort(self) -> None:
+        """End the running turn within a token (any thread; no-op when idle)."""
+        with self._state_lock:
+            self._abort.set()
+            # Only while rkllm_run runs: the handle is alive, and the runtime has a task.
+            if self._turn is not None and self._handle is not None:
+                self._lib.rkllm_abort(c_void_p(self._handle))
+                log.info("rkllm turn aborted")
+
+    def clear(self) -> None:
+        """Forget the conversation; the system prompt stays in the KV cache."""
+        with self._lock:
+            if self._handle is None:
+                return
+            ret = self._lib.rkllm_clear_kv_cache(c_void_p(self._handle), 1, None, None)
+            if ret != 0:
+                raise BackendError(f"rkllm_clear_kv_cache failed (code {ret}): the runtime "
+                                   f"log above says why")
+            self._refresh_tokens()
+            log.info("rkllm conversation cleared (%d tokens kept)", self._tokens_used)
+
+    @property
+    def context_size(self) -> int:
+        return self._llm.max_context_len
+
+    @property
+    def tokens_used(self) -> int:
+        return self._tokens_used
+
+    def _release(self) -> None:
+        with self._state_lock:
+            finalizer, self._finalizer = self._finalizer, None
+            self._handle = None
+        if finalizer is not None:
+            finalizer()
+
+    def close(self) -> None:
+        """Abort a running turn, then destroy the handle (idempotent)."""
+        self.abort()
+        with self._lock:
+            if self._handle is not None:
+                self._release()
+                log.info("rkllm model released")
