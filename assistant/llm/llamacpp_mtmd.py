@@ -46,13 +46,18 @@ class EncodedImage:
     parts: list[Union[list[int], ImagePart]]
     width: int
     height: int
-    owner: int                                  # id() of the Projector that made it
-    _release: Any = field(default=None, repr=False)
+    owner: object                               # the Projector.token of its maker
+    _release: Any = field(default=None, repr=False)   # frees the chunks (or the original's owner)
 
     @property
     def n_tokens(self) -> int:
         """KV cells this image takes (image tokens plus the text tokens around them)."""
         return sum(len(p) if isinstance(p, list) else p.n_tokens for p in self.parts)
+
+    def with_embeddings(self, data: np.ndarray) -> "EncodedImage":
+        """The same layout with other floats (the copy keeps this one, and its chunks, alive)."""
+        return EncodedImage(np.ascontiguousarray(data, np.float32), self.parts, self.width,
+                            self.height, self.owner, _release=self)
 
     @property
     def n_pos(self) -> int:
@@ -77,6 +82,7 @@ class Projector:
         self._llama, self._mtmd = native.bindings()
         self.path = Path(mmproj_path)
         self._lock = threading.Lock()
+        self.token = object()   # identifies the images this projector encoded
         m = self._mtmd
         params = m.mtmd_context_params_default()
         params.use_gpu = False
@@ -96,6 +102,8 @@ class Projector:
         if not m.mtmd_support_vision(ctx):
             self.close()
             raise BackendError(f"the projector {self.path} has no vision encoder")
+        # A NULL post-decode callback (ctypes wants a function-pointer object, not None).
+        self._no_callback = ctypes.cast(None, m.mtmd_helper_post_decode_callback)
         self._finalizer = weakref.finalize(self, m.mtmd_free, ctx)
 
     # ------------------------------------------------------------------ encode
@@ -157,7 +165,7 @@ class Projector:
                 m.mtmd_input_chunks_free(chunks)
                 m.mtmd_bitmap_free(bitmap)
         emb = np.concatenate(rows) if rows else np.zeros((0, self.n_embd), np.float32)
-        enc = EncodedImage(emb.astype(np.float32, copy=False), parts, w, h, id(self))
+        enc = EncodedImage(emb.astype(np.float32, copy=False), parts, w, h, self.token)
         enc._release = weakref.finalize(enc, _free_chunks, m, owned)
         return enc
 
@@ -178,7 +186,7 @@ class Projector:
             native.forget_native_errors()
             rc = self._mtmd.mtmd_helper_decode_image_chunk(
                 self._ctx, lctx, part.chunk, ptr, n_past, 0, n_batch,
-                ctypes.byref(new_past), None, None)
+                ctypes.byref(new_past), self._no_callback, None)
         if rc != 0:
             raise BackendError(f"llama.cpp failed to decode the image (code {rc})"
                                f"{native.native_reason()}")

@@ -77,7 +77,7 @@ def _on_native_log(level: int, text: bytes, _user: Any) -> None:
             _partial.clear()
             lvl = _partial_level[0]
             if lvl in (_WARN, _ERROR) and line:
-                _recent.append(line)
+                _recent.append(" ".join(line.split()))
         if line:
             log.debug("%s", line)
     except Exception:  # an exception here would unwind through C

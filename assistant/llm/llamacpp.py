@@ -1,0 +1,459 @@
+"""The portable LLM backend: a GGUF vision-language model on the CPU through llama.cpp.
+
+``LlamaCppBackend`` runs turns with the conversation kept in llama.cpp's KV cache: the
+system prompt is evaluated once at load, and each turn evaluates only what it adds (its
+question, its image, the template's markup); the answer's tokens are already in the cache
+because they were generated there. ``LlamaCppEncoder`` encodes a camera frame with the
+model's multimodal projector (mtmd) as a separate, earlier call; the turn later feeds the
+embedding without running the vision encoder again: the same shape as the board's NPU
+encoder -> embedding -> RKLLM path.
+
+Threads: ``run_turn``, ``clear``, ``load`` and ``close`` serialise on one lock (they own the
+llama context). ``encode`` uses only the projector and its own lock, so it can run in
+another worker thread while a turn generates; it waits only while a turn decodes an image.
+``abort`` is lock-free and may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+
+from assistant.config import Config, LlmConfig, PersonaConfig
+from assistant.errors import BackendError, ContextFullError, ModelMissingError
+from assistant.llm.base import ImageEmbedding, LLMBackend, TurnStats
+from assistant.llm.llamacpp_chat import ChatFormat, TemplateProblem, TurnText, clean
+from assistant.llm.llamacpp_mtmd import EncodedImage, ImagePart, Projector
+from assistant.llm.llamacpp_runtime import Aborted, LlamaRuntime, SamplingParams
+from assistant.vision.base import VisionEncoder
+
+log = logging.getLogger(__name__)
+
+# What a turn can carry as its image: a frame to encode now, or an earlier encoding.
+ImageInput = Union[None, np.ndarray, ImageEmbedding]
+# One unit of evaluation: text tokens, an mtmd-encoded image, or raw embedding rows.
+Segment = Union[list[int], EncodedImage, np.ndarray]
+
+
+@dataclass
+class _Mark:
+    """A state of the conversation: the cache's extent and what produced it."""
+
+    n_past: int
+    n_cells: int
+    segments: list
+    kv_text: str
+    messages: list
+    images: list
+
+
+class LlamaCppBackend(LLMBackend):
+    """A GGUF model (and optional mmproj) with the conversation kept in the KV cache."""
+
+    name = "llamacpp"
+
+    def __init__(self, llm: LlmConfig, persona: PersonaConfig, model_path: Path,
+                 mmproj_path: Optional[Path] = None):
+        self._cfg = llm
+        self._persona = persona
+        self.model_path = Path(model_path)
+        self.mmproj_path = Path(mmproj_path) if mmproj_path else None
+        self._lock = threading.RLock()
+        self._abort = threading.Event()
+        self._rt: Optional[LlamaRuntime] = None
+        self._proj: Optional[Projector] = None
+        self._chat: Optional[ChatFormat] = None
+        self._encoder: Optional[LlamaCppEncoder] = None
+        # The conversation, as messages (for the template) and as what the cache holds.
+        self._messages: list[dict] = []
+        self._images: list[Segment] = []       # one per media marker in _messages, in order
+        self._segments: list[Segment] = []     # everything evaluated, in order (for replay)
+        self._kv_text = ""
+        self._n_past = 0                       # next position
+        self._n_cells = 0                      # KV cells in use
+        self._sys_mark: Optional[_Mark] = None
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "LlamaCppBackend":
+        """Resolve the configured model (catalogue name or path) and build the backend."""
+        from assistant.llm import catalog
+
+        want_mmproj = cfg.vision.encoder == "llamacpp"
+        model, mmproj = catalog.resolve(cfg.llm.llamacpp, cfg.path, want_mmproj=want_mmproj)
+        return cls(cfg.llm, cfg.persona, model, mmproj)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def load(self) -> None:
+        """Load the model (and projector) and evaluate the system prompt. Idempotent."""
+        with self._lock:
+            if self._rt is not None:
+                return
+            for path, key in ((self.model_path, "llm.llamacpp.model"),
+                              (self.mmproj_path, "llm.llamacpp.mmproj")):
+                if path is not None and not path.is_file():
+                    raise ModelMissingError(f"{key}: file not found: {path}")
+            lc = self._cfg.llamacpp
+            t0 = time.perf_counter()
+            rt = LlamaRuntime(self.model_path, self._cfg.max_context_len, lc.n_batch, lc.n_threads)
+            try:
+                if self.mmproj_path is not None:
+                    self._proj = Projector(self.mmproj_path, rt.model, rt_threads(lc.n_threads))
+                self._chat = ChatFormat(rt.chat_template(), rt.token_text(rt.bos),
+                                        rt.token_text(rt.eos))
+                rt.set_sampling(SamplingParams(self._cfg.temperature, self._cfg.top_k,
+                                               self._cfg.top_p, self._cfg.repeat_penalty, lc.seed))
+                self._rt = rt
+                self._start_conversation()
+            except BaseException:
+                self._rt = None
+                if self._proj is not None:
+                    self._proj.close()
+                    self._proj = None
+                rt.close()
+                raise
+            log.info("llama.cpp model %s loaded in %.0f ms (context %d, template %s, system "
+                     "prompt %d tokens%s)", self.model_path.name, (time.perf_counter() - t0) * 1e3,
+                     rt.n_ctx, self._chat.source, self._n_cells,
+                     f", projector {self.mmproj_path.name}" if self._proj else "")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proj is not None:
+                self._proj.close()   # before the model it refers to
+                self._proj = None
+            if self._rt is not None:
+                self._rt.close()
+                self._rt = None
+
+    def encoder(self) -> "LlamaCppEncoder":
+        """The VisionEncoder that shares this backend's projector."""
+        if self._encoder is None:
+            self._encoder = LlamaCppEncoder(self)
+        return self._encoder
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def context_size(self) -> int:
+        return self._rt.n_ctx if self._rt else self._cfg.max_context_len
+
+    @property
+    def tokens_used(self) -> int:
+        return self._n_cells
+
+    @property
+    def has_vision(self) -> bool:
+        return self._proj is not None
+
+    @property
+    def evaluated_tokens(self) -> int:
+        """Tokens and image rows llama.cpp has evaluated since load (for tests and benchmarks)."""
+        return self._rt.evaluated if self._rt else 0
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes with this model's tokenizer."""
+        rt = self._require()
+        return len(rt.tokenize(clean(text), parse_special=False))
+
+    def turn_cost(self, text: str, image: ImageInput = None) -> int:
+        """KV cells the next turn would need: question, template, image, answer reserve."""
+        with self._lock:
+            self._require()
+            _, segs, _ = self._plan(text, self._image_segment(image, encode=False))
+            return _cells(segs) + self._cfg.max_new_tokens
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode_image(self, rgb: np.ndarray) -> ImageEmbedding:
+        """Encode a frame with the projector, ready for a later turn. Blocking."""
+        proj = self._proj
+        if proj is None:
+            self._require()
+            raise BackendError("this model was loaded without a multimodal projector "
+                               "(llm.llamacpp.mmproj), so it cannot see images")
+        t0 = time.perf_counter()
+        enc = proj.encode(rgb)
+        log.debug("image %dx%d encoded to %d tokens in %.0f ms", enc.width, enc.height,
+                  enc.embeddings.shape[0], (time.perf_counter() - t0) * 1e3)
+        return ImageEmbedding(enc.embeddings, enc.width, enc.height, native=enc)
+
+    # ------------------------------------------------------------------ turns
+
+    def abort(self) -> None:
+        self._abort.set()
+
+    def clear(self) -> None:
+        """Forget the conversation; the system prompt stays evaluated in the cache."""
+        with self._lock:
+            if self._rt is not None and self._sys_mark is not None:
+                self._restore(self._sys_mark)
+
+    def run_turn(self, text: str, image: ImageInput, keep_history: bool,
+                 on_piece: Callable[[str], None]) -> TurnStats:
+        with self._lock:
+            self._require()
+            # An abort() from before this turn started belongs to an earlier turn.
+            self._abort.clear()
+            if not keep_history:
+                self._restore(self._sys_mark)
+            t0 = time.perf_counter()
+            img = self._image_segment(image, encode=True)
+            tt, segs, images = self._plan(text, img)
+            replay = tt.replay
+            need = _cells(segs)
+            base_cells = self._sys_mark.n_cells if replay else self._n_cells
+            self._check_fits(base_cells, need)
+            mark = self._mark()
+            stats = TurnStats()
+            try:
+                if replay:
+                    log.info("chat template did not extend the cached conversation; "
+                             "re-evaluating it")
+                    self._cut_cache(self._sys_mark)
+                self._eval_segments(segs)
+                stats.prompt_tokens = need
+                t1 = time.perf_counter()
+                stats.prefill_ms = (t1 - t0) * 1e3
+                answer, generated, ttft = self._generate(on_piece, stats)
+                stats.generate_ms = (time.perf_counter() - t1) * 1e3
+                stats.extra["ttft_ms"] = None if ttft is None else (ttft - t0) * 1e3
+            except Aborted:
+                self._rollback(mark)
+                stats.aborted = True
+                stats.context_used = self._n_cells
+                return stats
+            except BackendError:
+                self._rollback(mark)
+                raise
+            self._messages = tt.messages + [self._chat.answer_message(tt, answer)]
+            self._images = images
+            self._segments.extend(segs)
+            self._segments.append(generated)
+            self._kv_text = tt.prompt + answer
+            stats.context_used = self._n_cells
+            stats.extra["replayed"] = replay
+            return stats
+
+    # ------------------------------------------------------------------ internals
+
+    def _require(self) -> LlamaRuntime:
+        if self._rt is None:
+            raise BackendError("the llama.cpp backend is not loaded (call load() first)")
+        return self._rt
+
+    def _start_conversation(self) -> None:
+        """Evaluate the system prompt into an empty cache and remember that state."""
+        rt, chat = self._rt, self._chat
+        prompt = self._persona.prompt.strip()
+        system = chat.message("system", prompt) if prompt else None
+        self._messages = [system] if system else []
+        sys_text = chat.system_prefix(system)
+        self._images, self._segments = [], []
+        self._n_past = self._n_cells = 0
+        self._kv_text = ""
+        rt.clear()
+        if sys_text:
+            tokens = self._with_bos(rt.tokenize(sys_text))
+            self._n_past = rt.eval_tokens(tokens, 0, logits_last=False)
+            self._n_cells = len(tokens)
+            self._segments.append(tokens)
+        self._kv_text = sys_text
+        self._sys_mark = self._mark()
+
+    def _with_bos(self, tokens: list[int]) -> list[int]:
+        rt = self._rt
+        if rt.add_bos and (not tokens or tokens[0] != rt.bos):
+            return [rt.bos] + tokens
+        return tokens
+
+    def _image_segment(self, image: ImageInput, encode: bool) -> Optional[Segment]:
+        """The image as something _eval_segments can feed."""
+        if image is None:
+            return None
+        if isinstance(image, np.ndarray):
+            if not encode:
+                raise BackendError("turn_cost needs an encoded image (ImageEmbedding)")
+            image = self.encode_image(image)
+        if not isinstance(image, ImageEmbedding):
+            raise BackendError(f"a turn's image must be an RGB frame or an ImageEmbedding, "
+                               f"not {type(image).__name__}")
+        enc = image.native
+        if isinstance(enc, EncodedImage) and self._proj is not None and enc.owner is self._proj.token:
+            # The floats may have been replaced (or copied): feed those, with the same layout.
+            return enc if image.data is enc.embeddings else enc.with_embeddings(image.data)
+        if self._proj is not None and self._proj.uses_mrope:
+            log.warning("feeding an embedding from another encoder to an M-RoPE model: "
+                        "positions are approximated")
+        return np.ascontiguousarray(image.data, np.float32)
+
+    def _plan(self, text: str, img: Optional[Segment]) -> tuple[TurnText, list[Segment], list]:
+        """The turn's text, the segments to evaluate, and the images of the new history."""
+        rt = self._rt
+        try:
+            tt = self._chat.plan(self._messages, text, img is not None, self._kv_text,
+                                 self._sys_mark.kv_text)
+        except TemplateProblem as e:
+            raise BackendError(f"the model's chat template failed: {e}") from None
+        images = self._images + ([img] if img is not None else [])
+        # The last len(texts) - 1 images go between the text pieces (all of them on replay).
+        used = images[len(images) - (len(tt.texts) - 1):] if len(tt.texts) > 1 else []
+        at_start = (self._sys_mark.n_cells if tt.replay else self._n_cells) == 0
+        segs: list[Segment] = []
+        for i, piece in enumerate(tt.texts):
+            tokens = rt.tokenize(piece) if piece else []
+            if i == 0 and at_start:
+                tokens = self._with_bos(tokens)
+            if tokens:
+                segs.append(tokens)
+            if i < len(used):
+                segs.append(used[i])
+        if not segs or not isinstance(segs[-1], list):
+            raise BackendError("the chat template puts no text after the image")
+        return tt, segs, images
+
+    def _check_fits(self, base_cells: int, need: int) -> None:
+        n_ctx = self._rt.n_ctx
+        reserve = self._cfg.max_new_tokens
+        if base_cells + need + reserve <= n_ctx:
+            return
+        sys_cells = self._sys_mark.n_cells
+        if sys_cells + need + reserve > n_ctx:
+            raise ContextFullError(
+                f"this turn needs {need} tokens plus {reserve} for the answer, but the "
+                f"{n_ctx}-token context holds only {n_ctx - sys_cells} after the system "
+                "prompt even when empty; raise llm.max_context_len or lower llm.max_new_tokens")
+        raise ContextFullError(
+            f"the conversation is full: {base_cells} of {n_ctx} tokens used, this turn needs "
+            f"{need} plus {reserve} for the answer; clear the history "
+            "(llm.on_context_full: clear does this) or raise llm.max_context_len")
+
+    def _eval_segments(self, segs: list[Segment], abortable: bool = True) -> None:
+        rt = self._rt
+        abort = self._abort if abortable else None
+        for i, seg in enumerate(segs):
+            last = i == len(segs) - 1
+            if isinstance(seg, list):
+                self._n_past = rt.eval_tokens(seg, self._n_past, last, abort)
+                self._n_cells += len(seg)
+            elif isinstance(seg, EncodedImage):
+                for part in seg.parts:
+                    if abort is not None and abort.is_set():
+                        raise Aborted()
+                    if isinstance(part, list):
+                        self._n_past = rt.eval_tokens(part, self._n_past, False, abort)
+                        self._n_cells += len(part)
+                    else:
+                        self._decode_image_part(part, seg.embeddings)
+            else:
+                self._n_past = rt.eval_embeddings(seg, self._n_past, last, abort)
+                self._n_cells += len(seg)
+
+    def _decode_image_part(self, part: ImagePart, embeddings: np.ndarray) -> None:
+        if self._proj is None:
+            raise BackendError("an mtmd image embedding needs the projector that made it")
+        self._n_past = self._proj.decode_part(self._rt.ctx, part, embeddings, self._n_past,
+                                              self._cfg.llamacpp.n_batch)
+        self._n_cells += part.n_tokens
+        self._rt.note_evaluated(part.n_tokens)
+
+    def _generate(self, on_piece: Callable[[str], None], stats: TurnStats):
+        """Sample until end of turn, max_new_tokens or abort; returns (text, tokens, t_first)."""
+        rt = self._rt
+        rt.reset_sampler()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces: list[str] = []
+        tokens: list[int] = []
+        t_first: Optional[float] = None
+        for _ in range(self._cfg.max_new_tokens):
+            if self._abort.is_set():
+                stats.aborted = True
+                break
+            tok = rt.sample()
+            if rt.is_eog(tok):
+                break
+            try:
+                rt.eval_one(tok, self._n_past)
+            except ContextFullError:
+                stats.extra["context_full"] = True
+                break
+            self._n_past += 1
+            self._n_cells += 1
+            tokens.append(tok)
+            piece = decoder.decode(rt.piece(tok))
+            if piece:
+                if t_first is None:
+                    t_first = time.perf_counter()
+                pieces.append(piece)
+                on_piece(piece)
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            pieces.append(tail)
+            on_piece(tail)
+        stats.generated_tokens = len(tokens)
+        return "".join(pieces), tokens, t_first
+
+    def _mark(self) -> _Mark:
+        return _Mark(self._n_past, self._n_cells, list(self._segments), self._kv_text,
+                     list(self._messages), list(self._images))
+
+    def _cut_cache(self, mark: _Mark) -> None:
+        """Drop cached positions after ``mark`` and the segments that filled them."""
+        self._rt.remove_from(mark.n_past)
+        self._n_past, self._n_cells = mark.n_past, mark.n_cells
+        self._segments = list(mark.segments)
+
+    def _restore(self, mark: _Mark) -> None:
+        """Go back to an earlier state of the conversation (cache and history)."""
+        self._cut_cache(mark)
+        self._kv_text = mark.kv_text
+        self._messages = list(mark.messages)
+        self._images = list(mark.images)
+
+    def _rollback(self, mark: _Mark) -> None:
+        """Undo a failed or aborted turn; the history was not touched yet, only the cache."""
+        kept = len(self._segments) >= len(mark.segments) and all(
+            a is b for a, b in zip(self._segments, mark.segments))
+        if kept:
+            self._cut_cache(mark)
+            return
+        # A replay had cut the cache below the mark: evaluate the old conversation again.
+        self._cut_cache(self._sys_mark)
+        again = mark.segments[len(self._sys_mark.segments):]
+        self._eval_segments(again, abortable=False)   # restoring must not be cut short
+        self._segments.extend(again)
+
+
+def rt_threads(n: int) -> int:
+    """llamacpp.n_threads, with 0 meaning every core."""
+    return n or os.cpu_count() or 1
+
+
+def _cells(segs: list[Segment]) -> int:
+    return sum(s.n_tokens if isinstance(s, EncodedImage) else len(s) for s in segs)
+
+
+class LlamaCppEncoder(VisionEncoder):
+    """Encodes frames with the backend's projector; the result feeds a later turn."""
+
+    name = "llamacpp"
+
+    def __init__(self, backend: LlamaCppBackend):
+        self._backend = backend
+
+    def load(self) -> None:
+        self._backend.load()
+
+    def encode(self, rgb: np.ndarray) -> ImageEmbedding:
+        return self._backend.encode_image(rgb)
+
+    def close(self) -> None:
+        """The backend owns the projector; closing the encoder leaves it loaded."""
