@@ -10,7 +10,7 @@ from typing import Optional
 
 from assistant import components
 from assistant.config import Config, check_files
-from assistant.errors import AssistantError
+from assistant.errors import InputError
 from assistant.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -20,16 +20,22 @@ async def ask(cfg: Config, audio: Path, image: Optional[Path], out: Optional[Pat
               realtime: bool = False, allow_missing_llm: bool = False) -> dict:
     for p, what in ((audio, "--audio"), (image, "--image")):
         if p is not None and not p.is_file():
-            raise AssistantError(f"{what}: file not found: {p}")
+            raise InputError(f"{what}: file not found: {p}")
     missing = check_files(cfg)
     if missing:
         for e in missing[1:]:
             log.error("%s", e)
         raise missing[0]
     t0 = time.monotonic()
+    # Bad input files are reported before seconds go into loading models.
     source = components.wav_source(cfg, audio, realtime=realtime)
+    await source.open()
+    cam = None
+    if image is not None and cfg.vision.encoder != "none":
+        cam = components.camera(cfg, image)
+        cam.open()
     parts = await components.assemble(cfg, source, lambda rate: components.wav_sink(out, rate),
-                                      image=image, use_camera=False,
+                                      image=image, use_camera=False, cam=cam,
                                       allow_missing_llm=allow_missing_llm)
     load_s = time.monotonic() - t0
     try:

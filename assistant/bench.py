@@ -74,8 +74,8 @@ async def measure(cfg: Config, profile: str, wav: Path, image: Path, rounds: int
     finally:
         await components.close(parts)
     stages = {}
-    for key in ("asr", "vision_wait", "encode", "llm", "llm_first_piece_ms", "first_sentence_ms",
-                "first_audio_ms"):
+    for key in ("asr_ms", "vision_wait_ms", "encode_ms", "llm_ms", "llm_first_piece_ms",
+                "first_sentence_ms", "first_audio_ms"):
         stages[key] = _median(t.summary().get(key) for t in pipelined)
     first_audio = stages["first_audio_ms"]
     serial_ms = _median(serial)

@@ -42,6 +42,8 @@ def setup_logging(level: str) -> None:
     if not os.environ.get("INVOCATION_ID"):
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=getattr(logging, level), format=fmt, stream=sys.stderr, force=True)
+    # faster-whisper logs every utterance's duration at INFO; our ASR line says more.
+    logging.getLogger("faster_whisper").setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
 # ---------------------------------------------------------------------------- commands
@@ -76,7 +78,7 @@ def cmd_devices(args, cfg: Config) -> int:
 def cmd_models(args, cfg: Config) -> int:
     from assistant.llm import catalog
 
-    models_dir = catalog.models_dir(cfg.llm.llamacpp, cfg.path)
+    models_dir = catalog.models_dir_for(cfg.llm.llamacpp, cfg.path)
     if args.models_cmd == "pull":
         return catalog.cli_models_pull(args.name, models_dir)
     return catalog.cli_models_list(models_dir)

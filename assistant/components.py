@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from assistant.audio.base import AudioSink, AudioSource
-from assistant.config import Config
+from assistant.config import Config, ConfigError
 from assistant.errors import ModelMissingError
 from assistant.pipeline import Components
 
@@ -52,12 +52,12 @@ def wav_sink(path: Optional[Path], sample_rate: int) -> AudioSink:
 
 def camera(cfg: Config, image: Optional[Path] = None):
     """The configured camera, or a file camera on ``image`` (ask / demo)."""
-    from assistant.vision.camera import open_camera
+    from assistant.vision.camera import make_camera
 
     if image is not None:
         from dataclasses import replace
-        return open_camera(replace(cfg.camera, source=str(image)), cfg.path)
-    return open_camera(cfg.camera, cfg.path)
+        return make_camera(replace(cfg.camera, source=str(image)), cfg.path)
+    return make_camera(cfg.camera, cfg.path)
 
 
 # ---------------------------------------------------------------------------- models
@@ -76,7 +76,7 @@ def voices(cfg: Config):
 
 
 def language_model(cfg: Config):
-    """(backend, encoder or None, encoder shares the LLM's native context)."""
+    """(backend, encoder or None, encoder loads from the LLM) for the configured backends."""
     with_vision = cfg.vision.encoder != "none" and cfg.camera.source is not None
     if cfg.llm.backend == "rkllm":
         from assistant.llm.rkllm import RkllmBackend
@@ -87,29 +87,22 @@ def language_model(cfg: Config):
         from assistant.llm.catalog import resolve
         from assistant.llm.llamacpp import LlamaCppBackend
 
-        model, mmproj = resolve(cfg.llm.llamacpp, cfg.path)
-        if cfg.vision.encoder != "llamacpp":
-            mmproj = None
-        llm = LlamaCppBackend(cfg.llm, cfg.persona, model, mmproj)
-    encoder, shares = None, False
-    if with_vision:
-        encoder, shares = vision_encoder(cfg, llm)
-    return llm, encoder, shares
-
-
-def vision_encoder(cfg: Config, llm):
+        want_mmproj = with_vision and cfg.vision.encoder == "llamacpp"
+        model, mmproj = resolve(cfg.llm.llamacpp, cfg.path, want_mmproj=want_mmproj)
+        llm = LlamaCppBackend(cfg.llm, cfg.persona, model, mmproj if want_mmproj else None)
+    if not with_vision:
+        return llm, None, False
     if cfg.vision.encoder == "rknn":
         from assistant.vision.rknn_encoder import RknnEncoder
 
         family = cfg.vision.family or cfg.llm.rkllm.family
-        return RknnEncoder(cfg.vision.rknn, family, cfg.path), False
-    if cfg.vision.encoder == "llamacpp":
-        if cfg.llm.backend != "llamacpp":
-            from assistant.config import ConfigError
-            raise ConfigError(f"{cfg.source}: vision.encoder: 'llamacpp' needs llm.backend: llamacpp "
-                              f"(with llm.backend: rkllm use vision.encoder: rknn)", key="vision.encoder")
-        return llm.encoder(), True
-    return None, False
+        return llm, RknnEncoder(cfg.vision.rknn, family, cfg.path), False
+    if cfg.llm.backend != "llamacpp":
+        raise ConfigError(f"{cfg.source}: vision.encoder: 'llamacpp' needs llm.backend: llamacpp "
+                          f"(with llm.backend: rkllm use vision.encoder: rknn)",
+                          key="vision.encoder", source=cfg.source)
+    # llama.cpp's projector is part of the loaded model: it loads after the LLM.
+    return llm, llm.encoder(), True
 
 
 # ---------------------------------------------------------------------------- assembly
@@ -122,15 +115,15 @@ async def _timed(name: str, fn, timings: dict) -> None:
 
 async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Optional[Path] = None,
                    use_camera: bool = True, allow_missing_llm: bool = False,
-                   models: Optional[tuple] = None) -> Components:
+                   models: Optional[tuple] = None, cam=None) -> Components:
     """Create every part and load the models in parallel (whisper, piper, the LLM and the
     vision encoder at once: on a board the NPU loads overlap the CPU ones).
 
     ``sink_factory(voice_rate)`` makes the sink once the voice's rate is known (a WAV sink
     writes at the voice's own rate; a speaker ignores it). With ``allow_missing_llm`` a
     missing LLM model does not stop the voice loop: questions get the reason spoken instead.
-    ``models`` = (llm, encoder, shares) replaces the configured ones (the benchmark's
-    simulated NPU stages).
+    ``models`` = (llm, encoder, encoder_loads_from_llm) replaces the configured ones (the
+    benchmark's simulated NPU stages); ``cam`` an already made camera.
     """
     t0 = time.monotonic()
     asr = transcriber(cfg)
@@ -145,7 +138,8 @@ async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Opt
             raise
         problem = str(e)
         log.error("%s", e)
-    cam = camera(cfg, image) if (use_camera or image is not None) and cfg.vision.encoder != "none" else None
+    if cam is None and (use_camera or image is not None) and cfg.vision.encoder != "none":
+        cam = camera(cfg, image)
 
     timings: dict = {}
     jobs = [_timed("asr", asr.load, timings), _timed("tts", tts.load, timings)]
@@ -171,8 +165,7 @@ async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Opt
     log.info("ready in %.1f s (%s)", time.monotonic() - t0,
              ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return Components(source=source, sink=sink, asr=asr, voices=tts, llm=llm,
-                      llm_problem=problem, camera=cam, encoder=encoder,
-                      encoder_shares_llm=shares)
+                      llm_problem=problem, camera=cam, encoder=encoder)
 
 
 async def close(parts: Components) -> None:

@@ -9,6 +9,12 @@ class AssistantError(Exception):
     exit_code = 1
 
 
+class InputError(AssistantError):
+    """An input file (a WAV, an image, a video) is missing, corrupt or of the wrong kind."""
+
+    exit_code = 65  # EX_DATAERR
+
+
 class ModelMissingError(AssistantError):
     """A model file is not there; the message names it and how to get it."""
 

@@ -51,7 +51,6 @@ class Components:
     camera: object = None
     encoder: object = None
     llm_lock: threading.Lock = field(default_factory=threading.Lock)
-    encoder_shares_llm: bool = False  # llama.cpp's projector uses the LLM's context
 
 
 class Pipeline:
@@ -65,8 +64,7 @@ class Pipeline:
         self.intents = IntentClassifier(cfg.intent)
         self.endpointer = Endpointer(cfg.vad)
         self.voice = VoiceOut(parts.voices, parts.sink, cfg.tts.sentence_pause_ms)
-        self.vision = VisionStage(parts.camera, parts.encoder,
-                                  parts.llm_lock if parts.encoder_shares_llm else None)
+        self.vision = VisionStage(parts.camera, parts.encoder)
         self.conversation = (Conversation(cfg.llm, parts.llm, cfg.path(cfg.logging.transcript))
                              if parts.llm is not None else None)
         self.turns: list[Turn] = []
@@ -273,7 +271,7 @@ class Pipeline:
         for s in splitter.flush():
             turn.mark("first_sentence")
             sentences.put_nowait(s)
-        turn.took("llm", time.monotonic() - t0)
+        turn.took("llm", time.monotonic() - t0)   # the whole answer
         if stats:
             st = stats[0]
             turn.counts.update(prompt_tokens=st.prompt_tokens, generated_tokens=st.generated_tokens,

@@ -25,7 +25,7 @@ class Turn:
     answer: str = ""
     with_image: bool = False
     note: str = ""                 # why something was skipped or failed, for a person
-    timings: dict = field(default_factory=dict)   # stage -> milliseconds
+    timings: dict = field(default_factory=dict)   # "<stage>_ms" -> milliseconds
     counts: dict = field(default_factory=dict)    # tokens and the like
     marks: dict = field(default_factory=dict)     # event -> monotonic time
 
@@ -34,7 +34,12 @@ class Turn:
         self.marks.setdefault(name, time.monotonic() if at is None else at)
 
     def took(self, stage: str, seconds: float) -> None:
-        self.timings[stage] = round(seconds * 1000.0, 1)
+        self.timings[f"{stage}_ms"] = round(seconds * 1000.0, 1)
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Accumulate a stage that runs several times in a turn (TTS per sentence)."""
+        key = f"{stage}_ms"
+        self.timings[key] = round(self.timings.get(key, 0.0) + seconds * 1000.0, 1)
 
     def since_speech_end(self, name: str) -> Optional[float]:
         at = self.marks.get(name)

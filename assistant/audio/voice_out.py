@@ -86,9 +86,7 @@ class VoiceOut:
                     log.error("speech synthesis failed: %s", e)
                     continue
                 if turn is not None:
-                    turn.timings["tts_ms"] = round(turn.timings.get("tts_ms", 0.0)
-                                                   + (time.monotonic() - t0) * 1000.0, 1)
-                    turn.mark("first_tts")
+                    turn.add("tts", time.monotonic() - t0)
                 if len(pcm) and tts.sample_rate != self.sink.sample_rate:
                     pcm = resample(pcm, tts.sample_rate, self.sink.sample_rate)
                 await audio.put(pcm)

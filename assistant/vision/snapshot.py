@@ -9,9 +9,7 @@ and the reason is reported.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -34,12 +32,9 @@ class VisionResult:
 
 
 class VisionStage:
-    def __init__(self, camera: Optional[Camera], encoder: Optional[VisionEncoder],
-                 lock: Optional[threading.Lock] = None):
+    def __init__(self, camera: Optional[Camera], encoder: Optional[VisionEncoder]):
         self.camera = camera
         self.encoder = encoder
-        # Held around encode() when the encoder shares native state with the LLM (llama.cpp).
-        self._lock = lock
         self._job: Optional[asyncio.Task] = None
         self._camera_broken = False
 
@@ -79,9 +74,8 @@ class VisionStage:
             t0 = time.monotonic()
             frame = self.camera.snapshot()
             t1 = time.monotonic()
-            ctx = self._lock if self._lock is not None else contextlib.nullcontext()
-            with ctx:
-                res.embedding = self.encoder.encode(frame)
+            # Encoders are safe to call while a turn generates (each guards its own state).
+            res.embedding = self.encoder.encode(frame)
             t2 = time.monotonic()
             res.snapshot_s, res.encode_s = t1 - t0, t2 - t1
         except AssistantError as e:
