@@ -1,0 +1,169 @@
+"""A fake microphone and speaker for the real sounddevice path, through ALSA's `file` plugin.
+
+``make_fake_alsa(tmp_path)`` writes ``.asoundrc`` into a temporary HOME that defines:
+
+- ``fakemic``: a capture PCM that reads raw S16_LE samples from ``capture_file`` (at
+  ``capture_rate`` with ``capture_channels``); ``plug`` converts to whatever the program asks;
+- ``fakespeaker``: a playback PCM that writes raw S16_LE samples to ``playback_file``;
+- ``default``: fakemic for capture, fakespeaker for playback.
+
+PortAudio reads the ALSA configuration once, when it initialises, so the code under test
+runs in a fresh Python process with HOME pointing there (``FakeAlsa.run_python``).
+
+Two facts of the plugin to design tests around:
+
+- its ``null`` slave does not keep time: capture delivers the whole file as fast as it is
+  read, and playback "plays" instantly. After the end of the file, capture repeats its last
+  buffer, so ``write_capture`` appends silence (the mic then goes quiet, at high speed);
+  consume no more than the file holds.
+- PortAudio starts playback with a buffer of silence: ``find_signal`` locates the played
+  samples in what the speaker wrote.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _quote(path: Path) -> str:
+    return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _asoundrc(mic: str, speaker: str, capture_file: Path, playback_file: Path, capture_rate: int,
+              capture_channels: int, playback_rate: int, playback_channels: int) -> str:
+    # The file PCMs are defined inline, so PortAudio lists only the two named devices.
+    return f"""\
+pcm.{mic} {{
+    type plug
+    slave {{
+        pcm {{
+            type file
+            slave.pcm "null"
+            file "/dev/null"
+            infile {_quote(capture_file)}
+            format "raw"
+        }}
+        format S16_LE
+        rate {capture_rate}
+        channels {capture_channels}
+    }}
+}}
+pcm.{speaker} {{
+    type plug
+    slave {{
+        pcm {{
+            type file
+            slave.pcm "null"
+            file {_quote(playback_file)}
+            format "raw"
+        }}
+        format S16_LE
+        rate {playback_rate}
+        channels {playback_channels}
+    }}
+}}
+pcm.!default {{
+    type asym
+    capture.pcm "{mic}"
+    playback.pcm "{speaker}"
+}}
+"""
+
+
+@dataclass
+class FakeAlsa:
+    """A temporary HOME with a fake microphone and speaker, and a way to run code there."""
+
+    home: Path
+    capture_file: Path
+    playback_file: Path
+    capture_rate: int
+    capture_channels: int
+    playback_rate: int
+    playback_channels: int
+    mic: str = "fakemic"
+    speaker: str = "fakespeaker"
+
+    def write_capture(self, pcm: np.ndarray, silence_s: float = 1.0) -> None:
+        """What the microphone will deliver: int16 (frames,) or (frames, channels), then silence."""
+        pcm = np.asarray(pcm, dtype=np.int16)
+        if pcm.ndim == 1:
+            pcm = pcm[:, None]
+        if pcm.shape[1] != self.capture_channels:
+            raise ValueError(f"capture is {self.capture_channels} channel(s), got {pcm.shape[1]}")
+        tail = np.zeros((int(silence_s * self.capture_rate), self.capture_channels), np.int16)
+        np.concatenate([pcm, tail]).astype("<i2").tofile(self.capture_file)
+
+    def read_playback(self) -> np.ndarray:
+        """Everything the speaker was given, int16 (frames, channels)."""
+        if not self.playback_file.exists():
+            return np.zeros((0, self.playback_channels), np.int16)
+        data = np.fromfile(self.playback_file, dtype="<i2")
+        return data[: len(data) - len(data) % self.playback_channels].reshape(-1, self.playback_channels)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["HOME"] = str(self.home)
+        env.pop("XDG_CONFIG_HOME", None)  # alsa-lib also reads $XDG_CONFIG_HOME/alsa/asoundrc
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+        return env
+
+    def run_python(self, code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run ``code`` (with ``sys.argv[1:] == args``) in a fresh interpreter that sees the
+        fake devices."""
+        return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO_ROOT, env=self.env(),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def run_json(self, code: str, *args: str, timeout: float = 120) -> object:
+        """Run ``code``, which prints one JSON value on its last line; fail with its stderr."""
+        proc = self.run_python(code, *args, timeout=timeout)
+        if proc.returncode != 0:
+            raise AssertionError(f"subprocess failed (exit {proc.returncode}):\n{proc.stderr}")
+        lines = proc.stdout.strip().splitlines()
+        if not lines:
+            raise AssertionError(f"subprocess printed nothing; stderr:\n{proc.stderr}")
+        return json.loads(lines[-1])
+
+
+def make_fake_alsa(tmp_path: Path, capture_rate: int = 48000, capture_channels: int = 1,
+                   playback_rate: int = 22050, playback_channels: int = 1,
+                   mic: str = "fakemic", speaker: str = "fakespeaker") -> FakeAlsa:
+    """Write the asoundrc under ``tmp_path/home`` and return the fake devices' handle."""
+    home = tmp_path / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    fake = FakeAlsa(home=home, capture_file=tmp_path / "capture.raw",
+                    playback_file=tmp_path / "playback.raw", capture_rate=capture_rate,
+                    capture_channels=capture_channels, playback_rate=playback_rate,
+                    playback_channels=playback_channels, mic=mic, speaker=speaker)
+    fake.write_capture(np.zeros((0, capture_channels), np.int16))
+    (home / ".asoundrc").write_text(_asoundrc(mic, speaker, fake.capture_file, fake.playback_file,
+                                              capture_rate, capture_channels, playback_rate,
+                                              playback_channels))
+    return fake
+
+
+def portaudio_available() -> bool:
+    """Whether the PortAudio library is installed (the device tests skip without it)."""
+    # Not `import sounddevice`: that would initialise PortAudio in the test process.
+    return ctypes.util.find_library("portaudio") is not None
+
+
+def find_signal(haystack: np.ndarray, needle: np.ndarray) -> int:
+    """Where ``needle`` occurs in ``haystack`` (1-D), or -1."""
+    haystack, needle = np.asarray(haystack), np.asarray(needle)
+    if len(needle) == 0:
+        return 0
+    for start in np.flatnonzero(haystack[: len(haystack) - len(needle) + 1] == needle[0]):
+        if np.array_equal(haystack[start:start + len(needle)], needle):
+            return int(start)
+    return -1
