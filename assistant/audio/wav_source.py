@@ -159,6 +159,10 @@ def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
             raise _bad(p, f"corrupt WAV file ({msg}); re-create or re-download it") from None
     except EOFError:
         raise _bad(p, "truncated WAV file: it ends inside the header") from None
+    except (RuntimeError, struct.error, ValueError, OverflowError, MemoryError):
+        # The stdlib parser fails this way on chunk sizes that point past the file's end.
+        raise _bad(p, "corrupt WAV file (its chunk sizes do not match its contents); "
+                      "re-create or re-download it") from None
     except OSError as e:
         raise _bad(p, f"cannot read the file: {e.strerror or e}") from None
     return _to_mono_int16(samples), rate
