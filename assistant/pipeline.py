@@ -105,6 +105,9 @@ class Pipeline:
                 backoff = 0
                 async for frame in self.parts.source.frames():
                     self._on_frame(frame)
+                    # A queue that is never empty never suspends its reader: after a burst
+                    # (a stalled device catching up) let the other tasks run between frames.
+                    await asyncio.sleep(0)
                 for ev in self.endpointer.flush():
                     self._on_vad(ev)
                 await self._utterances.put(None)   # a file source ended: no more questions

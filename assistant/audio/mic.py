@@ -64,6 +64,12 @@ class MicSource(AudioSource):
         self._queue: asyncio.Queue | None = None
         self._resampler: StreamResampler | None = None
         self._closing = False
+        # Blocks handed to the loop but not yet taken: bounds memory on PortAudio's side when
+        # the loop is slow or a device delivers faster than real time.
+        self._in_flight = 0
+        self._max_in_flight = 1
+        self._last_block = 0.0
+        self._stall_timer: asyncio.TimerHandle | None = None
 
     async def open(self) -> None:
         if self._stream is not None:
@@ -79,6 +85,8 @@ class MicSource(AudioSource):
         blocksize = rate * self.frame_ms // 1000
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(maxsize=max(1, int(self.max_backlog_s * 1000 / self.frame_ms)))
+        self._max_in_flight = self._queue.maxsize
+        self._in_flight = 0
         self._resampler = StreamResampler(rate, SAMPLE_RATE)
         self._closing = False
 
@@ -101,6 +109,8 @@ class MicSource(AudioSource):
                 "supports (see `rkvlm-assistant devices`)") from None
         self.name = f"mic:{device_name}"
         self.sample_rate = rate
+        self._last_block = self._loop.time()
+        self._stall_timer = self._loop.call_later(self.stall_timeout_s, self._check_stall)
         log.info("microphone %r: %d Hz, %d channel(s) -> %d Hz mono, %d ms frames",
                  device_name, rate, self.cfg.channels, SAMPLE_RATE, self.frame_ms)
 
@@ -111,6 +121,12 @@ class MicSource(AudioSource):
         loop = self._loop
         if loop is None:
             return
+        if self._in_flight >= self._max_in_flight:
+            # The loop is not taking blocks: drop here rather than pile up callbacks (the
+            # count is approximate across threads, which is all a bound needs).
+            self.dropped_blocks += 1
+            return
+        self._in_flight += 1
         try:
             loop.call_soon_threadsafe(self._on_block, indata.copy(), bool(status.input_overflow))
         except RuntimeError:  # the loop is closed: we are shutting down
@@ -130,6 +146,9 @@ class MicSource(AudioSource):
     # ------------------------------------------------------------------ the event loop
 
     def _on_block(self, block: np.ndarray, overflow: bool) -> None:
+        self._in_flight -= 1
+        if self._loop is not None:
+            self._last_block = self._loop.time()
         if overflow:
             self.overflows += 1
             if _is_power_of_two(self.overflows):  # 1, 2, 4, 8...: visible, never a flood
@@ -160,12 +179,9 @@ class MicSource(AudioSource):
         step = 2 * self.frame_samples
         pending = bytearray()
         while True:
-            try:
-                item = await asyncio.wait_for(queue.get(), timeout=self.stall_timeout_s)
-            except asyncio.TimeoutError:
-                raise DeviceError(
-                    f"{self.name}: no audio for {self.stall_timeout_s:g} s; the microphone was "
-                    "unplugged or stopped working (check `rkvlm-assistant devices`)") from None
+            # A plain get(): asyncio.wait_for on Python 3.10/3.11 can swallow a cancellation
+            # when the item arrives at the same moment, so stalls are found by _check_stall.
+            item = await queue.get()
             if item is _CLOSED:
                 return
             if isinstance(item, DeviceError):
@@ -177,8 +193,24 @@ class MicSource(AudioSource):
                 del pending[:step]
                 yield frame
 
+    def _check_stall(self) -> None:
+        """Timer on the loop: no block for stall_timeout_s means the device went away."""
+        loop = self._loop
+        if loop is None or self._closing or self._stream is None:
+            return
+        quiet = loop.time() - self._last_block
+        if quiet >= self.stall_timeout_s:
+            self._push(DeviceError(
+                f"{self.name}: no audio for {self.stall_timeout_s:g} s; the microphone was "
+                "unplugged or stopped working (check `rkvlm-assistant devices`)"))
+            return
+        self._stall_timer = loop.call_later(self.stall_timeout_s - quiet, self._check_stall)
+
     async def close(self) -> None:
         self._closing = True
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         stream, self._stream = self._stream, None
         if stream is not None:
             def stop() -> None:
