@@ -140,14 +140,15 @@ def test_daemon_answers_on_the_microphone_and_speaker(tmp_path, scene, spoken, w
         assert words in said, said
 
 
-def test_daemon_on_the_npu_backends(tmp_path, scene, spoken, tmp_path_factory):
+@pytest.mark.parametrize("version", ["1.2.1", "1.3.0"])
+def test_daemon_on_the_npu_backends(tmp_path, scene, spoken, tmp_path_factory, version):
     from rkllm_fake import build_fake_rkllm, write_fake_model
     sys.path.insert(0, str(FAKES))
     try:
         from rknnlite.api import write_model
     finally:
         sys.path.remove(str(FAKES))
-    lib = build_fake_rkllm("1.3.0", tmp_path_factory.mktemp("rkllm"))
+    lib = build_fake_rkllm(version, tmp_path_factory.mktemp("rkllm"))
     write_fake_model(tmp_path / "qwen2-vl.rkllm", embed_dim=1536)
     write_model(tmp_path / "vision.rknn", (392, 392), [[1, 196, 1536]])
     fake = make_fake_alsa(tmp_path, capture_rate=MIC_RATE, playback_rate=22050)
@@ -159,6 +160,7 @@ vision: {{encoder: rknn, rknn: {{model: vision.rknn, core_mask: 0_1}}}}
     out, err = run_to_exit(proc, sock)
     assert proc.returncode == 0, err[-3000:]
     assert "READY=1" in sock.messages
+    assert f"RKLLM runtime {version}" in err or version in err
     rows = [json.loads(l) for l in (tmp_path / "turns.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["image"] is True
     # The fake runtime echoes what it was sent: the question and the image's 196 tokens.
