@@ -25,6 +25,9 @@ class Notifier:
             # A leading '@' is Linux's abstract namespace.
             self._addr = "\0" + address[1:] if address.startswith("@") else address
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # A datagram socket blocks when the reader's queue is full (10 messages by
+            # default): a busy systemd must never stall the event loop.
+            self._sock.setblocking(False)
 
     @property
     def enabled(self) -> bool:
@@ -38,7 +41,7 @@ class Notifier:
             return
         try:
             self._sock.sendto(message.encode("utf-8", "replace"), self._addr)
-        except OSError as e:  # systemd went away or the socket is full: never fatal
+        except OSError as e:  # systemd went away or its queue is full: never fatal
             log.debug("sd_notify %r failed: %s", message, e)
 
     def watchdog_interval(self) -> Optional[float]:

@@ -3,6 +3,7 @@
 import asyncio
 import os
 import socket
+import threading
 
 import pytest
 
@@ -71,3 +72,18 @@ def test_watchdog_pings_from_the_loop(listener, monkeypatch):
     assert s.recv(100) == b"WATCHDOG=1"
     monkeypatch.setenv("WATCHDOG_PID", "1")  # another process's watchdog
     assert n.watchdog_interval() is None
+
+
+def test_a_reader_that_does_not_read_never_blocks_the_sender(listener):
+    path, s = listener
+    n = Notifier(path)
+
+    def flood():
+        for i in range(200):  # far beyond the kernel's queue of unread datagrams
+            n(f"WATCHDOG=1 {i}")
+
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    sender.join(10)
+    assert not sender.is_alive(), "sd_notify blocked on a full socket"
+    assert s.recv(100) == b"WATCHDOG=1 0"
