@@ -43,7 +43,6 @@ async def run_daemon(cfg: Config) -> int:
         loop.add_signal_handler(sig, stop, sig.name)
     watchdog = asyncio.create_task(notify.watchdog())
     notify("READY=1")
-    notify("STATUS=listening")
     log.info("listening (llm %s, vision %s, asr %s)", cfg.llm.backend, cfg.vision.encoder, cfg.asr.model)
     try:
         code = await pipeline.run(greet=True)

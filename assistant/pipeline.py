@@ -79,6 +79,7 @@ class Pipeline:
         """Serve until the source ends (a file) or an exit phrase says stop; returns the exit code."""
         if greet and self.cfg.persona.greeting:
             await self.voice.say([self.cfg.persona.greeting], self._reply_language(None))
+        self.notify("STATUS=listening")
         listen = asyncio.create_task(self._listen(), name="listen")
         converse = asyncio.create_task(self._converse(), name="converse")
         try:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,25 +35,40 @@ MIC_RATE = 48000
 
 
 class NotifySocket:
+    """The systemd side of sd_notify: reads every datagram as it comes, like systemd does."""
+
     def __init__(self, path: Path):
         self.path = str(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
-        self.sock.settimeout(0.2)
+        self.sock.settimeout(0.1)
         self.messages: list[str] = []
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-    def drain(self) -> list[str]:
-        while True:
+    def _read(self) -> None:
+        while not self._stop.is_set():
             try:
                 self.messages.append(self.sock.recv(4096).decode())
             except (socket.timeout, BlockingIOError):
-                return self.messages
+                continue
+            except OSError:
+                return
+
+    def drain(self) -> list[str]:
+        """Stop reading (once the daemon has exited) and return everything received."""
+        time.sleep(0.2)
+        self._stop.set()
+        self._reader.join(5)
+        return self.messages
 
     def wait_for(self, message: str, proc: subprocess.Popen, timeout: float = 120) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end and proc.poll() is None:
-            if message in self.drain():
+            if any(message in m for m in list(self.messages)):
                 return
+            time.sleep(0.05)
         raise AssertionError(f"no {message!r} from the daemon; got {self.messages}")
 
 
@@ -175,7 +191,7 @@ def test_greeting_then_sigterm_stops_cleanly(tmp_path, scene, whisper_tiny):
     cfg = BASE_CONFIG.replace('greeting: ""', 'greeting: "Hello, I am listening."')
     proc, sock = start_daemon(tmp_path, fake, cfg +
                               "llm: {llamacpp: {model: tiny.gguf}}\nvision: {encoder: none}\n")
-    sock.wait_for("READY=1", proc)
+    sock.wait_for("STATUS=listening", proc)   # sent once the greeting has been spoken
     proc.send_signal(signal.SIGTERM)
     out, err = run_to_exit(proc, sock, timeout=60)
     assert proc.returncode == 0, err[-3000:]
@@ -191,9 +207,7 @@ def test_a_missing_microphone_is_retried_not_fatal(tmp_path, scene):
     proc, sock = start_daemon(tmp_path, fake, cfg +
                               "llm: {llamacpp: {model: tiny.gguf}}\nvision: {encoder: none}\n")
     sock.wait_for("READY=1", proc)
-    end = time.monotonic() + 30
-    while time.monotonic() < end and not any("microphone unavailable" in m for m in sock.drain()):
-        pass
+    sock.wait_for("STATUS=microphone unavailable", proc, timeout=30)
     assert proc.poll() is None          # still serving, waiting for the device
     proc.send_signal(signal.SIGTERM)
     out, err = run_to_exit(proc, sock, timeout=60)
