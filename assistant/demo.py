@@ -55,9 +55,32 @@ def speak_question(cfg: Config, text: str, path: Path) -> Path:
     return path
 
 
+def fetch_model(cfg: Config) -> None:
+    """Pull the configured catalogue model once, if it is missing and the hub is reachable
+    (HF_HUB_OFFLINE=1 says it is not). A failure is reported and the demo goes on."""
+    import os
+
+    from assistant.errors import ModelMissingError
+    from assistant.llm import catalog
+
+    lc = cfg.llm.llamacpp
+    if cfg.llm.backend != "llamacpp" or lc.model not in catalog.CATALOG:
+        return
+    try:
+        catalog.resolve(lc, cfg.path, want_mmproj=cfg.vision.encoder == "llamacpp")
+        return
+    except ModelMissingError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return
+    print(f"demo: the model {lc.model} is not installed; fetching it once")
+    catalog.cli_models_pull(lc.model, catalog.models_dir_for(lc, cfg.path))
+
+
 def run_demo(cfg: Config, out_dir: Path) -> int:
     from assistant.ask import ask
 
+    fetch_model(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     image = draw_scene(out_dir / "demo-scene.jpg")
     question = speak_question(cfg, QUESTION, out_dir / "demo-question.wav")

@@ -4,6 +4,7 @@ whisper and piper, and llama.cpp with tiny generated models (a scripted one answ
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,9 +114,10 @@ def test_a_bad_image_is_one_clear_line(workdir, spoken):
 def test_missing_catalogue_model_is_reported_not_invented(workdir, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"llm:\n  llamacpp: {{model: smolvlm2-256m, models_dir: {tmp_path / 'models'}}}\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")   # no download attempt from a test
     r = subprocess.run([sys.executable, "-m", "assistant", "--config", str(cfg), "demo",
                         "--out-dir", str(tmp_path / "out")],
-                       cwd=workdir, capture_output=True, text=True, timeout=300)
+                       cwd=workdir, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert "rkvlm-assistant models pull smolvlm2-256m" in r.stdout + r.stderr
     result = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
