@@ -14,7 +14,7 @@ from typing import Optional
 
 from assistant.audio.base import AudioSink, AudioSource
 from assistant.config import Config, ConfigError
-from assistant.errors import ModelMissingError
+from assistant.errors import DeviceError, ModelMissingError
 from assistant.pipeline import Components
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,18 @@ async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Opt
         jobs.append(llm_then_encoder() if shares else _timed("llm", llm.load, timings))
         if encoder is not None and not shares:
             jobs.append(_timed("encoder", encoder.load, timings))
+    camera_down = ""
     if cam is not None:
-        jobs.append(_timed("camera", cam.open, timings))
+        async def open_camera():
+            nonlocal camera_down
+            try:
+                await _timed("camera", cam.open, timings)
+            except DeviceError as e:
+                # A camera that is unplugged now may be back later: answer without the
+                # picture meanwhile (the vision stage reopens it at each question).
+                camera_down = str(e)
+                log.error("%s; answering without the picture until it is back", e)
+        jobs.append(open_camera())
     results = await asyncio.gather(*jobs, return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
@@ -165,7 +175,8 @@ async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Opt
     log.info("ready in %.1f s (%s)", time.monotonic() - t0,
              ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return Components(source=source, sink=sink, asr=asr, voices=tts, llm=llm,
-                      llm_problem=problem, camera=cam, encoder=encoder)
+                      llm_problem=problem, camera=cam, encoder=encoder,
+                      camera_down=camera_down)
 
 
 async def close(parts: Components) -> None:

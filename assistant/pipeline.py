@@ -50,6 +50,7 @@ class Components:
     llm_problem: str = ""             # why there is no LLM (llm is None), for the log and notes
     camera: object = None
     encoder: object = None
+    camera_down: str = ""             # why the camera did not open at start (retried later)
     llm_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -64,7 +65,7 @@ class Pipeline:
         self.intents = IntentClassifier(cfg.intent)
         self.endpointer = Endpointer(cfg.vad)
         self.voice = VoiceOut(parts.voices, parts.sink, cfg.tts.sentence_pause_ms)
-        self.vision = VisionStage(parts.camera, parts.encoder)
+        self.vision = VisionStage(parts.camera, parts.encoder, camera_down=bool(parts.camera_down))
         self.conversation = (Conversation(cfg.llm, parts.llm, cfg.path(cfg.logging.transcript))
                              if parts.llm is not None else None)
         self.turns: list[Turn] = []

@@ -215,3 +215,20 @@ def test_a_missing_microphone_is_retried_not_fatal(tmp_path, scene):
     lines = [l for l in err.splitlines() if "usb-mic-that-is-not-plugged-in" in l]
     assert lines and "retrying" in lines[0]
     assert any("STATUS=microphone unavailable" in m for m in sock.messages)
+
+
+def test_an_unplugged_camera_does_not_stop_the_assistant(tmp_path, spoken):
+    fake = make_fake_alsa(tmp_path, capture_rate=MIC_RATE, playback_rate=22050)
+    fake.write_capture(speech_at(spoken, "What do you see on the table?", "Exit."))
+    write_text_model(tmp_path / "tiny.gguf", scripted_reply=REPLY)
+    write_mmproj(tmp_path / "tiny-mmproj.gguf")
+    cfg = BASE_CONFIG.replace("camera: {source: scene.jpg}", "camera: {source: /dev/video97}")
+    proc, sock = start_daemon(tmp_path, fake, cfg +
+                              "llm: {llamacpp: {model: tiny.gguf, mmproj: tiny-mmproj.gguf}}\n")
+    out, err = run_to_exit(proc, sock)
+    assert proc.returncode == 0, err[-3000:]
+    assert "answering without the picture until it is back" in err
+    rows = [json.loads(l) for l in (tmp_path / "turns.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in rows] == [REPLY] and rows[0]["image"] is False
+    turn = [l for l in err.splitlines() if "assistant.turn: turn 1" in l][0]
+    assert "answered without the image" in turn and "/dev/video97" in turn

@@ -32,11 +32,12 @@ class VisionResult:
 
 
 class VisionStage:
-    def __init__(self, camera: Optional[Camera], encoder: Optional[VisionEncoder]):
+    def __init__(self, camera: Optional[Camera], encoder: Optional[VisionEncoder],
+                 camera_down: bool = False):
         self.camera = camera
         self.encoder = encoder
         self._job: Optional[asyncio.Task] = None
-        self._camera_broken = False
+        self._camera_broken = camera_down   # reopened before the next snapshot
 
     @property
     def enabled(self) -> bool:
