@@ -165,6 +165,13 @@ class Pipeline:
                     raise               # shutdown, not a barge-in
                 self._barged_in = False
                 turn.note = "interrupted by the person speaking"
+            except AssistantError as e:
+                # One failed turn must not end a daemon that runs for weeks.
+                log.error("turn %d failed: %s", turn.id, e)
+                turn.note = str(e)
+            except Exception as e:
+                log.exception("turn %d failed", turn.id)
+                turn.note = f"internal error: {type(e).__name__}: {e}"
             self._finish(turn)
             if self._exit_code is not None:
                 return

@@ -243,3 +243,27 @@ def test_barge_in_cuts_the_answer(tmp_path, spoken, whisper_tiny, voices):
     assert len(pipe.turns) == 2
     assert pipe.turns[0].note == "interrupted by the person speaking"
     assert parts.sink.seconds_written < 10  # the long answer was cut short
+
+
+class FlakyAsr:
+    """Real whisper that fails once, like a native library hitting a bad moment."""
+
+    def __init__(self, asr):
+        self.asr = asr
+        self.failed = False
+
+    def transcribe(self, pcm):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("CTranslate2: out of memory")
+        return self.asr.transcribe(pcm)
+
+
+def test_a_failing_turn_does_not_end_the_conversation(tmp_path, spoken, whisper_tiny, voices):
+    wav = conversation_wav(tmp_path, spoken, "What do you see on the table?", "What color is the cup?")
+    llm = ScriptedLLM(["The cup is blue."])
+    pipe, parts = make(tmp_path, wav, FlakyAsr(whisper_tiny), voices, llm)
+    asyncio.run(drive(pipe, parts))
+    first, second = pipe.turns
+    assert "out of memory" in first.note
+    assert second.answer == "The cup is blue."
