@@ -129,10 +129,10 @@ async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Opt
     asr = transcriber(cfg)
     tts = voices(cfg)
     llm = encoder = None
-    shares = False
+    after_llm = False
     problem = ""
     try:
-        llm, encoder, shares = models if models is not None else language_model(cfg)
+        llm, encoder, after_llm = models if models is not None else language_model(cfg)
     except ModelMissingError as e:
         if not allow_missing_llm:
             raise
@@ -148,8 +148,8 @@ async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Opt
             await _timed("llm", llm.load, timings)
             if encoder is not None:   # the projector needs the loaded LLM (llama.cpp)
                 await _timed("encoder", encoder.load, timings)
-        jobs.append(llm_then_encoder() if shares else _timed("llm", llm.load, timings))
-        if encoder is not None and not shares:
+        jobs.append(llm_then_encoder() if after_llm else _timed("llm", llm.load, timings))
+        if encoder is not None and not after_llm:
             jobs.append(_timed("encoder", encoder.load, timings))
     camera_down = ""
     if cam is not None:
@@ -165,13 +165,18 @@ async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Opt
         jobs.append(open_camera())
     results = await asyncio.gather(*jobs, return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
+    sink = None
+    if not errors:
+        try:
+            sink = sink_factory(tts.sample_rate)
+            await sink.open()
+        except Exception as e:
+            errors.append(e)
     if errors:
-        for part in (llm, encoder, cam):
+        for part in (encoder, llm, cam):
             if part is not None:
                 part.close()
         raise errors[0]
-    sink = sink_factory(tts.sample_rate)
-    await sink.open()
     log.info("ready in %.1f s (%s)", time.monotonic() - t0,
              ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return Components(source=source, sink=sink, asr=asr, voices=tts, llm=llm,
