@@ -34,6 +34,10 @@ from assistant.vision.snapshot import VisionStage
 
 log = logging.getLogger(__name__)
 
+# Sentence cuts for speech (see assistant.audio.sentences): the first one early, then whole.
+_FIRST_CUT_CHARS = 40
+_RUN_ON_CHARS = 100
+
 # Reopening a lost microphone: wait this long between tries, growing to the last value.
 _REOPEN_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -258,7 +262,9 @@ class Pipeline:
         llm, conv = self.parts.llm, self.conversation
         if await self._locked(conv.make_room, question, image):
             turn.note = "the conversation filled the context and was cleared"
-        splitter = SentenceSplitter()
+        # Until the first sound, a long opening sentence is cut at its first comma past
+        # _FIRST_CUT_CHARS: the person hears something sooner; later sentences stay whole.
+        splitter = SentenceSplitter(max_chars=_FIRST_CUT_CHARS)
         pieces: list[str] = []
         stats: list = []
         t0 = time.monotonic()
@@ -272,6 +278,7 @@ class Pipeline:
                         pieces.append(piece)
                         for s in splitter.feed(piece):
                             turn.mark("first_sentence")
+                            splitter.max_chars = _RUN_ON_CHARS
                             sentences.put_nowait(s)
                 break
             except ContextFullError:

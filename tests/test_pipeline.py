@@ -267,3 +267,35 @@ def test_a_failing_turn_does_not_end_the_conversation(tmp_path, spoken, whisper_
     first, second = pipe.turns
     assert "out of memory" in first.note
     assert second.answer == "The cup is blue."
+
+
+class RecordingVoices:
+    """The real voices, noting what each synthesize() call was given."""
+
+    def __init__(self, voices):
+        self.voices, self.said = voices, []
+        self.sample_rate = voices.sample_rate
+
+    def for_language(self, lang):
+        voice = self.voices.for_language(lang)
+        outer = self
+
+        class Recorder:
+            sample_rate = voice.sample_rate
+
+            def synthesize(self, text):
+                outer.said.append(text)
+                return voice.synthesize(text)
+        return Recorder()
+
+
+def test_a_long_first_sentence_is_spoken_from_its_first_clause(tmp_path, spoken, whisper_tiny, voices):
+    wav = conversation_wav(tmp_path, spoken, "What do you see on the table?")
+    answer = ("On the wooden table there is a red apple, a blue mug and a small plate. "
+              "Behind them, through the window, the sky is clear.")
+    rec = RecordingVoices(voices)
+    pipe, parts = make(tmp_path, wav, whisper_tiny, rec, ScriptedLLM([answer]))
+    asyncio.run(drive(pipe, parts))
+    assert rec.said == ["On the wooden table there is a red apple,",
+                        "a blue mug and a small plate.",
+                        "Behind them, through the window, the sky is clear."]
