@@ -120,8 +120,8 @@ class IntentConfig:
         "Whole utterances that forget the conversation (history and KV cache).")
     exit_phrases: tuple[str, ...] = _f(
         ["exit", "quit", "goodbye", "bye", "bye bye", "good night", "stop listening",
-         "退出", "再见", "拜拜", "结束"],
-        "Whole utterances that end the conversation.")
+         "that's it", "that's all", "退出", "再见", "拜拜", "结束"],
+        "Whole utterances that end the conversation (whisper often hears a lone \"exit\" as \"that's it\").")
     exit_action: Literal["idle", "stop"] = _f(
         "idle", "After an exit phrase: idle keeps the daemon listening, stop ends the process (exit code 0).")
 

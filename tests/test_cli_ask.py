@@ -70,14 +70,16 @@ def test_without_an_image_it_is_text_only(workdir, spoken):
 
 
 @pytest.mark.parametrize("phrase, intent, reply_word", [("Clear.", "clear", "forgotten"),
-                                                        ("Exit.", "exit", "goodbye")])
+                                                        ("Exit.", "exit", "goodbye"),
+                                                        ("exit", "exit", "goodbye")])
 def test_clear_and_exit_take_their_paths(workdir, spoken, whisper_tiny, phrase, intent, reply_word):
-    r = ask(workdir, "--audio", str(spoken(phrase)), "--image", "scene.jpg", "--out", f"{intent}.wav")
+    out_wav = f"{intent}-{len(phrase)}.wav"
+    r = ask(workdir, "--audio", str(spoken(phrase)), "--image", "scene.jpg", "--out", out_wav)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["intent"] == intent and out["answer"] == ""
     assert "encode_ms" not in out["timings_ms"]   # no image work for a command
-    assert reply_word in said(whisper_tiny, workdir / f"{intent}.wav")
+    assert reply_word in said(whisper_tiny, workdir / out_wav)
 
 
 def test_silence_is_no_turn(workdir):

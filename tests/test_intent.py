@@ -16,6 +16,8 @@ C = IntentClassifier(IntentConfig())
     ("Exit.", Intent.EXIT),
     ("Goodbye!", Intent.EXIT),
     ("Okay, goodbye.", Intent.EXIT),
+    ("That's it.", Intent.EXIT),        # how whisper often hears a lone "exit"
+    ("Is that it?", Intent.QUESTION),
     ("退出", Intent.EXIT),
     ("再见。", Intent.EXIT),
     ("再见了", Intent.EXIT),
