@@ -5,9 +5,8 @@ assistant.audio.tts, so the ASR tests do not depend on the code they would other
 with piper's random noise turned off: the same text gives the same audio on every run, so a
 test that fails does so because the code changed, not the dice.
 
-Use from a test module::
-
-    from speech_fixtures import spoken, whisper_tiny  # noqa: F401  (pytest fixtures)
+The fixtures are registered once for the whole suite by tests/conftest.py (so whisper loads
+once per session); a test module just asks for them::
 
     def test_x(spoken):
         wav = spoken("What do you see?")            # Path of a 16 kHz mono WAV

