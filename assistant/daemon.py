@@ -39,8 +39,13 @@ async def run_daemon(cfg: Config) -> int:
             notify("STOPPING=1")
             main.cancel()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop, sig.name)
+    # Plain signal handlers, not loop.add_signal_handler: asyncio learns of a signal through
+    # its wake-up pipe, and a byte lost on a full pipe (a flood of device callbacks) would
+    # lose the SIGTERM. A Python handler always runs, in this thread, between bytecodes.
+    def on_signal(signum, frame) -> None:
+        loop.call_soon_threadsafe(stop, signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     watchdog = asyncio.create_task(notify.watchdog())
     notify("READY=1")
     log.info("listening (llm %s, vision %s, asr %s)", cfg.llm.backend, cfg.vision.encoder, cfg.asr.model)
@@ -53,6 +58,8 @@ async def run_daemon(cfg: Config) -> int:
             raise
         return 0
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         watchdog.cancel()
         notify("STOPPING=1")
         await components.close(parts)
