@@ -69,9 +69,9 @@ def test_without_an_image_it_is_text_only(workdir, spoken):
     assert out["intent"] == "question" and out["image"] is False and out["answer"] == REPLY
 
 
-@pytest.mark.parametrize("phrase, intent, reply_word", [("Clear.", "clear", "forgotten"),
-                                                        ("Exit.", "exit", "goodbye"),
-                                                        ("exit", "exit", "goodbye")])
+@pytest.mark.parametrize("phrase, intent, reply_word", [("Clear.", "clear", "forgot"),
+                                                        ("Exit.", "exit", "bye"),
+                                                        ("exit", "exit", "bye")])
 def test_clear_and_exit_take_their_paths(workdir, spoken, whisper_tiny, phrase, intent, reply_word):
     out_wav = f"{intent}-{len(phrase)}.wav"
     r = ask(workdir, "--audio", str(spoken(phrase)), "--image", "scene.jpg", "--out", out_wav)

@@ -152,7 +152,7 @@ def test_daemon_answers_on_the_microphone_and_speaker(tmp_path, scene, spoken, w
     rows = [json.loads(l) for l in (tmp_path / "turns.jsonl").read_text().splitlines()]
     assert [r["answer"] for r in rows] == [REPLY] and rows[0]["image"] is True
     said = heard(whisper_tiny, fake)
-    for words in ("apple", "forgotten", "goodbye"):
+    for words in ("apple", "forgotten", "bye"):   # piper varies: "goodbye" or "bye bye"
         assert words in said, said
 
 

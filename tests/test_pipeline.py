@@ -125,7 +125,7 @@ def test_question_clear_question_exit(tmp_path, spoken, whisper_tiny, voices):
         assert key in t0, t0
     # Everything said went to the sink, and it is what whisper hears back.
     said = heard_back(whisper_tiny, tmp_path / "answer.wav")
-    assert "apple" in said and "forgotten" in said and "blue" in said and "goodbye" in said
+    assert "apple" in said and "forgotten" in said and "blue" in said and "bye" in said
 
 
 def test_exit_action_stop_ends_the_run(tmp_path, spoken, whisper_tiny, voices):
