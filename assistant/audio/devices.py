@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 from assistant.errors import DeviceError
 
@@ -128,6 +128,15 @@ def device_info(index: int | None, kind: Kind) -> dict:
         what = "the default" if index is None else f"device {index}"
         raise DeviceError(f"audio.{kind}.device: {what} cannot be used for {kind} ({e}); is a "
                           "sound card present? See `rkvlm-assistant devices`") from None
+
+
+def open_params(spec: Union[str, int, None], kind: Kind,
+                rate: Optional[int]) -> tuple[int | None, dict, str, int]:
+    """What a stream needs to open the configured device (blocking: run it in a thread):
+    (index or None for the default, PortAudio's info, its name, the rate to use)."""
+    index = resolve_device(spec, kind)
+    info = device_info(index, kind)
+    return index, info, str(info["name"]), int(rate or info["default_samplerate"])
 
 
 def describe_device(spec: Union[str, int, None], kind: Kind) -> str:

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator
 import numpy as np
 
 from assistant.audio.base import SAMPLE_RATE, AudioSource
-from assistant.audio.devices import device_info, import_sounddevice, resolve_device
+from assistant.audio.devices import import_sounddevice, open_params
 from assistant.audio.resample import StreamResampler
 from assistant.config import AudioInputConfig
 from assistant.errors import DeviceError
@@ -75,10 +75,8 @@ class MicSource(AudioSource):
         if self._stream is not None:
             return
         sd = import_sounddevice()
-        index = await asyncio.to_thread(resolve_device, self.cfg.device, "input")
-        info = await asyncio.to_thread(device_info, index, "input")
-        device_name = str(info["name"])
-        rate = int(self.cfg.sample_rate or info["default_samplerate"])
+        index, info, device_name, rate = await asyncio.to_thread(
+            open_params, self.cfg.device, "input", self.cfg.sample_rate)
         if self.cfg.channels > int(info["max_input_channels"]):
             raise DeviceError(f"audio.input.channels: {self.cfg.channels} channels asked, but "
                               f"{device_name!r} has {int(info['max_input_channels'])}; lower it")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from assistant.audio.base import AudioSink
-from assistant.audio.devices import device_info, import_sounddevice, resolve_device
+from assistant.audio.devices import import_sounddevice, open_params
 from assistant.audio.resample import float_to_int16, to_mono
 from assistant.config import AudioOutputConfig
 from assistant.errors import DeviceError
@@ -73,10 +73,8 @@ class SpeakerSink(AudioSink):
         if self._stream is not None:
             return
         sd = import_sounddevice()
-        index = await asyncio.to_thread(resolve_device, self.cfg.device, "output")
-        info = await asyncio.to_thread(device_info, index, "output")
-        device_name = str(info["name"])
-        rate = int(self.cfg.sample_rate or info["default_samplerate"])
+        index, info, device_name, rate = await asyncio.to_thread(
+            open_params, self.cfg.device, "output", self.cfg.sample_rate)
 
         def create() -> tuple[Any, int]:
             # Mono first; a raw hw: device may only take stereo, then each sample is doubled.
