@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv system-deps clean
+.PHONY: demo test venv system-deps clean install uninstall
 
 # Debian's PortAudio for sounddevice, and the ALSA file plugin the device tests use.
 system-deps:
@@ -29,6 +29,17 @@ test: venv
 
 demo: venv
 	$(BIN)/python -m assistant demo
+
+# On a board: `sudo make install` (EXTRAS=board,portable for the llama.cpp backend): the venv
+# with the board's extras, then the service (user, unit, config, state dirs; see README.md).
+EXTRAS ?= board
+install: system-deps
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	$(BIN)/rkvlm-assistant install
+
+uninstall:
+	$(BIN)/rkvlm-assistant uninstall
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -38,12 +38,15 @@ async def ask(cfg: Config, audio: Path, image: Optional[Path], out: Optional[Pat
                                       image=image, use_camera=False, cam=cam,
                                       allow_missing_llm=allow_missing_llm)
     load_s = time.monotonic() - t0
+    done: list = []
     try:
-        pipeline = Pipeline(cfg, parts)
+        # One conversation for every question in the file; `ask` prints its turns and
+        # leaves the daemon's transcript alone.
+        pipeline = Pipeline(cfg, parts, on_turn=done.append)
         await pipeline.run(greet=False)
     finally:
         await components.close(parts)
-    turns = [t.as_json() for t in pipeline.turns]
+    turns = [t.as_json() for t in done]
     result = dict(turns[-1]) if turns else {
         "transcript": "", "language": "", "intent": "nothing", "answer": "",
         "note": "no speech found in the audio", "timings_ms": {}}

@@ -75,7 +75,7 @@ class SimulatedLLM(LLMBackend):
         return max(1, int(len(text.split()) * 1.3))
 
     def run_turn(self, text: str, image: Optional[ImageEmbedding], keep_history: bool,
-                 on_piece: Callable[[str], None]) -> TurnStats:
+                 on_piece: Callable[[str], None], options=None) -> TurnStats:
         self._abort.clear()
         prompt = self.count_tokens(text) + (image.n_tokens if image is not None else 0)
         t0 = time.monotonic()
@@ -100,6 +100,10 @@ class SimulatedLLM(LLMBackend):
 
     def clear(self) -> None:
         self.used = 0
+
+    def load_history(self, exchanges) -> None:
+        # Fed back with the next question: the simulated prefill pays for it then.
+        self.used = self.history_cost(exchanges)
 
     @property
     def context_size(self) -> int:

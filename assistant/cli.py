@@ -76,18 +76,47 @@ def cmd_devices(args, cfg: Config) -> int:
 
 
 def cmd_models(args, cfg: Config) -> int:
+    from assistant import models_cli
     from assistant.llm import catalog
 
     models_dir = catalog.models_dir_for(cfg.llm.llamacpp, cfg.path)
+    config_path = Path(args.config) if args.config else None
     if args.models_cmd == "pull":
-        return catalog.cli_models_pull(args.name, models_dir)
-    return catalog.cli_models_list(models_dir)
+        return models_cli.cli_pull(cfg, args.name, models_dir, configure=args.configure,
+                                   config_path=config_path)
+    if args.models_cmd == "use":
+        return models_cli.cli_use(cfg, args.name, models_dir, config_path)
+    return models_cli.cli_list(cfg, models_dir)
+
+
+def cmd_doctor(args, cfg: Config) -> int:
+    from assistant.doctor import run_doctor
+
+    return run_doctor(cfg, Path(args.root))
 
 
 def cmd_bench(args, cfg: Config) -> int:
     from assistant.bench import run_bench
 
     return run_bench(cfg, args)
+
+
+def cmd_install(args, cfg: Config) -> int:
+    from assistant.install import cli_install
+
+    return cli_install(args)
+
+
+def cmd_uninstall(args, cfg: Config) -> int:
+    from assistant.install import cli_uninstall
+
+    return cli_uninstall(args)
+
+
+def cmd_history(args, cfg: Config) -> int:
+    from assistant.transcript import cli_history
+
+    return cli_history(cfg, args.n, args.json, args.conversation)
 
 
 def cmd_demo(args, cfg: Config) -> int:
@@ -123,12 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("devices", help="list microphones, speakers and cameras")
     s.set_defaults(func=cmd_devices)
 
-    s = sub.add_parser("models", help="the portable backend's model catalogue")
+    s = sub.add_parser("models", help="language and speech models: list, download, select")
     msub = s.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
-    msub.add_parser("list", help="catalogue models, and which are installed where")
-    m = msub.add_parser("pull", help="download a catalogue model (resumes, verifies)")
+    msub.add_parser("list", help="every model, and which are installed where")
+    m = msub.add_parser("pull", help="download a model through the hub cache (resumes, verifies)")
+    m.add_argument("name")
+    m.add_argument("--configure", action="store_true",
+                   help="then write the keys that select it into the config file")
+    m = msub.add_parser("use", help="write the keys that select a catalogue model into the config file")
     m.add_argument("name")
     s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("doctor", help="check the board (SoC, memory, NPU driver, runtimes) and recommend a model")
+    s.add_argument("--root", default="/", help="read /proc, /sys and libraries under this directory")
+    s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("bench", help="measure each stage and the end-of-speech-to-first-audio time")
     s.add_argument("--turns", type=int, default=3, help="questions to time (default 3)")
@@ -138,9 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the figures as JSON")
     s.set_defaults(func=cmd_bench)
 
+    s = sub.add_parser("history", help="the recent turns from the transcript")
+    s.add_argument("-n", type=int, default=20, help="how many turns (default 20; 0: all)")
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s.add_argument("--conversation", help="only the turns of this conversation id")
+    s.set_defaults(func=cmd_history)
+
     s = sub.add_parser("demo", help="speak a sample question about a sample image through the whole loop")
     s.add_argument("--out-dir", default="out", help="where the sample files and the answer go")
     s.set_defaults(func=cmd_demo)
+
+    for name, func, what in (("install", cmd_install, "install and start the systemd service "
+                              "(user, unit, /etc/rkvlm-assistant/config.yaml, state dirs)"),
+                             ("uninstall", cmd_uninstall, "stop and remove the service; keep the "
+                              "config, the transcript and the state")):
+        s = sub.add_parser(name, help=what)
+        s.add_argument("--root", metavar="DIR", help="act on a directory tree instead of /")
+        s.add_argument("--dry-run", action="store_true", help="print each action, change nothing")
+        if name == "install":
+            s.add_argument("--no-check", action="store_true", help="skip `check` of the installed config")
+        s.set_defaults(func=func)
     return p
 
 

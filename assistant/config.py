@@ -51,6 +51,35 @@ def _copy_default(d: Any) -> Any:
 # --------------------------------------------------------------------------- sections
 
 @dataclass(frozen=True)
+class PersonaLines:
+    """What the assistant says by itself, in one language."""
+
+    greeting: str = _f("Hello, I'm listening.", "Spoken once when the daemon is ready; empty for none.")
+    goodbye: str = _f("Goodbye!", "Spoken when the person says an exit phrase.")
+    cleared: str = _f("Okay, I've forgotten our conversation.", "Spoken after a clear phrase.")
+    reset: str = _f("Our conversation got too long, so I started a new one.",
+                    "Said before the answer when llm.on_context_full: reset forgets the conversation.")
+    error: str = _f("Sorry, something went wrong while I was thinking. Please ask again.",
+                    "Spoken when the language model fails during a turn.")
+    too_long: str = _f("Sorry, that question is too long for me.",
+                       "Spoken when a question cannot fit the context even on its own.")
+    full: str = _f("Sorry, our conversation is too long for me. Say clear to start over.",
+                   "Spoken when the context is full and llm.on_context_full is error.")
+    no_model: str = _f("My language model is not installed yet, so I cannot answer. The command that installs it is in the log.",
+                       "Spoken when a question comes and the language model is missing.")
+    reply_hint: str = _f("Answer in English.", "Sent to the model after each question in this language, so it answers in it; empty for none.")
+
+
+_ZH_LINES = PersonaLines(
+    greeting="你好，我在听。", goodbye="再见！", cleared="好的，我已经忘记了我们的对话。",
+    reset="我们的对话太长了，我开始了一段新的对话。",
+    error="抱歉，我思考的时候出了问题，请再问一次。", too_long="抱歉，这个问题对我来说太长了。",
+    full="抱歉，我们的对话太长了。说“清除”重新开始。",
+    no_model="我的语言模型还没有安装，所以无法回答。安装命令在日志里。",
+    reply_hint="请用中文回答。")
+
+
+@dataclass(frozen=True)
 class PersonaConfig:
     name: str = _f("Rocky", "The assistant's name, used in the system prompt and the logs.")
     system_prompt: str = _f(
@@ -58,15 +87,18 @@ class PersonaConfig:
         "camera. Answer in one to three short sentences suitable for speaking aloud. When an "
         "image is given it is what your camera sees right now.",
         "System prompt for the LLM; {name} is replaced by persona.name.")
-    greeting: str = _f("Hello, I'm listening.", "Spoken once when the daemon is ready; empty for none.")
-    goodbye: str = _f("Goodbye!", "Spoken when the person says an exit phrase.")
-    cleared: str = _f("Okay, I've forgotten our conversation.", "Spoken after a clear phrase.")
     language: Literal["en", "zh", "auto"] = _f(
-        "auto", "Conversation language: en, zh, or auto (follow the language the person spoke).")
+        "auto", "Conversation language: en, zh, or auto (answer in the language the person spoke).")
+    en: PersonaLines = _f(PersonaLines(), "What the assistant says by itself in English.")
+    zh: PersonaLines = _f(_ZH_LINES, "What the assistant says by itself in Chinese.")
 
     @property
     def prompt(self) -> str:
         return self.system_prompt.replace("{name}", self.name)
+
+    def lines(self, language: Optional[str]) -> PersonaLines:
+        """The lines for a reply language (zh, or English for anything else)."""
+        return self.zh if (language or "").lower().startswith("zh") else self.en
 
 
 @dataclass(frozen=True)
@@ -146,9 +178,13 @@ class RknnEncoderConfig:
 class VisionConfig:
     encoder: Literal["none", "llamacpp", "rknn"] = _f(
         "llamacpp", "Image encoder: llamacpp (the GGUF model's mmproj, CPU), rknn (NPU), or none (text only).")
-    family: Optional[str] = _f(None, "Model family for image tags and sizes (qwen2-vl, qwen2.5-vl, qwen3-vl, internvl3, minicpm-v); null: from llm.rkllm.family.")
+    family: Optional[str] = _f(None, "Model family for image tags and sizes (qwen2-vl, qwen2.5-vl, qwen3-vl, qwen3.5, internvl3, internvl3.5, minicpm-v, smolvlm, deepseekocr); null: from llm.rkllm.family.")
     rknn: RknnEncoderConfig = _f(RknnEncoderConfig(), "NPU encoder settings (vision.encoder: rknn).")
     on_speech_start: bool = _f(True, "Take the snapshot and encode it as soon as speech starts, overlapping the person talking.")
+    attach: Literal["when_changed", "every_turn", "never"] = _f(
+        "when_changed", "When a question carries the camera's image: when_changed (only when the scene differs from the image the conversation already holds, or it holds none), every_turn, or never.")
+    change_threshold: float = _f(
+        0.06, "How different a snapshot must be from the image in the conversation to count as a new scene: mean absolute difference of small grey thumbnails, 0 (identical) to 1.", lo=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)
@@ -167,8 +203,9 @@ class RkllmConfig:
     runtime_version: Literal["auto", "1.2.1", "1.2.2", "1.2.3", "1.3.0"] = _f(
         "auto", "RKLLM runtime ABI: 1.2.1, 1.2.2, 1.2.3 or 1.3.0; auto reads it from the library and refuses if it cannot tell.")
     model: Optional[str] = _f(None, "The .rkllm model file.", file=True)
-    family: Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl3", "minicpm-v"] = _f(
-        "qwen2-vl", "Model family: chat template, image tags, expected image size and embedding size.")
+    family: Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl3", "minicpm-v",
+                    "qwen3.5", "internvl3.5", "smolvlm", "deepseekocr"] = _f(
+        "qwen2-vl", "Model family: chat template, image tags, expected image size and embedding size (qwen2-vl, qwen2.5-vl, qwen3-vl, qwen3.5, internvl3, internvl3.5, minicpm-v, smolvlm, deepseekocr).")
     n_keep: int = _f(-1, "Tokens kept when the runtime shifts a full context; -1: the runtime's default.", lo=-1, hi=131072)
     cpu_mask: Optional[str] = _f(None, "CPU cores for the runtime, e.g. '4-7' or '4,5,6,7' (the big cores); null: runtime default.")
     embed_flash: bool = _f(True, "Keep the embedding table in flash instead of memory (saves RAM).")
@@ -187,8 +224,9 @@ class LlmConfig:
     top_p: float = _f(0.9, "Top-p sampling.", lo=0.0, hi=1.0)
     repeat_penalty: float = _f(1.1, "Repetition penalty.", lo=0.5, hi=3.0)
     keep_history: bool = _f(True, "Keep earlier turns in the KV cache so follow-up questions work.")
-    on_context_full: Literal["clear", "error"] = _f(
-        "clear", "When the next turn does not fit: clear forgets the history and answers, error refuses the turn.")
+    on_context_full: Literal["compact", "reset", "error"] = _f(
+        "compact", "When the next turn does not fit: compact keeps the most recent exchanges (as text, within compact_share of the context) and answers; reset forgets the conversation, says so and answers; error refuses the turn.")
+    compact_share: float = _f(0.5, "With on_context_full: compact, the share of the context the kept exchanges may fill.", lo=0.0, hi=0.9)
     llamacpp: LlamaCppConfig = _f(LlamaCppConfig(), "Portable backend settings (llm.backend: llamacpp).")
     rkllm: RkllmConfig = _f(RkllmConfig(), "NPU backend settings (llm.backend: rkllm).")
 
@@ -206,7 +244,26 @@ class TtsConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _f("INFO", "Log level.")
-    transcript: Optional[str] = _f(None, "Append each turn (question, answer, timings) as a JSON line to this file; null: off.")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    enabled: bool = _f(True, "Serve the OpenAI-compatible API and the web page while `run` runs (`serve` runs it alone).")
+    listen: str = _f("127.0.0.1:8088", "HOST:PORT to listen on. Any address but loopback needs http.api_key.")
+    api_key: Optional[str] = _f(None, "Bearer key every request must carry (the page asks for it once); null: none (loopback only).")
+    max_body_mb: float = _f(20.0, "Largest request body in megabytes (images and audio included).", lo=0.1, hi=1000.0)
+    max_image_pixels: int = _f(16_000_000, "Largest decoded image in pixels (width x height); larger ones are refused before decoding.", lo=1024, hi=400_000_000)
+    max_queue: int = _f(8, "Requests that may wait for the model at once; more get 503 with Retry-After.", lo=0, hi=1000)
+    max_wait_s: float = _f(120.0, "Longest wait for the model before a request gets 503.", lo=1.0, hi=3600.0)
+    cors_origins: tuple[str, ...] = _f([], "Origins allowed to call the API from a browser (CORS); empty: none.")
+
+
+@dataclass(frozen=True)
+class TranscriptConfig:
+    enabled: bool = _f(True, "Write every turn (question, clear, exit, failed or interrupted) as one JSON line; `rkvlm-assistant history` reads it.")
+    path: Optional[str] = _f(None, "The transcript file; null: $XDG_STATE_HOME/rkvlm-assistant/transcript.jsonl (~/.local/state/..., the unit's StateDirectory on a board).")
+    max_bytes: int = _f(10_000_000, "Rotate the file when it grows past this size.", lo=10_000, hi=10_000_000_000)
+    keep: int = _f(5, "Rotated files kept (transcript.jsonl.1 is the newest).", lo=0, hi=1000)
 
 
 @dataclass(frozen=True)
@@ -221,6 +278,8 @@ class Config:
     llm: LlmConfig = _f(LlmConfig(), "The language model.")
     tts: TtsConfig = _f(TtsConfig(), "Speech synthesis (piper).")
     logging: LoggingConfig = _f(LoggingConfig(), "Logging.")
+    transcript: TranscriptConfig = _f(TranscriptConfig(), "The durable transcript of every turn.")
+    http: HttpConfig = _f(HttpConfig(), "The HTTP API (OpenAI-compatible) and the web page.")
     # Where the file came from: relative paths in it are relative to its folder.
     source: str = field(default="<defaults>", metadata={"doc": "", "internal": True})
 
@@ -336,12 +395,24 @@ def _convert(value: Any, tp: Any, meta: dict, key: str, source: str) -> Any:
     return value
 
 
+# Keys that moved, so an older config gets told where they went.
+MOVED = {
+    "persona.greeting": "persona.en.greeting (and persona.zh.greeting)",
+    "persona.goodbye": "persona.en.goodbye (and persona.zh.goodbye)",
+    "persona.cleared": "persona.en.cleared (and persona.zh.cleared)",
+    "logging.transcript": "transcript.path (the transcript is on by default: transcript.enabled)",
+}
+
+
 def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for k in data:
         if k not in fields:
             where = f"{prefix}.{k}" if prefix else str(k)
+            if where in MOVED:
+                raise ConfigError(f"{source}: {where}: this key moved to {MOVED[where]}",
+                                  key=where, source=source)
             known = ", ".join(fields)
             raise ConfigError(f"{source}: {where}: unknown key (expected one of: {known})",
                               key=where, source=source)

@@ -36,7 +36,7 @@ def _render(obj, indent: int, out: list[str]) -> None:
         if dataclasses.is_dataclass(value):
             out.append(f"{pad}{f.name}:")
             _render(value, indent + 1, out)
-        elif isinstance(value, tuple):
+        elif isinstance(value, tuple) and value:
             out.append(f"{pad}{f.name}:")
             for item in value:
                 out.append(f"{pad}  - {_scalar(item)}")

@@ -9,8 +9,9 @@ import signal
 
 from assistant import components
 from assistant.config import Config, check_files
-from assistant.pipeline import Pipeline
+from assistant.pipeline import Pipeline, make_conversation
 from assistant.sdnotify import Notifier
+from assistant.transcript import TranscriptWriter, transcript_path
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,12 @@ async def run_daemon(cfg: Config) -> int:
     notify("STATUS=loading models")
     parts = await components.assemble(cfg, components.microphone(cfg),
                                       lambda rate: components.speaker(cfg))
-    pipeline = Pipeline(cfg, parts, notify=notify)
+    transcript = (TranscriptWriter(transcript_path(cfg), cfg.transcript)
+                  if cfg.transcript.enabled else None)
+    if transcript is not None:
+        log.info("transcript: %s", transcript.path)
+    conversation = make_conversation(cfg, parts, transcript)
+    pipeline = Pipeline(cfg, parts, conversation=conversation, notify=notify)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stopping = False
@@ -62,5 +68,7 @@ async def run_daemon(cfg: Config) -> int:
             signal.signal(sig, handler)
         watchdog.cancel()
         notify("STOPPING=1")
+        if transcript is not None:
+            await asyncio.to_thread(transcript.close)   # every queued turn reaches the disk
         await components.close(parts)
         notify.close()

@@ -1,18 +1,19 @@
-"""The assistant's event loop: one spoken question, as data, through every stage.
+"""The voice front-end: one spoken question, as data, through every stage.
 
-    mic frames -> VAD -> SpeechStarted -> vision job (snapshot + encode, overlapping speech)
+    mic frames -> VAD -> SpeechStarted -> scene snapshot (+ encode when the scene is new)
                       -> Utterance -> ASR -> intent -> clear | exit | question
-    question + image -> LLM pieces -> sentences -> TTS -> speaker
+    question -> conversation (budget, scene memory, the LLM) -> pieces -> sentences
+             -> TTS -> speaker
 
 Two tasks joined by a queue: ``_listen`` turns audio into VAD events, ``_converse`` takes
-utterances one at a time and answers them. Every blocking native call runs in a worker
-thread; one lock keeps the LLM (and an encoder sharing its context) single-entry.
+utterances one at a time and answers them through the conversation, the component every
+front-end shares. Every blocking native call runs in a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import logging
 import threading
 import time
@@ -25,12 +26,12 @@ from assistant.audio.sentences import SentenceSplitter
 from assistant.audio.vad import Endpointer, SpeechDiscarded, SpeechStarted, Utterance
 from assistant.audio.voice_out import VoiceOut
 from assistant.config import Config
-from assistant.dialogue import Conversation
+from assistant.conversation import Conversation, Request
 from assistant.errors import AssistantError, BackendError, ContextFullError, DeviceError
 from assistant.intent import Intent, IntentClassifier
-from assistant.llm.base import ImageEmbedding, LLMBackend, stream_turn
+from assistant.llm.base import LLMBackend
 from assistant.turn import Turn
-from assistant.vision.snapshot import VisionStage
+from assistant.vision.scene import Scene
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ _RUN_ON_CHARS = 100
 
 # Reopening a lost microphone: wait this long between tries, growing to the last value.
 _REOPEN_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+# Turns kept in memory for `ask` and the tests; the transcript keeps all of them.
+_TURNS_KEPT = 200
 
 
 @dataclass
@@ -58,8 +62,15 @@ class Components:
     llm_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def make_conversation(cfg: Config, parts: Components, transcript=None) -> Conversation:
+    """The conversation over the loaded parts (its scene owns the camera and encoder)."""
+    scene = Scene(parts.camera, parts.encoder, cfg.vision, camera_down=bool(parts.camera_down))
+    return Conversation(cfg, parts.llm, scene=scene, transcript=transcript, lock=parts.llm_lock)
+
+
 class Pipeline:
     def __init__(self, cfg: Config, parts: Components, *,
+                 conversation: Optional[Conversation] = None,
                  on_turn: Optional[Callable[[Turn], None]] = None,
                  notify: Optional[Callable[[str], None]] = None):
         self.cfg = cfg
@@ -69,12 +80,10 @@ class Pipeline:
         self.intents = IntentClassifier(cfg.intent)
         self.endpointer = Endpointer(cfg.vad)
         self.voice = VoiceOut(parts.voices, parts.sink, cfg.tts.sentence_pause_ms)
-        self.vision = VisionStage(parts.camera, parts.encoder, camera_down=bool(parts.camera_down))
-        self.conversation = (Conversation(cfg.llm, parts.llm, cfg.path(cfg.logging.transcript))
-                             if parts.llm is not None else None)
-        self.turns: list[Turn] = []
+        self.conversation = conversation or make_conversation(cfg, parts)
+        self.scene = self.conversation.scene
+        self.turns: collections.deque[Turn] = collections.deque(maxlen=_TURNS_KEPT)
         self._utterances: asyncio.Queue = asyncio.Queue()
-        self._answering: Optional[asyncio.Task] = None
         self._barged_in = False
         self._exit_code: Optional[int] = None
 
@@ -82,8 +91,9 @@ class Pipeline:
 
     async def run(self, greet: bool = True) -> int:
         """Serve until the source ends (a file) or an exit phrase says stop; returns the exit code."""
-        if greet and self.cfg.persona.greeting:
-            await self.voice.say([self.cfg.persona.greeting], self._reply_language(None))
+        greeting = self.cfg.persona.lines(self._reply_language(None)).greeting
+        if greet and greeting:
+            await self.voice.say([greeting], self._reply_language(None))
         self.notify("STATUS=listening")
         listen = asyncio.create_task(self._listen(), name="listen")
         converse = asyncio.create_task(self._converse(), name="converse")
@@ -108,6 +118,7 @@ class Pipeline:
                 await self.parts.source.open()
                 if backoff:
                     log.info("microphone %s is back", self.parts.source.name)
+                    self.notify("STATUS=listening")
                 backoff = 0
                 async for frame in self.parts.source.frames():
                     self._on_frame(frame)
@@ -123,15 +134,22 @@ class Pipeline:
                 log.error("%s; retrying in %.0f s", e, delay)
                 self.notify(f"STATUS=microphone unavailable: {e}")
                 backoff += 1
-                self.endpointer.reset()
+                self._drop_speech()
                 await self.parts.source.close()
                 await asyncio.sleep(delay)
+
+    def _drop_speech(self) -> None:
+        """Forget speech in progress, and the snapshot taken for it (never answer a later
+        question with it)."""
+        if self.endpointer.in_speech:
+            self.endpointer.reset()
+        self.scene.discard()
 
     def _on_frame(self, frame: bytes) -> None:
         if self.voice.speaking and not self.cfg.audio.barge_in:
             # Gated: the assistant would hear itself. Start clean when it stops talking.
             if self.endpointer.in_speech:
-                self.endpointer.reset()
+                self._drop_speech()
             return
         for ev in self.endpointer.process(frame):
             self._on_vad(ev)
@@ -141,18 +159,19 @@ class Pipeline:
             if self.voice.speaking and self.cfg.audio.barge_in:
                 self._barge_in()
             if self.cfg.vision.on_speech_start:
-                self.vision.start()
+                self.scene.start(self.conversation.scene_reference())
         elif isinstance(ev, SpeechDiscarded):
-            self.vision.discard()
+            self.scene.discard()
         elif isinstance(ev, Utterance):
             self._utterances.put_nowait((ev, time.monotonic()))
 
     def _barge_in(self) -> None:
+        """The person talks over the answer: stop speaking and generating. The turn ends by
+        itself and keeps what was heard."""
         log.info("barge-in: the person spoke over the answer")
+        self._barged_in = True
         self.voice.interrupt()
-        if self._answering is not None and not self._answering.done():
-            self._barged_in = True
-            self._answering.cancel()
+        self.conversation.abort()
 
     async def _converse(self) -> None:
         while True:
@@ -160,15 +179,10 @@ class Pipeline:
             if item is None:
                 return
             utt, cut_at = item
-            turn = Turn(speech_end=cut_at)
-            self._answering = asyncio.create_task(self._turn(utt, turn))
+            turn = Turn(speech_end=cut_at, last_word=cut_at - utt.silence_ms / 1000.0)
+            self._barged_in = False
             try:
-                await self._answering
-            except asyncio.CancelledError:
-                if not self._barged_in:
-                    raise               # shutdown, not a barge-in
-                self._barged_in = False
-                turn.note = "interrupted by the person speaking"
+                await self._turn(utt, turn)
             except AssistantError as e:
                 # One failed turn must not end a daemon that runs for weeks.
                 log.error("turn %d failed: %s", turn.id, e)
@@ -185,7 +199,7 @@ class Pipeline:
     async def _turn(self, utt: Utterance, turn: Turn) -> None:
         heard = await self._transcribe(utt, turn)
         if heard is None:
-            self.vision.discard()
+            self.scene.discard()
             return
         intent = self.intents.classify(heard.text)
         turn.intent = intent.value
@@ -193,15 +207,13 @@ class Pipeline:
         if intent is Intent.QUESTION:
             await self._answer(heard.text, lang, turn)
             return
-        self.vision.discard()
-        if intent is Intent.CLEAR:
-            await self._forget()
-            await self.voice.say([self.cfg.persona.cleared], lang, turn)
-        elif intent is Intent.EXIT:
-            await self._forget()
-            await self.voice.say([self.cfg.persona.goodbye], lang, turn)
-            if self.cfg.intent.exit_action == "stop":
-                self._exit_code = 0
+        self.scene.discard()
+        lines = self.cfg.persona.lines(lang)
+        await self.conversation.clear(turn)
+        reply = lines.cleared if intent is Intent.CLEAR else lines.goodbye
+        turn.answer = (await self.voice.say([reply], lang, turn)).text
+        if intent is Intent.EXIT and self.cfg.intent.exit_action == "stop":
+            self._exit_code = 0
 
     async def _transcribe(self, utt: Utterance, turn: Turn) -> Optional[Transcript]:
         t0 = time.monotonic()
@@ -215,101 +227,52 @@ class Pipeline:
         return heard
 
     async def _answer(self, question: str, lang: str, turn: Turn) -> None:
-        image = await self._image(turn)
-        if self.parts.llm is None:
+        lines = self.cfg.persona.lines(lang)
+        if self.conversation.backend is None:
+            self.scene.discard()
             turn.note = self.parts.llm_problem
-            await self.voice.say([self._sorry("no-model")], "en", turn)
+            await self.voice.say([lines.no_model], lang, turn)
             return
         sentences: asyncio.Queue = asyncio.Queue()
         speaking = asyncio.create_task(self.voice.say(sentences, lang, turn))
-        try:
-            turn.answer = await self._generate(question, image, sentences, turn)
-            self.conversation.record(question, turn.answer, image is not None,
-                                     turn=turn.id, timings_ms=turn.summary())
-        except ContextFullError as e:
-            turn.note = str(e)
-            sentences.put_nowait(self._sorry("context"))
-        except BackendError as e:
-            log.error("the language model failed: %s", e)
-            turn.note = str(e)
-            sentences.put_nowait(self._sorry("backend"))
-        finally:
-            sentences.put_nowait(None)
-            try:
-                await speaking
-            except asyncio.CancelledError:
-                speaking.cancel()
-                raise
-
-    async def _image(self, turn: Turn) -> Optional[ImageEmbedding]:
-        t0 = time.monotonic()
-        res = await self.vision.take()
-        if res is None:
-            return None
-        turn.took("vision_wait", time.monotonic() - t0)
-        turn.took("snapshot", res.snapshot_s)
-        turn.took("encode", res.encode_s)
-        if res.error:
-            turn.note = f"answered without the image: {res.error}"
-        turn.with_image = res.embedding is not None
-        if res.embedding is not None:
-            turn.counts["image_tokens"] = res.embedding.n_tokens
-        return res.embedding
-
-    async def _generate(self, question: str, image: Optional[ImageEmbedding],
-                        sentences: asyncio.Queue, turn: Turn) -> str:
-        """One LLM turn, streamed sentence by sentence into the speaking stage."""
-        llm, conv = self.parts.llm, self.conversation
-        if await self._locked(conv.make_room, question, image):
-            turn.note = "the conversation filled the context and was cleared"
         # Until the first sound, a long opening sentence is cut at its first comma past
         # _FIRST_CUT_CHARS: the person hears something sooner; later sentences stay whole.
         splitter = SentenceSplitter(max_chars=_FIRST_CUT_CHARS)
-        pieces: list[str] = []
-        stats: list = []
-        t0 = time.monotonic()
-        for attempt in (1, 2):
-            try:
-                stream = stream_turn(llm, question, image, self.cfg.llm.keep_history, stats,
-                                     lock=self.parts.llm_lock)
-                async with contextlib.aclosing(stream):
-                    async for piece in stream:
-                        turn.mark("llm_first_piece")
-                        pieces.append(piece)
-                        for s in splitter.feed(piece):
-                            turn.mark("first_sentence")
-                            splitter.max_chars = _RUN_ON_CHARS
-                            sentences.put_nowait(s)
-                break
-            except ContextFullError:
-                # The budget estimate was short: the policy decides, once.
-                if attempt == 2 or pieces or self.cfg.llm.on_context_full != "clear":
-                    raise
-                await self._locked(conv.clear)
-                turn.note = "the conversation filled the context and was cleared"
-        for s in splitter.flush():
+
+        def speak(s: str) -> None:
             turn.mark("first_sentence")
+            splitter.max_chars = _RUN_ON_CHARS
             sentences.put_nowait(s)
-        turn.took("llm", time.monotonic() - t0)   # the whole answer
-        if stats:
-            st = stats[0]
-            turn.counts.update(prompt_tokens=st.prompt_tokens, generated_tokens=st.generated_tokens,
-                               context_used=llm.tokens_used)
-        return "".join(pieces).strip()
 
-    async def _locked(self, fn, *args):
-        """Run a native call in a worker thread under the LLM lock.
-
-        The lock is taken inside the thread, so a cancelled caller can never leave it held.
-        """
-        def call():
-            with self.parts.llm_lock:
-                return fn(*args)
-        return await asyncio.to_thread(call)
-
-    async def _forget(self) -> None:
-        if self.conversation is not None:
-            await self._locked(self.conversation.clear)
+        try:
+            try:
+                async for piece in self.conversation.ask(Request(question, language=lang), turn):
+                    if turn.reset and "reset_said" not in turn.marks:
+                        turn.mark("reset_said")
+                        sentences.put_nowait(lines.reset)
+                    for s in splitter.feed(piece):
+                        speak(s)
+                for s in splitter.flush():
+                    speak(s)
+            except ContextFullError as e:
+                turn.note = str(e)
+                sentences.put_nowait(lines.full if "say \"clear\"" in str(e) else lines.too_long)
+            except BackendError as e:
+                log.error("the language model failed: %s", e)
+                turn.note = str(e)
+                sentences.put_nowait(lines.error)
+        finally:
+            sentences.put_nowait(None)
+            try:
+                spoken = await speaking
+            except asyncio.CancelledError:
+                speaking.cancel()
+                raise
+        if spoken.interrupted or self._barged_in:
+            turn.interrupted = True
+            turn.note = turn.note or "interrupted by the person speaking"
+            self.conversation.keep_spoken(turn, spoken.text)
+            turn.answer = spoken.text
 
     # ------------------------------------------------------------------ helpers
 
@@ -320,18 +283,11 @@ class Pipeline:
             return heard.language
         return "zh" if self.cfg.asr.language == "zh" else "en"
 
-    def _sorry(self, why: str) -> str:
-        if why == "no-model":
-            return ("My language model is not installed yet, so I cannot answer. "
-                    "The command that installs it is in the log.")
-        if why == "context":
-            return "Sorry, our conversation is too long for me. Say clear to start over."
-        return "Sorry, something went wrong while I was thinking. Please ask again."
-
     def _finish(self, turn: Turn) -> None:
         turn.mark("done")
         self.turns.append(turn)
         turn.log_line()
+        self.conversation.record(turn)
         self.notify(f"STATUS=turn {turn.id}: {turn.intent or 'nothing'}")
         if self.on_turn is not None:
             self.on_turn(turn)

@@ -19,11 +19,20 @@ class Turn:
 
     id: int = field(default_factory=lambda: next(_ids))
     speech_end: float = field(default_factory=time.monotonic)  # the utterance was cut here
+    last_word: Optional[float] = None   # the last voiced frame of the utterance
+    wall_time: float = field(default_factory=time.time)
+    source: str = "voice"
+    conversation: str = ""
     transcript: str = ""
     language: str = ""
     intent: str = ""
     answer: str = ""
     with_image: bool = False
+    scene: str = "none"            # same | new | none: the image this question carried
+    compaction: Optional[dict] = None  # {kind: compact|reset, tokens_before, tokens_after, ...}
+    reset: bool = False            # the context was reset before this answer
+    finish: str = ""               # stop | length | aborted (the LLM's end)
+    interrupted: bool = False      # the person spoke over the answer
     note: str = ""                 # why something was skipped or failed, for a person
     timings: dict = field(default_factory=dict)   # "<stage>_ms" -> milliseconds
     counts: dict = field(default_factory=dict)    # tokens and the like
@@ -51,14 +60,23 @@ class Turn:
             v = self.since_speech_end(name)
             if v is not None:
                 out[f"{name}_ms"] = v
+        if self.last_word is not None and "first_audio" in self.marks:
+            # What the person waits: from their last word, the VAD's silence included.
+            out["last_word_to_first_audio_ms"] = round(
+                (self.marks["first_audio"] - self.last_word) * 1000.0, 1)
         return out
 
     def log_line(self) -> None:
         parts = [f"turn {self.id}: intent={self.intent or '-'}"]
+        if self.intent == "question":
+            parts.append(f"scene={self.scene}")
         for k, v in self.summary().items():
             parts.append(f"{k}={v:.0f}")
         for k, v in self.counts.items():
             parts.append(f"{k}={v}")
+        if self.compaction:
+            c = self.compaction
+            parts.append(f"{c['kind']}={c['tokens_before']}->{c['tokens_after']}")
         if self.note:
             parts.append(f"note={self.note!r}")
         log.info(" ".join(parts))
@@ -71,6 +89,11 @@ class Turn:
             "intent": self.intent,
             "answer": self.answer,
             "image": self.with_image,
+            "scene": self.scene,
+            "compaction": self.compaction,
+            "interrupted": self.interrupted,
+            "source": self.source,
+            "conversation": self.conversation,
             "note": self.note,
             "timings_ms": self.summary(),
             "counts": dict(self.counts),

@@ -167,3 +167,70 @@ def find_signal(haystack: np.ndarray, needle: np.ndarray) -> int:
         if np.array_equal(haystack[start:start + len(needle)], needle):
             return int(start)
     return -1
+
+
+# ============================================================================ hot-plug
+
+ALSA_CONF = Path("/usr/share/alsa/alsa.conf")
+
+
+class HotplugAlsa(FakeAlsa):
+    """FakeAlsa whose devices can be unplugged and plugged back while the process runs.
+
+    alsa-lib re-reads its configuration when ``snd_pcm_open`` finds a *top-level* file
+    (one of ``ALSA_CONFIG_PATH``) changed, by inode or mtime; ``~/.asoundrc`` is loaded
+    through a hook and never re-read. So the devices live in ``devices.conf``, named in
+    ``ALSA_CONFIG_PATH``, and ``unplug`` / ``plug`` replace that file (a new inode): the next
+    open of the device fails ("Unknown PCM") or works again, as with a USB card that comes
+    back under the same name. Streams already open keep running, as they would not on real
+    hardware: a test makes the open stream fail itself.
+
+    The subprocess gets the paths on its command line and calls ``unplug_device`` /
+    ``plug_device`` (this module, importable there from ``tests/``).
+    """
+
+    @property
+    def devices_conf(self) -> Path:
+        return self.home / "devices.conf"
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        env["ALSA_CONFIG_PATH"] = f"{ALSA_CONF}:{self.devices_conf}"
+        env["PYTHONPATH"] = os.pathsep.join((env["PYTHONPATH"], str(REPO_ROOT / "tests")))
+        return env
+
+
+def hotplug_supported() -> bool:
+    return portaudio_available() and ALSA_CONF.is_file()
+
+
+def make_hotplug_alsa(tmp_path: Path, **kw) -> HotplugAlsa:
+    """``make_fake_alsa`` with the devices in a file that can be swapped (see HotplugAlsa)."""
+    fake = make_fake_alsa(tmp_path, **kw)
+    hot = HotplugAlsa(**{f: getattr(fake, f) for f in fake.__dataclass_fields__})
+    rc = hot.home / ".asoundrc"
+    hot.devices_conf.write_text(rc.read_text())
+    rc.write_text("")  # defined once, in devices.conf
+    return hot
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a new inode: alsa-lib notices within the same second
+
+
+def _unplugged_name(name: str) -> str:
+    return "unplugged_" + name[::-1]  # no longer contains the name: a search does not find it
+
+
+def unplug_device(devices_conf: str | os.PathLike, name: str) -> None:
+    """Remove the PCM ``name`` from the configuration (the other devices stay)."""
+    conf = Path(devices_conf)
+    _replace(conf, conf.read_text().replace(f"pcm.{name} {{", f"pcm.{_unplugged_name(name)} {{"))
+
+
+def plug_device(devices_conf: str | os.PathLike, name: str) -> None:
+    """Bring the PCM ``name`` back."""
+    conf = Path(devices_conf)
+    _replace(conf, conf.read_text().replace(f"pcm.{_unplugged_name(name)} {{", f"pcm.{name} {{"))

@@ -28,6 +28,7 @@ class ScriptedLLM(LLMBackend):
         self.calls: list[dict] = []
         self.fail_next: Optional[str] = None
         self.clears = 0
+        self.histories: list[list[tuple[str, str]]] = []   # every load_history, in order
         self.loaded = False
         self.closed = False
         self._abort = threading.Event()
@@ -40,7 +41,7 @@ class ScriptedLLM(LLMBackend):
         return max(1, len(text.split()))
 
     def run_turn(self, text: str, image: Optional[ImageEmbedding], keep_history: bool,
-                 on_piece: Callable[[str], None]) -> TurnStats:
+                 on_piece: Callable[[str], None], options=None) -> TurnStats:
         assert not self.running.is_set(), "entered by two turns at once"
         self.running.set()
         self._abort.clear()
@@ -79,6 +80,17 @@ class ScriptedLLM(LLMBackend):
     def clear(self) -> None:
         self.clears += 1
         self.used = self.system_tokens
+
+    def load_history(self, exchanges) -> None:
+        self.histories.append(list(exchanges))
+        self.used = self.system_tokens + self.history_cost(exchanges)
+
+    def turn_cost(self, text, image=None) -> int:
+        # What run_turn charges: one token a word, the image's tokens, a short answer.
+        return self.count_tokens(text) + (image.n_tokens if image is not None else 0) + 12
+
+    def history_cost(self, exchanges) -> int:
+        return sum(self.count_tokens(q) + self.count_tokens(a) for q, a in exchanges)
 
     @property
     def context_size(self) -> int:

@@ -104,10 +104,10 @@ BASE_CONFIG = f"""
 audio:
   input: {{device: fakemic, sample_rate: {MIC_RATE}}}
   output: {{device: fakespeaker, sample_rate: 22050}}
-persona: {{greeting: "", language: en}}
+persona: {{language: en, en: {{greeting: ""}}}}
 intent: {{exit_action: stop}}
 camera: {{source: scene.jpg}}
-logging: {{transcript: turns.jsonl}}
+transcript: {{path: turns.jsonl}}
 """
 
 
@@ -150,7 +150,12 @@ def test_daemon_answers_on_the_microphone_and_speaker(tmp_path, scene, spoken, w
     assert [l.split("intent=")[1].split()[0] for l in turn_lines] == ["question", "clear", "exit"]
     assert "first_audio_ms=" in turn_lines[0]
     rows = [json.loads(l) for l in (tmp_path / "turns.jsonl").read_text().splitlines()]
-    assert [r["answer"] for r in rows] == [REPLY] and rows[0]["image"] is True
+    # Every turn is a row: the answer, then the clear and exit replies as spoken.
+    assert [r["intent"] for r in rows] == ["question", "clear", "exit"]
+    assert rows[0]["answer"] == REPLY and rows[0]["image"] is True and rows[0]["scene"] == "new"
+    assert rows[1]["answer"] == "Okay, I've forgotten our conversation."
+    # A clear starts a new conversation.
+    assert rows[0]["conversation"] != rows[2]["conversation"]
     said = heard(whisper_tiny, fake)
     for words in ("apple", "forgotten", "bye"):   # piper varies: "goodbye" or "bye bye"
         assert words in said, said
@@ -178,7 +183,7 @@ vision: {{encoder: rknn, rknn: {{model: vision.rknn, core_mask: 0_1}}}}
     assert "READY=1" in sock.messages
     assert f"RKLLM runtime {version}" in err or version in err
     rows = [json.loads(l) for l in (tmp_path / "turns.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and rows[0]["image"] is True
+    assert [r["intent"] for r in rows] == ["question", "exit"] and rows[0]["image"] is True
     # The fake runtime echoes what it was sent: the question and the image's 196 tokens.
     assert "image tokens: 196" in rows[0]["answer"]
     assert "table" in rows[0]["answer"].lower()
@@ -229,6 +234,6 @@ def test_an_unplugged_camera_does_not_stop_the_assistant(tmp_path, spoken):
     assert proc.returncode == 0, err[-3000:]
     assert "answering without the picture until it is back" in err
     rows = [json.loads(l) for l in (tmp_path / "turns.jsonl").read_text().splitlines()]
-    assert [r["answer"] for r in rows] == [REPLY] and rows[0]["image"] is False
+    assert rows[0]["answer"] == REPLY and rows[0]["image"] is False
     turn = [l for l in err.splitlines() if "assistant.turn: turn 1" in l][0]
     assert "answered without the image" in turn and "/dev/video97" in turn

@@ -1,16 +1,13 @@
-"""The model catalogue: resolving config to files, and pull against a local HTTP server.
+"""The model catalogue: resolving config to files, and pulls through huggingface_hub.
 
-The server (127.0.0.1 only) imitates the hub's ``resolve`` URLs: HEAD answers carry
-``X-Linked-Etag`` / ``X-Linked-Size`` / ``X-Repo-Commit``, GET honours Range, and it can
-redirect to a blob URL the way huggingface.co redirects to its CDN.
+Downloads run against tests/hub_server.py on 127.0.0.1 with HF_ENDPOINT pointed at it (set
+after huggingface_hub was imported: the product reads it when a pull starts) and the hub
+cache in the test's own folder.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.server
 import socket
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,206 +16,41 @@ import pytest
 from assistant.config import LlamaCppConfig
 from assistant.errors import ModelMissingError
 from assistant.llm import catalog
-from assistant.llm.catalog import CatalogEntry, ChecksumError, DownloadError, ModelFile
+from assistant.llm.catalog import BoardEntry, CatalogEntry, ChecksumError, DownloadError, ModelFile
+from tests.hub_server import HubServer, sha256
 
-MODEL_BYTES = bytes(range(256)) * 40 + b"model-end"      # ~10 KB
+MODEL_BYTES = bytes(range(256)) * 400 + b"model-end"      # ~100 KB
 MMPROJ_BYTES = b"mmproj" * 700
 
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-class FakeHub:
-    """A tiny hub: files by URL path, with switches for the failure cases."""
-
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-        self.sha_override: dict[str, str] = {}
-        self.corrupt: set[str] = set()
-        self.ignore_range = False
-        self.redirect = False
-        self.requests: list[tuple[str, str, str]] = []   # (method, path, Range header)
-        self.bytes_sent = 0
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02},
-                                       daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def _handler(self):
-        hub = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _lookup(self):
-                path = self.path
-                if path.startswith("/blobs/"):
-                    for p, data in hub.files.items():
-                        if _sha(data) == path.split("/")[-1]:
-                            return p, data
-                    return path, None
-                return path, hub.files.get(path)
-
-            def _facts(self, path: str, data: bytes) -> None:
-                self.send_header("X-Linked-Etag", f'"{hub.sha_override.get(path, _sha(data))}"')
-                self.send_header("X-Linked-Size", str(len(data)))
-                self.send_header("X-Repo-Commit", "c0ffee" * 6 + "abcd")
-
-            def do_HEAD(self):
-                self._serve(body=False)
-
-            def do_GET(self):
-                self._serve(body=True)
-
-            def _serve(self, body: bool):
-                hub.requests.append((self.command, self.path, self.headers.get("Range", "")))
-                path, data = self._lookup()
-                if data is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                if hub.redirect and not self.path.startswith("/blobs/"):
-                    self.send_response(302)
-                    self._facts(path, data)
-                    self.send_header("Location", f"/blobs/{_sha(data)}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                described = data  # the headers describe the good file
-                if path in hub.corrupt:
-                    data = data[:-1] + bytes([data[-1] ^ 0xFF])
-                start = 0
-                rng = self.headers.get("Range")
-                if rng and not hub.ignore_range:
-                    start = int(rng.split("=")[1].split("-")[0])
-                    if start >= len(data):
-                        self.send_response(416)
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                self._facts(path, described)
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                if body:
-                    hub.bytes_sent += len(data) - start  # before the client can see them
-                    self.wfile.write(data[start:])
-
-        return Handler
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-TINY = CatalogEntry("tiny-vlm", "Tiny test VLM", "test-org/Tiny-GGUF", "0123456789abcdef" * 2 + "01234567",
+TINY = CatalogEntry("tiny-vlm", "Tiny test VLM", "test-org/Tiny-GGUF", None,
                     ModelFile("tiny.gguf"), ModelFile("mmproj-tiny.gguf"))
+PINNED_REV = "0123456789abcdef" * 2 + "01234567"
+
+
+@pytest.fixture(autouse=True)
+def private_hub(tmp_path, monkeypatch):
+    """The hub cache, the data folder and the hub settings of this test only."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setitem(catalog.CATALOG, TINY.name, TINY)
 
 
 @pytest.fixture
 def hub(monkeypatch):
-    monkeypatch.setitem(catalog.CATALOG, TINY.name, TINY)
-    with FakeHub() as h:
-        h.files[f"/{TINY.repo}/resolve/{TINY.ref}/tiny.gguf"] = MODEL_BYTES
-        h.files[f"/{TINY.repo}/resolve/{TINY.ref}/mmproj-tiny.gguf"] = MMPROJ_BYTES
+    with HubServer() as h:
+        h.add(TINY.repo, "tiny.gguf", MODEL_BYTES)
+        h.add(TINY.repo, "mmproj-tiny.gguf", MMPROJ_BYTES)
+        monkeypatch.setenv("HF_ENDPOINT", h.url)
         yield h
-
-
-def _model_url(hub: FakeHub) -> str:
-    return f"/{TINY.repo}/resolve/{TINY.ref}/tiny.gguf"
-
-
-def test_pull_downloads_verifies_and_lists(hub, tmp_path, capsys):
-    paths = catalog.pull(TINY.name, tmp_path, base_url=hub.url, progress=True)
-    assert [p.read_bytes() for p in paths] == [MODEL_BYTES, MMPROJ_BYTES]
-    assert not list(tmp_path.rglob("*.part"))
-    assert "verified" in capsys.readouterr().err
-
-    state = {i.entry.name: i for i in catalog.installed(tmp_path)}[TINY.name]
-    assert state.complete and state.verified and state.status == "installed"
-    assert catalog.cli_models_list(tmp_path) == 0
-    out = capsys.readouterr().out
-    assert str(paths[0]) in out and "installed" in out
-    assert "models pull smolvlm2-256m" in out  # what is not installed says how to get it
-
-
-def test_pull_follows_hub_redirect_and_reads_hash_from_it(hub, tmp_path):
-    hub.redirect = True
-    paths = catalog.pull(TINY.name, tmp_path, base_url=hub.url, progress=False)
-    assert paths[0].read_bytes() == MODEL_BYTES
-    assert any(p.startswith("/blobs/") for _, p, _ in hub.requests)
-    manifest = (tmp_path / TINY.name / catalog.MANIFEST).read_text()
-    assert _sha(MODEL_BYTES) in manifest and "c0ffee" in manifest
-
-
-@pytest.mark.parametrize("redirect", [False, True])
-def test_pull_resumes_from_part_file(hub, tmp_path, redirect):
-    hub.redirect = redirect
-    folder = tmp_path / TINY.name
-    folder.mkdir()
-    half = len(MODEL_BYTES) // 2
-    (folder / "tiny.gguf.part").write_bytes(MODEL_BYTES[:half])
-    catalog.pull(TINY.name, tmp_path, base_url=hub.url, progress=False)
-    assert (folder / "tiny.gguf").read_bytes() == MODEL_BYTES
-    served = f"/blobs/{_sha(MODEL_BYTES)}" if redirect else _model_url(hub)
-    gets = [r for r in hub.requests if r[0] == "GET" and r[1] == served]
-    assert gets == [("GET", served, f"bytes={half}-")]
-    assert hub.bytes_sent == len(MODEL_BYTES) - half + len(MMPROJ_BYTES)
-
-
-def test_pull_restarts_when_server_ignores_range(hub, tmp_path):
-    hub.ignore_range = True
-    folder = tmp_path / TINY.name
-    folder.mkdir()
-    (folder / "tiny.gguf.part").write_bytes(b"stale bytes from another file")
-    catalog.pull(TINY.name, tmp_path, base_url=hub.url, progress=False)
-    assert (folder / "tiny.gguf").read_bytes() == MODEL_BYTES
-
-
-def test_checksum_mismatch_deletes_download(hub, tmp_path):
-    hub.corrupt.add(_model_url(hub))
-    with pytest.raises(ChecksumError, match="sha256") as err:
-        catalog.pull(TINY.name, tmp_path, base_url=hub.url, progress=False)
-    assert "tiny.gguf" in str(err.value)
-    folder = tmp_path / TINY.name
-    assert not (folder / "tiny.gguf").exists() and not (folder / "tiny.gguf.part").exists()
-
-
-def test_catalogue_pin_wins_over_a_different_hub_file(hub, tmp_path, monkeypatch):
-    pinned = replace(TINY, model=ModelFile("tiny.gguf", sha256="0" * 64))
-    monkeypatch.setitem(catalog.CATALOG, TINY.name, pinned)
-    with pytest.raises(ChecksumError, match="pinned"):
-        catalog.pull(TINY.name, tmp_path, base_url=hub.url, progress=False)
-    assert not any(r[0] == "GET" for r in hub.requests)
-
-
-def test_pinned_size_is_enforced(hub, tmp_path, monkeypatch):
-    pinned = replace(TINY, model=ModelFile("tiny.gguf", sha256=_sha(MODEL_BYTES),
-                                           size=len(MODEL_BYTES) + 5))
-    monkeypatch.setitem(catalog.CATALOG, TINY.name, pinned)
-    with pytest.raises(ChecksumError, match="expected"):
-        catalog.pull(TINY.name, tmp_path, base_url=hub.url, progress=False)
-
-
-def test_missing_file_on_server(hub, tmp_path):
-    del hub.files[f"/{TINY.repo}/resolve/{TINY.ref}/mmproj-tiny.gguf"]
-    with pytest.raises(DownloadError) as err:
-        catalog.pull(TINY.name, tmp_path, base_url=hub.url, progress=False)
-    msg = str(err.value)
-    assert "404" in msg and "mmproj-tiny.gguf" in msg and str(tmp_path / TINY.name) in msg
 
 
 def _closed_port() -> int:
@@ -227,46 +59,158 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_no_network_gives_one_clear_message(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(catalog.CATALOG, TINY.name, TINY)
-    code = catalog.cli_models_pull(TINY.name, tmp_path, base_url=f"http://127.0.0.1:{_closed_port()}")
-    assert code == DownloadError.exit_code
+def test_pull_downloads_into_the_hub_cache_and_verifies(hub, tmp_path, capsys):
+    paths = catalog.pull(TINY.name, tmp_path / "models", progress=True)
+    assert [p.read_bytes() for p in paths] == [MODEL_BYTES, MMPROJ_BYTES]
+    assert all(str(tmp_path / "hf" / "hub") in str(p) for p in paths)
+    assert "verified (sha256" in capsys.readouterr().err
+    state = {i.entry.name: i for i in catalog.installed(tmp_path / "models")}[TINY.name]
+    assert state.complete and state.status == "installed"
+    # resolve() finds the pulled files for llm.llamacpp.model: NAME
+    cfg = LlamaCppConfig(model=TINY.name, models_dir=str(tmp_path / "models"))
+    assert catalog.resolve(cfg, _path_of(tmp_path)) == (paths[0], paths[1])
+
+
+def test_pull_resumes_after_a_cut_connection(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    # The hub client keeps what it has received in 10 MB chunks; small chunks let a 100 KB
+    # test file be cut after some of them arrived, as a real model is.
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 4096)
+    hub.cut.add("tiny.gguf")
+    try:
+        catalog.pull(TINY.name, tmp_path, progress=False)
+    except DownloadError:      # a client that gives up: the next pull goes on
+        catalog.pull(TINY.name, tmp_path, progress=False)
+    assert catalog.pull(TINY.name, tmp_path, progress=False)[0].read_bytes() == MODEL_BYTES
+    gets = hub.gets("tiny.gguf")
+    assert len(gets) == 2 and gets[0][2] == ""
+    resumed_at = int(gets[1][2].removeprefix("bytes=").rstrip("-"))   # asked only for the rest
+    assert 0 < resumed_at <= len(MODEL_BYTES) // 2
+    assert hub.bytes_sent < 2 * len(MODEL_BYTES) + len(MMPROJ_BYTES)
+
+
+def test_a_corrupted_download_is_refused_and_deleted(hub, tmp_path):
+    hub.corrupt.add("tiny.gguf")
+    with pytest.raises(ChecksumError) as err:
+        catalog.pull(TINY.name, tmp_path, progress=False)
+    msg = str(err.value)
+    assert "tiny.gguf" in msg and sha256(MODEL_BYTES) in msg and "models pull tiny-vlm" in msg
+    assert err.value.exit_code == 65
+    assert catalog.cached_file(TINY, TINY.model) is None
+    assert not [p for p in (tmp_path / "hf").rglob("*") if p.is_file() and p.stat().st_size > 50_000]
+
+
+def test_a_pin_that_disagrees_with_the_hub_is_refused_before_downloading(hub, tmp_path, monkeypatch):
+    pinned = replace(TINY, model=ModelFile("tiny.gguf", sha256="0" * 64))
+    monkeypatch.setitem(catalog.CATALOG, TINY.name, pinned)
+    with pytest.raises(ChecksumError, match="pinned"):
+        catalog.pull(TINY.name, tmp_path, progress=False)
+    assert not hub.gets("tiny.gguf")
+
+
+def test_a_pinned_sha256_is_checked_after_download(hub, tmp_path, monkeypatch):
+    pinned = replace(TINY, model=ModelFile("tiny.gguf", sha256=sha256(MODEL_BYTES)))
+    monkeypatch.setitem(catalog.CATALOG, TINY.name, pinned)
+    assert catalog.pull(TINY.name, tmp_path, progress=False)[0].read_bytes() == MODEL_BYTES
+
+
+def test_offline_with_the_files_cached_needs_no_network(hub, tmp_path, monkeypatch):
+    catalog.pull(TINY.name, tmp_path, progress=False)
+    hub.requests.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    paths = catalog.pull(TINY.name, tmp_path, progress=False)
+    assert paths[0].read_bytes() == MODEL_BYTES and hub.requests == []
+
+
+def test_offline_without_the_files_says_where_to_put_them(hub, tmp_path, monkeypatch, capsys):
+    from assistant.config import Config
+    from assistant.models_cli import cli_pull
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = cli_pull(Config(), TINY.name, tmp_path / "models")
+    assert code == DownloadError.exit_code == 69
+    err = capsys.readouterr().err
+    assert err.count("rkvlm-assistant:") == 1 and "HF_HUB_OFFLINE" in err
+    assert str(tmp_path / "models" / TINY.name) in err
+    assert f"{hub.url}/{TINY.repo}/resolve/main/tiny.gguf" in err
+    assert "models pull tiny-vlm" in err
+    assert hub.requests == []
+
+
+def test_a_file_already_in_the_shared_cache_is_not_fetched_again(hub, tmp_path, monkeypatch):
+    from huggingface_hub import hf_hub_download
+
+    # Another tool (llama.cpp's -hf, a script) downloaded the model into the shared cache.
+    hf_hub_download(TINY.repo, "tiny.gguf", endpoint=hub.url,
+                    cache_dir=str(tmp_path / "hf" / "hub"))
+    hub.requests.clear()
+    hub.bytes_sent = 0
+    catalog.pull(TINY.name, tmp_path, progress=False)
+    assert hub.gets("tiny.gguf") == []                 # at most a HEAD to check for updates
+    assert hub.bytes_sent == len(MMPROJ_BYTES)
+    # With the revision pinned to a commit, a cached file costs no request at all.
+    from tests.hub_server import COMMIT
+    monkeypatch.setitem(catalog.CATALOG, TINY.name, replace(TINY, revision=COMMIT))
+    hub.requests.clear()
+    catalog.pull(TINY.name, tmp_path, progress=False)
+    assert hub.requests == []
+
+
+def test_the_unreachable_hub_gives_one_clear_message(tmp_path, monkeypatch, capsys):
+    from assistant.config import Config
+    from assistant.models_cli import cli_pull
+
+    from huggingface_hub import file_download
+
+    # The hub client retries a refused connection with back-off for ~20 s; once is enough here.
+    monkeypatch.setattr(file_download, "_DEFAULT_RETRY_ON_EXCEPTIONS", ())
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    code = cli_pull(Config(), TINY.name, tmp_path / "models")
+    assert code == 69
     err = capsys.readouterr().err
     assert err.count("rkvlm-assistant:") == 1
-    for f in TINY.files:
-        assert f"https://huggingface.co/{TINY.repo}/resolve/{TINY.ref}/{f.name}" in err
-    assert str(tmp_path / TINY.name) in err
+    assert str(tmp_path / "models" / TINY.name) in err and "mmproj-tiny.gguf" in err
 
 
-def test_pull_of_unknown_name(tmp_path, capsys):
-    assert catalog.cli_models_pull("no-such-model", tmp_path) == 2
-    assert "smolvlm2-256m" in capsys.readouterr().err
+def test_a_file_missing_on_the_hub(hub, tmp_path):
+    del hub.files[(TINY.repo, "mmproj-tiny.gguf")]
+    with pytest.raises(DownloadError) as err:
+        catalog.pull(TINY.name, tmp_path, progress=False)
+    assert "404" in str(err.value) and "mmproj-tiny.gguf" in str(err.value)
 
 
-def test_pull_verifies_files_placed_by_hand(hub, tmp_path, monkeypatch):
-    folder = tmp_path / TINY.name
-    folder.mkdir()
+def test_unknown_name(tmp_path, capsys):
+    from assistant.config import Config
+    from assistant.models_cli import cli_pull
+
+    assert cli_pull(Config(), "no-such-model", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "smolvlm2-256m" in err and "zh_CN-huayan-medium" in err
+
+
+def test_files_placed_by_hand_are_used_and_checked(hub, tmp_path, monkeypatch):
+    folder = tmp_path / "models" / TINY.name
+    folder.mkdir(parents=True)
     (folder / "tiny.gguf").write_bytes(MODEL_BYTES)
-    (folder / "mmproj-tiny.gguf").write_bytes(MMPROJ_BYTES[:-1] + b"!")
-    with pytest.raises(ChecksumError, match="mmproj-tiny.gguf is not the expected file"):
-        catalog.pull(TINY.name, tmp_path, base_url=hub.url, progress=False)
-    assert not any(r[0] == "GET" for r in hub.requests)   # nothing was downloaded
-    # With the sha256 pinned, checking needs no network at all.
-    pinned = replace(TINY, model=ModelFile("tiny.gguf", sha256=_sha(MODEL_BYTES)),
-                     mmproj=ModelFile("mmproj-tiny.gguf", sha256=_sha(MMPROJ_BYTES)))
+    paths = catalog.pull(TINY.name, tmp_path / "models", progress=False)
+    assert paths[0] == folder / "tiny.gguf" and not hub.gets("tiny.gguf")
+    pinned = replace(TINY, model=ModelFile("tiny.gguf", sha256="0" * 64))
     monkeypatch.setitem(catalog.CATALOG, TINY.name, pinned)
-    (folder / "mmproj-tiny.gguf").write_bytes(MMPROJ_BYTES)
-    offline = f"http://127.0.0.1:{_closed_port()}"
-    catalog.pull(TINY.name, tmp_path, base_url=offline, progress=False)
-    state = {i.entry.name: i for i in catalog.installed(tmp_path)}[TINY.name]
-    assert state.verified
+    with pytest.raises(ChecksumError, match="not the expected file"):
+        catalog.pull(TINY.name, tmp_path / "models", progress=False)
 
 
-def test_second_pull_skips_verified_files(hub, tmp_path):
-    catalog.pull(TINY.name, tmp_path, base_url=hub.url, progress=False)
-    hub.requests.clear()
-    catalog.pull(TINY.name, tmp_path, base_url=hub.url, progress=False)
-    assert hub.requests == []
+def test_a_board_pull_fetches_the_rkllm_and_the_rknn(hub, tmp_path, monkeypatch):
+    board = BoardEntry("tiny-rk3588", "Tiny pair", "test-org/Tiny-rk3588", None, "rk3588",
+                       "qwen2-vl", ModelFile("tiny_w8a8_rk3588.rkllm"),
+                       ModelFile("tiny_vision_rk3588.rknn"))
+    monkeypatch.setitem(catalog.BOARD, board.name, board)
+    hub.add(board.repo, board.llm.name, b"RKLLM" * 1000)
+    hub.add(board.repo, board.encoder.name, b"RKNN" * 1000)
+    llm, enc = catalog.pull(board.name, tmp_path, progress=False)
+    assert llm.name.endswith(".rkllm") and enc.read_bytes() == b"RKNN" * 1000
+    assert catalog.resolve_files(board, tmp_path) == [llm, enc]
 
 
 # --------------------------------------------------------------------------- resolve
@@ -286,7 +230,23 @@ def test_catalogue_has_the_required_models():
         assert e.repo.startswith("ggml-org/") and e.model.name.endswith(".gguf")
         assert e.mmproj.name.startswith("mmproj-")
         assert e.revision is None or len(e.revision) == 40
-        assert e.url(e.model).startswith("https://huggingface.co/")
+
+
+def test_board_entries_are_complete_pairs():
+    from assistant.llm.families import FAMILIES
+
+    for e in catalog.BOARD.values():
+        assert e.chip in ("rk3588", "rk3576") and e.family in FAMILIES
+        assert e.llm.name.endswith(".rkllm") and e.encoder.name.endswith(".rknn")
+        assert e.chip in e.llm.name and e.chip in e.encoder.name and e.source
+
+
+def test_urls_follow_hf_endpoint_of_now(monkeypatch):
+    e = catalog.CATALOG["smolvlm2-256m"]
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    assert e.url(e.model).startswith("https://huggingface.co/ggml-org/")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.com/")
+    assert e.url(e.model).startswith("https://hf-mirror.com/ggml-org/")
 
 
 def test_missing_catalogue_model_names_files_dir_and_command(tmp_path):
@@ -298,9 +258,11 @@ def test_missing_catalogue_model_names_files_dir_and_command(tmp_path):
     assert str(folder / "SmolVLM2-256M-Video-Instruct-Q8_0.gguf") in msg
     assert str(folder / "mmproj-SmolVLM2-256M-Video-Instruct-Q8_0.gguf") in msg
     assert "rkvlm-assistant models pull smolvlm2-256m" in msg
+    assert err.value.exit_code == 78
 
 
-def test_installed_catalogue_model_resolves(tmp_path):
+def test_models_pulled_by_earlier_versions_still_resolve(tmp_path):
+    # Earlier versions downloaded into <models_dir>/<name>/; the same folder takes files by hand.
     folder = tmp_path / "smolvlm2-256m"
     folder.mkdir()
     e = catalog.CATALOG["smolvlm2-256m"]
@@ -309,8 +271,6 @@ def test_installed_catalogue_model_resolves(tmp_path):
     cfg = LlamaCppConfig(model="smolvlm2-256m", models_dir=str(tmp_path))
     assert catalog.resolve(cfg, _path_of(tmp_path)) == (folder / e.model.name, folder / e.mmproj.name)
     assert catalog.resolve(cfg, _path_of(tmp_path), want_mmproj=False) == (folder / e.model.name, None)
-    state = {i.entry.name: i for i in catalog.installed(tmp_path)}["smolvlm2-256m"]
-    assert state.complete and not state.verified
 
 
 def test_paths_in_config_are_used_as_is(tmp_path):
@@ -324,6 +284,12 @@ def test_paths_in_config_are_used_as_is(tmp_path):
         catalog.resolve(LlamaCppConfig(model="m.gguf", mmproj="gone.gguf"), _path_of(tmp_path))
     with pytest.raises(ModelMissingError, match="neither a catalogue model"):
         catalog.resolve(LlamaCppConfig(model="llama-9000"), _path_of(tmp_path))
+
+
+def test_a_board_name_in_the_portable_setting_says_what_to_do(tmp_path):
+    name = next(iter(catalog.BOARD))
+    with pytest.raises(ModelMissingError, match=f"models use {name}"):
+        catalog.resolve(LlamaCppConfig(model=name), _path_of(tmp_path))
 
 
 def test_default_models_dir_follows_xdg(monkeypatch, tmp_path):

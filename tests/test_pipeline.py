@@ -164,21 +164,34 @@ def test_backend_error_is_spoken_and_the_loop_goes_on(tmp_path, spoken, whisper_
     assert "sorry" in said and "blue" in said
 
 
-@pytest.mark.parametrize("policy", ["clear", "error"])
+@pytest.mark.parametrize("policy", ["compact", "reset", "error"])
 def test_full_context_follows_the_policy(tmp_path, spoken, whisper_tiny, voices, policy):
-    wav = conversation_wav(tmp_path, spoken, "What do you see on the table?", "What color is the cup?")
+    wav = conversation_wav(tmp_path, spoken, "What do you see on the table?",
+                           "What color is the cup?", "What is on the left?")
     cfg = Config(llm=LlmConfig(max_new_tokens=20, on_context_full=policy))
-    llm = ScriptedLLM(["I see an apple on a table.", "The cup is blue."], context=60)
+    llm = ScriptedLLM(["I see an apple on a table and a chair next to it.", "The cup is blue.",
+                       "A green book."], context=56)
     pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm, cfg=cfg)
     asyncio.run(drive(pipe, parts))
-    first, second = pipe.turns
-    assert first.answer
-    if policy == "clear":
-        assert second.answer == "The cup is blue."
-        assert "cleared" in second.note and llm.clears == 1
+    first, second, third = pipe.turns
+    assert second.answer == "The cup is blue." and second.compaction is None
+    said = heard_back(whisper_tiny, tmp_path / "answer.wav")
+    if policy == "compact":
+        # The newest exchange that fits is fed back as text; nothing is said about it.
+        assert third.answer == "A green book."
+        assert third.compaction["kind"] == "compact" and llm.clears == 0
+        assert llm.histories == [[(second.transcript, second.answer)]]
+        assert third.compaction["tokens_after"] < third.compaction["tokens_before"]
+        assert pipe.conversation.first_in_context == 1
+    elif policy == "reset":
+        assert third.answer == "A green book."
+        assert third.compaction["kind"] == "reset" and llm.clears == 1
+        assert third.conversation != second.conversation      # a new conversation
+        assert "new one" in said and "green" in said
     else:
-        assert second.answer == "" and "clear" in second.note and llm.clears == 0
-        assert len(llm.calls) == 1
+        assert third.answer == "" and "clear" in third.note and llm.clears == 0
+        assert len(llm.calls) == 2
+        assert "too long" in said
 
 
 def test_camera_failure_answers_without_the_image(tmp_path, spoken, whisper_tiny, voices):
@@ -232,7 +245,9 @@ def test_mic_is_gated_while_speaking(tmp_path, spoken, whisper_tiny, voices):
 
 def test_barge_in_cuts_the_answer(tmp_path, spoken, whisper_tiny, voices):
     q = spoken.pcm("What do you see on the table?")
-    pcm = np.concatenate([np.zeros(RATE // 2, np.int16), q, np.zeros(int(1.6 * RATE), np.int16),
+    # "Stop." comes 3.5 s after the question: well into the answer's speech (which starts
+    # after ASR and the first sentence's synthesis, later on a loaded machine).
+    pcm = np.concatenate([np.zeros(RATE // 2, np.int16), q, np.zeros(int(3.5 * RATE), np.int16),
                           spoken.pcm("Stop."), np.zeros(int(1.5 * RATE), np.int16)])
     wav = write_wav(tmp_path / "barge.wav", pcm, RATE)
     cfg = Config(audio=replace(Config().audio, barge_in=True))
@@ -241,8 +256,14 @@ def test_barge_in_cuts_the_answer(tmp_path, spoken, whisper_tiny, voices):
     pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm, cfg=cfg, realtime=True, sink_realtime=True)
     asyncio.run(drive(pipe, parts))
     assert len(pipe.turns) == 2
-    assert pipe.turns[0].note == "interrupted by the person speaking"
-    assert parts.sink.seconds_written < 10  # the long answer was cut short
+    first = pipe.turns[0]
+    assert first.note == "interrupted by the person speaking" and first.interrupted
+    assert parts.sink.seconds_written < 12  # the long answer was cut short
+    # The history keeps what the person heard, not what the model wrote: it is fed back
+    # before the next question.
+    long_answer = llm.answers[0].strip()
+    assert first.answer and long_answer.startswith(first.answer) and len(first.answer) < len(long_answer)
+    assert llm.histories == [[(first.transcript, first.answer)]]
 
 
 class FlakyAsr:

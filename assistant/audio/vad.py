@@ -40,6 +40,7 @@ class Utterance:
     end_s: float         # stream time where speech ended (trailing silence excluded)
     voiced_ms: int
     truncated: bool      # cut at max_utterance_s
+    silence_ms: int = 0  # silence after the last voiced frame, before the cut
 
     @property
     def duration_s(self) -> float:
@@ -146,7 +147,7 @@ class Endpointer:
             log.debug("utterance %.2f-%.2f s, %d ms voiced%s", start_s, end_s, voiced_ms,
                       " (cut at max_utterance_s)" if truncated else "")
             return Utterance(pcm=pcm, start_s=start_s, end_s=end_s, voiced_ms=voiced_ms,
-                             truncated=truncated)
+                             truncated=truncated, silence_ms=trailing * self.frame_ms)
         log.debug("discarded %d ms of voiced audio at %.2f s (below min_speech_ms)", voiced_ms, start_s)
         return SpeechDiscarded(at_s=start_s, voiced_ms=voiced_ms, reason="shorter than vad.min_speech_ms")
 

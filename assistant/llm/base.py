@@ -12,7 +12,7 @@ import asyncio
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -53,10 +53,29 @@ class TurnStats:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TurnOptions:
+    """Per-turn overrides of the configured generation settings (None: the configured one)."""
+
+    max_new_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+
+
+# (question, answer) as text: what load_history feeds back into the context.
+Exchange = tuple[str, str]
+
+# Chat-template tokens around a turn (role markers, newlines) that count_tokens does not see;
+# for backends that cannot render the template themselves.
+TEMPLATE_OVERHEAD = 16
+
+
 class LLMBackend(ABC):
     """One multimodal LLM with its conversation kept in the KV cache."""
 
     name: str = "?"
+    answer_reserve: int = 256       # tokens kept free for an answer (llm.max_new_tokens)
 
     @abstractmethod
     def load(self) -> None:
@@ -64,7 +83,8 @@ class LLMBackend(ABC):
 
     @abstractmethod
     def run_turn(self, text: str, image: Optional[ImageEmbedding], keep_history: bool,
-                 on_piece: Callable[[str], None]) -> TurnStats:
+                 on_piece: Callable[[str], None],
+                 options: Optional[TurnOptions] = None) -> TurnStats:
         """Run one user turn and stream the answer through on_piece. Blocking.
 
         With keep_history, the turn is appended to the conversation in the KV cache;
@@ -90,9 +110,30 @@ class LLMBackend(ABC):
     def tokens_used(self) -> int:
         """Tokens the conversation currently occupies."""
 
+    @abstractmethod
+    def load_history(self, exchanges: Sequence[Exchange]) -> None:
+        """Make the context hold exactly the system prompt and these exchanges, as text.
+
+        Used by compaction (the most recent exchanges only), after a barge-in (the answer cut
+        to what was spoken) and when another front-end's conversation used the model. A
+        backend may evaluate them at once or with the next turn; ``tokens_used`` counts them
+        either way.
+        """
+
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` would take; a rough estimate unless the backend knows better."""
         return max(1, len(text.encode("utf-8")) // 3)
+
+    def turn_cost(self, text: str, image: Optional[ImageEmbedding] = None) -> int:
+        """Context the next turn needs: its question, image and template, plus the answer
+        reserve. Backends that can render their template count it exactly."""
+        n = self.count_tokens(text) + TEMPLATE_OVERHEAD + self.answer_reserve
+        return n + (image.n_tokens + 4 if image is not None else 0)
+
+    def history_cost(self, exchanges: Sequence[Exchange]) -> int:
+        """Context these exchanges take when fed back as text."""
+        return sum(self.count_tokens(q) + self.count_tokens(a) + TEMPLATE_OVERHEAD
+                   for q, a in exchanges)
 
     def close(self) -> None:
         """Release the model (idempotent)."""
@@ -103,7 +144,8 @@ _DONE = object()
 
 async def stream_turn(backend: LLMBackend, text: str, image: Optional[ImageEmbedding],
                       keep_history: bool, stats_out: Optional[list] = None,
-                      lock: Optional[threading.Lock] = None) -> AsyncIterator[str]:
+                      lock: Optional[threading.Lock] = None,
+                      options: Optional[TurnOptions] = None) -> AsyncIterator[str]:
     """Run a turn in a worker thread and yield its pieces on the loop.
 
     Pieces cross threads with ``call_soon_threadsafe`` into an asyncio queue: no polling.
@@ -113,15 +155,17 @@ async def stream_turn(backend: LLMBackend, text: str, image: Optional[ImageEmbed
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
+    def piece(p: str) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, p)
+
     def work() -> None:
         try:
+            kwargs = {"options": options} if options is not None else {}
             if lock is not None:
                 with lock:
-                    st = backend.run_turn(text, image, keep_history,
-                                          lambda p: loop.call_soon_threadsafe(queue.put_nowait, p))
+                    st = backend.run_turn(text, image, keep_history, piece, **kwargs)
             else:
-                st = backend.run_turn(text, image, keep_history,
-                                      lambda p: loop.call_soon_threadsafe(queue.put_nowait, p))
+                st = backend.run_turn(text, image, keep_history, piece, **kwargs)
             loop.call_soon_threadsafe(queue.put_nowait, (_DONE, st))
         except BaseException as e:  # handed to the loop, re-raised there
             loop.call_soon_threadsafe(queue.put_nowait, (_DONE, e))

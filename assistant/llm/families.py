@@ -82,11 +82,36 @@ def _chatml(name: str, title: str, tags: tuple[str, str, str], input_size: int,
 
 _QWEN_TAGS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 
+# SmolVLM's own chat format (its model card): "<|im_start|>User: ...<end_of_utterance>\nAssistant:".
+_SMOL_SYSTEM = "<|im_start|>System: {system}<end_of_utterance>\n"
+_SMOL_PREFIX = "<|im_start|>User: "
+_SMOL_POSTFIX = "<end_of_utterance>\nAssistant:"
+
 # Token counts follow from the input size: Qwen2/2.5-VL merge 28x28 pixels into a token
 # (392 -> 14 x 14 = 196), Qwen3-VL 32x32 (448 -> 196), InternVL3 pixel-shuffles 14-pixel
 # patches by 2 (448 -> 256), MiniCPM-V's resampler always gives 64 queries.
 # Qwen3-VL's encoder has four outputs (the main embedding and three DeepStack layers) that
 # are concatenated per token, so its width is 4 x the LLM's hidden size.
+#
+# The four families rknn-llm 1.3.0 added, and where each fact comes from (airockchip/rknn-llm,
+# tag release-v1.3.0, commit 878f936; "unchecked" = not stated there, so not enforced):
+# - qwen3.5: tags from README.md ("for Qwen3.5: ./demo ... "<|vision_start|>" "<|vision_end|>"
+#   "<|image_pad|>""); 448 x 448 from benchmark.md ("Img-encoder(448*448)"); 196 tokens from
+#   export/export_vision.py (qwen3_5_vl_vision: patch 16, merge 2 -> (448/16)^2 / 4); one output
+#   (pooler_output, no DeepStack), so the width is the LLM's hidden size: unchecked. ChatML
+#   like every Qwen.
+# - internvl3.5: tags from README.md's InternVL3 line (``<img>``, ``</img>``, ``<IMG_CONTEXT>``,
+#   from modeling_internvl_chat.py), CHANGELOG 1.2.3 "Added support for InternVL3.5"; the
+#   export script is the internvl3-1b one (extract_feature at 448 x 448, the default size);
+#   256 tokens as InternVL3 (same pixel shuffle); widths: unchecked.
+# - deepseekocr: tags from deploy/src/main.cpp ("//DeepSeekOCR img_start = "", img_end = "",
+#   img_content = "<｜▁pad▁｜>"") and README.md; 448 x 448 from the README's export commands;
+#   token count and width: unchecked (the export adds a newline column and a separator, so
+#   the count depends on the projector's grid). The demo keeps the model's own chat template,
+#   which is not in the source: a raw prompt is used here (unchecked).
+# - smolvlm: 512 x 512 from benchmark.md ("SmolVLM-256M Img-encoder(512*512)"); rknn-llm
+#   gives neither tags nor a token count: the tags and the chat format are SmolVLM's own
+#   (its processor and model card), unchecked on RKLLM; token count and width unchecked.
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     _chatml("qwen2-vl", "Qwen2-VL", _QWEN_TAGS, 392, 196, (1536, 3584),
             "1536 for Qwen2-VL-2B, 3584 for 7B"),
@@ -98,7 +123,27 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
             (896, 1536, 3584), "896 for InternVL3-1B, 1536 for 2B, 3584 for 8B"),
     _chatml("minicpm-v", "MiniCPM-V", ("<image>", "</image>", "<unk>"), 448, 64,
             (3584,), "3584 for MiniCPM-V-2.6"),
+    _chatml("qwen3.5", "Qwen3.5", _QWEN_TAGS, 448, 196, (), "unchecked"),
+    _chatml("internvl3.5", "InternVL3.5", ("<img>", "</img>", "<IMG_CONTEXT>"), 448, 256,
+            (), "unchecked"),
+    Family(name="deepseekocr", title="DeepSeekOCR", image_start="", image_end="",
+           image_content="<｜▁pad▁｜>", system_template="{system}\n", prompt_prefix="",
+           prompt_postfix="\n", input_size=448, n_image_tokens=None, embed_dims=(),
+           sizes="unchecked"),
+    Family(name="smolvlm", title="SmolVLM", image_start="<fake_token_around_image>",
+           image_end="<fake_token_around_image>", image_content="<image>",
+           system_template=_SMOL_SYSTEM, prompt_prefix=_SMOL_PREFIX,
+           prompt_postfix=_SMOL_POSTFIX, input_size=512, n_image_tokens=None, embed_dims=(),
+           sizes="unchecked"),
 )}
+
+# Facts of a family that no public source confirmed: shown by `doctor` and in messages.
+UNCHECKED: dict[str, tuple[str, ...]] = {
+    "qwen3.5": ("embedding width",),
+    "internvl3.5": ("embedding width",),
+    "deepseekocr": ("image tokens", "embedding width", "chat template"),
+    "smolvlm": ("image tags", "chat template", "image tokens", "embedding width"),
+}
 
 
 def get_family(name: str) -> Family:

@@ -23,13 +23,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from assistant.config import Config, LlmConfig, PersonaConfig
 from assistant.errors import BackendError, ContextFullError, ModelMissingError
-from assistant.llm.base import ImageEmbedding, LLMBackend, TurnStats
+from assistant.llm.base import Exchange, ImageEmbedding, LLMBackend, TurnOptions, TurnStats
 from assistant.llm.llamacpp_chat import ChatFormat, TemplateProblem, TurnText, clean
 from assistant.llm.llamacpp_mtmd import EncodedImage, ImagePart, Projector
 from assistant.llm.llamacpp_runtime import Aborted, LlamaRuntime, SamplingParams
@@ -64,6 +64,7 @@ class LlamaCppBackend(LLMBackend):
                  mmproj_path: Optional[Path] = None):
         self._cfg = llm
         self._persona = persona
+        self.answer_reserve = llm.max_new_tokens
         self.model_path = Path(model_path)
         self.mmproj_path = Path(mmproj_path) if mmproj_path else None
         self._lock = threading.RLock()
@@ -171,6 +172,15 @@ class LlamaCppBackend(LLMBackend):
             _, segs, _ = self._plan(text, self._image_segment(image, encode=False))
             return _cells(segs) + self._cfg.max_new_tokens
 
+    def history_cost(self, exchanges: Sequence[Exchange]) -> int:
+        """KV cells these exchanges take as text, rendered with the model's template."""
+        if not exchanges:
+            return 0
+        with self._lock:
+            self._require()
+            _, tokens = self._history_tokens(exchanges)
+            return len(tokens)
+
     # ------------------------------------------------------------------ encoding
 
     def encode_image(self, rgb: np.ndarray) -> ImageEmbedding:
@@ -197,8 +207,42 @@ class LlamaCppBackend(LLMBackend):
             if self._rt is not None and self._sys_mark is not None:
                 self._restore(self._sys_mark)
 
+    def load_history(self, exchanges: Sequence[Exchange]) -> None:
+        """Cut the cache back to the system prompt and evaluate ``exchanges`` as text."""
+        with self._lock:
+            self._require()
+            self._restore(self._sys_mark)
+            if not exchanges:
+                return
+            msgs, tokens = self._history_tokens(exchanges)
+            self._check_fits(self._sys_mark.n_cells, len(tokens))
+            self._eval_segments([tokens], abortable=False)
+            self._segments.append(tokens)
+            self._messages = msgs
+            self._kv_text = self._chat.render(msgs, add_generation_prompt=False)
+
+    def _history_tokens(self, exchanges: Sequence[Exchange]) -> tuple[list, list[int]]:
+        """(messages, tokens after the system prompt) of the exchanges as text."""
+        msgs = list(self._sys_mark.messages)
+        for q, a in exchanges:
+            msgs += [self._chat.message("user", clean(q)),
+                     self._chat.message("assistant", (a or "").strip())]
+        try:
+            text = self._chat.render(msgs, add_generation_prompt=False)
+        except TemplateProblem as e:
+            raise BackendError(f"the model's chat template failed: {e}") from None
+        base = self._sys_mark.kv_text
+        if not text.startswith(base):
+            raise BackendError("the chat template does not render the history after the "
+                               "system prompt; the history cannot be fed back")
+        tokens = self._rt.tokenize(text[len(base):])
+        if self._sys_mark.n_cells == 0:
+            tokens = self._with_bos(tokens)
+        return msgs, tokens
+
     def run_turn(self, text: str, image: ImageInput, keep_history: bool,
-                 on_piece: Callable[[str], None]) -> TurnStats:
+                 on_piece: Callable[[str], None],
+                 options: Optional[TurnOptions] = None) -> TurnStats:
         with self._lock:
             self._require()
             # An abort() from before this turn started belongs to an earlier turn.
@@ -206,15 +250,20 @@ class LlamaCppBackend(LLMBackend):
             if not keep_history:
                 self._restore(self._sys_mark)
             t0 = time.perf_counter()
+            max_new = (options.max_new_tokens if options and options.max_new_tokens
+                       else self._cfg.max_new_tokens)
             img = self._image_segment(image, encode=True)
             tt, segs, images = self._plan(text, img)
             replay = tt.replay
             need = _cells(segs)
             base_cells = self._sys_mark.n_cells if replay else self._n_cells
-            self._check_fits(base_cells, need)
+            self._check_fits(base_cells, need, max_new)
             mark = self._mark()
             stats = TurnStats()
+            sampling = self._sampling(options)
             try:
+                if sampling is not None:
+                    self._rt.set_sampling(sampling)
                 if replay:
                     log.info("chat template did not extend the cached conversation; "
                              "re-evaluating it")
@@ -223,7 +272,7 @@ class LlamaCppBackend(LLMBackend):
                 stats.prompt_tokens = need
                 t1 = time.perf_counter()
                 stats.prefill_ms = (t1 - t0) * 1e3
-                answer, generated, ttft = self._generate(on_piece, stats)
+                answer, generated, ttft = self._generate(on_piece, stats, max_new)
                 stats.generate_ms = (time.perf_counter() - t1) * 1e3
                 stats.extra["ttft_ms"] = None if ttft is None else (ttft - t0) * 1e3
             except Aborted:
@@ -234,6 +283,9 @@ class LlamaCppBackend(LLMBackend):
             except BackendError:
                 self._rollback(mark)
                 raise
+            finally:
+                if sampling is not None:
+                    self._rt.set_sampling(self._sampling(None, configured=True))
             self._messages = tt.messages + [self._chat.answer_message(tt, answer)]
             self._images = images
             self._segments.extend(segs)
@@ -244,6 +296,18 @@ class LlamaCppBackend(LLMBackend):
             return stats
 
     # ------------------------------------------------------------------ internals
+
+    def _sampling(self, options: Optional[TurnOptions],
+                  configured: bool = False) -> Optional[SamplingParams]:
+        """The sampler for a turn's options; None when they change nothing."""
+        c, lc = self._cfg, self._cfg.llamacpp
+        if not configured and (options is None or (options.temperature is None and
+                                                   options.top_p is None and options.seed is None)):
+            return None
+        o = options or TurnOptions()
+        return SamplingParams(c.temperature if o.temperature is None else o.temperature,
+                              c.top_k, c.top_p if o.top_p is None else o.top_p,
+                              c.repeat_penalty, lc.seed if o.seed is None else o.seed)
 
     def _require(self) -> LlamaRuntime:
         if self._rt is None:
@@ -320,9 +384,9 @@ class LlamaCppBackend(LLMBackend):
             raise BackendError("the chat template puts no text after the image")
         return tt, segs, images
 
-    def _check_fits(self, base_cells: int, need: int) -> None:
+    def _check_fits(self, base_cells: int, need: int, reserve: Optional[int] = None) -> None:
         n_ctx = self._rt.n_ctx
-        reserve = self._cfg.max_new_tokens
+        reserve = self._cfg.max_new_tokens if reserve is None else reserve
         if base_cells + need + reserve <= n_ctx:
             return
         sys_cells = self._sys_mark.n_cells
@@ -365,20 +429,23 @@ class LlamaCppBackend(LLMBackend):
         self._n_cells += part.n_tokens
         self._rt.note_evaluated(part.n_tokens)
 
-    def _generate(self, on_piece: Callable[[str], None], stats: TurnStats):
-        """Sample until end of turn, max_new_tokens or abort; returns (text, tokens, t_first)."""
+    def _generate(self, on_piece: Callable[[str], None], stats: TurnStats, max_new: int):
+        """Sample until end of turn, max_new tokens or abort; returns (text, tokens, t_first)."""
         rt = self._rt
         rt.reset_sampler()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces: list[str] = []
         tokens: list[int] = []
         t_first: Optional[float] = None
-        for _ in range(self._cfg.max_new_tokens):
+        stats.extra["finish"] = "length"
+        for _ in range(max_new):
             if self._abort.is_set():
                 stats.aborted = True
+                stats.extra["finish"] = "aborted"
                 break
             tok = rt.sample()
             if rt.is_eog(tok):
+                stats.extra["finish"] = "stop"
                 break
             try:
                 rt.eval_one(tok, self._n_past)

@@ -19,30 +19,35 @@ import codecs
 import ctypes
 import hashlib
 import logging
+import math
 import re
 import threading
 import time
 import weakref
 from ctypes import POINTER, byref, c_float, c_int, c_void_p
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from assistant.config import ConfigError, LlmConfig, PersonaConfig, RkllmConfig
 from assistant.errors import BackendError, ContextFullError, ModelMissingError
 from assistant.llm import rkllm_abi as abi_mod
-from assistant.llm.base import ImageEmbedding, LLMBackend, TurnStats
+from assistant.llm.base import Exchange, ImageEmbedding, LLMBackend, TurnOptions, TurnStats
 from assistant.llm.families import IMAGE_PLACEHOLDER, Family, get_family
 from assistant.llm.rkllm_abi import (RKLLM_INFER_GENERATE, RKLLM_INPUT_MULTIMODAL,
                                      RKLLM_INPUT_PROMPT, RKLLM_RUN_ERROR, RKLLM_RUN_FINISH,
                                      RKLLM_RUN_NORMAL, RKLLM_RUN_WAITING, Abi,
                                      LLMResultCallback, PathResolver, RKLLMLoraAdapter,
-                                     RKLLMLoraParam, RKLLMPromptCacheParam, plain_path)
+                                     RKLLMLoraParam, RKLLMPromptCacheParam,
+                                     RKLLMSamplingParam13, plain_path)
 
 log = logging.getLogger(__name__)
 
 _MAX_CPU = 7  # RK3576 / RK3588: CPUs 0-3 little, 4-7 big
+_START_BYTES_PER_TOKEN = 3.0
+# Runtime error texts that mean the context overflowed (the turn can be compacted and retried).
+_OVERFLOW = re.compile(r"context|exceed|kv cache|too long", re.IGNORECASE)
 
 
 def parse_cpu_mask(spec: Optional[str]) -> Optional[int]:
@@ -74,8 +79,10 @@ def probe_library(rk: RkllmConfig, resolve_path: PathResolver = plain_path) -> s
 class _Turn:
     """What the callback thread learns during one rkllm_run."""
 
-    def __init__(self, on_piece: Callable[[str], None]):
+    def __init__(self, on_piece: Callable[[str], None], max_pieces: Optional[int] = None):
         self.on_piece = on_piece
+        self.max_pieces = max_pieces    # a per-turn answer limit below the init value (1.2.x)
+        self.cut_at_limit = False
         # WAITING pieces end inside a UTF-8 character: the decoder holds those bytes
         # until the rest of the character arrives with the next piece.
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -105,11 +112,16 @@ class RkllmBackend(LLMBackend):
                  resolve_path: PathResolver = plain_path):
         self._llm = llm
         self._rk = llm.rkllm
+        self.answer_reserve = llm.max_new_tokens
         self.family: Family = get_family(self._rk.family)
         self.with_vision = with_vision
         self._resolve = resolve_path
         self._cpu_mask = parse_cpu_mask(self._rk.cpu_mask)
         self._system = self.family.system_prompt(persona.prompt)
+        # Text is counted in UTF-8 bytes per token, measured: the runtime reports the tokens
+        # each run prefilled, and the smallest ratio seen is kept (a safe bound; prefix reuse
+        # only makes a later ratio look larger). Qwen-style tokenizers start above 3.
+        self._bytes_per_token = _START_BYTES_PER_TOKEN
         # Until the runtime reports the KV size, the system prompt's share is estimated.
         self._system_estimate = self.count_tokens(self._system)
         self._overhead = self.count_tokens(self.family.prompt_prefix + self.family.prompt_postfix)
@@ -130,6 +142,10 @@ class RkllmBackend(LLMBackend):
         self._cache_key = ""
         self._save_cache = False
         self._tokens_used = 0
+        # Exchanges fed back by load_history, as template text: they go in front of the
+        # next question, in the same run, since the runtime takes no assistant messages.
+        self._pending = ""
+        self._warned_sampling = False
         self.runtime_version: Optional[str] = None
 
     @classmethod
@@ -309,6 +325,10 @@ class RkllmBackend(LLMBackend):
                 text = turn.decoder.decode(raw or b"")
                 if text:
                     turn.on_piece(text)
+                if turn.max_pieces is not None and turn.pieces >= turn.max_pieces:
+                    turn.cut_at_limit = True
+                    self._abort.set()
+                    self._follow_up_abort(turn)
             elif state == RKLLM_RUN_FINISH:
                 if result:
                     p = result.contents.perf
@@ -359,7 +379,7 @@ class RkllmBackend(LLMBackend):
     def _check_fits(self, prompt: str, n_image_tokens: int, keep_history: bool) -> None:
         """ContextFullError when the turn cannot fit, before the runtime fails on it."""
         ctx, new = self._llm.max_context_len, self._llm.max_new_tokens
-        used = max(self._tokens_used if keep_history else 0, self._system_estimate)
+        used = max(self.tokens_used if keep_history else 0, self._system_estimate)
         need = self.count_tokens(prompt) + self._overhead + n_image_tokens
         if n_image_tokens:
             need += self.count_tokens(self.family.image_start + self.family.image_end)
@@ -371,17 +391,67 @@ class RkllmBackend(LLMBackend):
                 f"llm.max_context_len {ctx} are free: clear the conversation, or raise "
                 f"llm.max_context_len / lower llm.max_new_tokens")
 
+    # ------------------------------------------------------------------ history as text
+
+    def _history_text(self, exchanges: Sequence[Exchange]) -> str:
+        """Exchanges in the template's own markup, to stand before the next question.
+
+        The runtime wraps a prompt as prefix + prompt + postfix; writing each earlier
+        exchange as question + postfix + answer + end-of-turn + prefix makes the whole run
+        read as the conversation asked one turn at a time.
+        """
+        fam = self.family
+        end = getattr(fam, "turn_end", "<|im_end|>\n")
+        return "".join(self._clean(q) + fam.prompt_postfix + (a or "").strip() + end +
+                       fam.prompt_prefix for q, a in exchanges)
+
+    @staticmethod
+    def _clean(text: str) -> str:
+        # Only the backend places the image.
+        return text.replace(IMAGE_PLACEHOLDER, " ").strip() if IMAGE_PLACEHOLDER in text else text
+
+    def load_history(self, exchanges: Sequence[Exchange]) -> None:
+        """Clear all but the system prompt; the exchanges go in with the next question."""
+        with self._lock:
+            if self._handle is None:
+                raise BackendError("the rkllm backend is not loaded (call load() first)")
+            ret = self._lib.rkllm_clear_kv_cache(c_void_p(self._handle), 1, None, None)
+            if ret != 0:
+                raise BackendError(f"rkllm_clear_kv_cache failed (code {ret}): the runtime "
+                                   f"log above says why")
+            self._refresh_tokens()
+            self._pending = self._history_text(exchanges)
+
+    def history_cost(self, exchanges: Sequence[Exchange]) -> int:
+        return self.count_tokens(self._history_text(exchanges)) if exchanges else 0
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` may take: its UTF-8 bytes over the smallest measured ratio."""
+        return max(1, math.ceil(len(text.encode("utf-8")) / self._bytes_per_token))
+
+    def _measure(self, turn: "_Turn", text_bytes: int, n_image_tokens: int) -> None:
+        """Learn bytes per token from what the runtime says it prefilled."""
+        tokens = (turn.perf or {}).get("prefill_tokens", 0) - n_image_tokens
+        if tokens > 0 and text_bytes > 0:
+            ratio = max(1.0, text_bytes / tokens)
+            if ratio < self._bytes_per_token:
+                log.info("rkllm: %.2f bytes per token measured (was %.2f); budgets use it",
+                         ratio, self._bytes_per_token)
+                self._bytes_per_token = ratio
+
     def run_turn(self, text: str, image: Optional[ImageEmbedding], keep_history: bool,
-                 on_piece: Callable[[str], None]) -> TurnStats:
+                 on_piece: Callable[[str], None],
+                 options: Optional[TurnOptions] = None) -> TurnStats:
         """One user turn, text or text + image; the answer streams through ``on_piece``."""
         with self._lock:
             if self._handle is None:
                 raise BackendError("the rkllm backend is not loaded (call load() first)")
             abi = self._abi
-            if IMAGE_PLACEHOLDER in text:  # only the backend places the image
-                text = text.replace(IMAGE_PLACEHOLDER, " ").strip()
+            text = self._clean(text)
             embed = self._image_array(image) if image is not None else None
             prompt = IMAGE_PLACEHOLDER + text if embed is not None else text
+            if keep_history and self._pending:
+                prompt = self._pending + prompt
             n_image_tokens = embed.shape[0] if embed is not None else 0
             self._check_fits(prompt, n_image_tokens, keep_history)
 
@@ -415,10 +485,23 @@ class RkllmBackend(LLMBackend):
             cache = (RKLLMPromptCacheParam(1, str(self._cache).encode()) if saving else None)
             if cache is not None:
                 infer.prompt_cache_params = ctypes.pointer(cache)
+            max_new = self._llm.max_new_tokens
+            if options is not None and options.max_new_tokens:
+                max_new = min(max_new, options.max_new_tokens)
+            sampling = self._sampling(options) if not abi.tags_in_param else None
+            if sampling is not None:
+                infer.sampling_params = ctypes.pointer(sampling)
             if not abi.tags_in_param:  # 1.3: NULL sampling = the init values
-                infer.max_new_tokens = self._llm.max_new_tokens
+                infer.max_new_tokens = max_new
+            elif options is not None and (options.temperature is not None or
+                                          options.top_p is not None) and not self._warned_sampling:
+                self._warned_sampling = True
+                log.warning("RKLLM runtime %s sets sampling once at load; per-request "
+                            "temperature and top_p need runtime 1.3.0", self.runtime_version)
 
-            turn = _Turn(on_piece)
+            # 1.2.x takes the answer limit only at init: a lower one is enforced here.
+            turn = _Turn(on_piece, max_new if max_new < self._llm.max_new_tokens and
+                         abi.tags_in_param else None)
             with self._state_lock:
                 self._abort.clear()
                 self._turn = turn
@@ -429,12 +512,17 @@ class RkllmBackend(LLMBackend):
                 with self._state_lock:
                     self._turn = None
             wall_ms = (time.monotonic() - t0) * 1000
-            aborted = self._abort.is_set()
+            aborted = self._abort.is_set() and not turn.cut_at_limit
             self._refresh_tokens(after_turn=(turn, keep_history))
+            if keep_history and turn.error is None and (ret == 0 or aborted):
+                self._pending = ""      # the runtime holds the fed-back exchanges now
             if turn.failure is not None:
                 raise turn.failure
             if turn.error is not None or (ret != 0 and not aborted):
                 detail = f": {turn.error}" if turn.error else ""
+                if turn.pieces == 0 and turn.error and _OVERFLOW.search(turn.error):
+                    raise ContextFullError(f"the RKLLM runtime ran out of context "
+                                           f"(rkllm_run returned {ret}{detail})")
                 raise BackendError(
                     f"the RKLLM runtime failed during the turn (rkllm_run returned {ret}"
                     f"{detail}); the runtime log above says why. A common cause is a full "
@@ -442,7 +530,26 @@ class RkllmBackend(LLMBackend):
                     f"llm.max_new_tokens.")
             if saving and not aborted:
                 self._write_cache_key()
-            return self._stats(turn, aborted, wall_ms)
+            self._measure(turn, len(prompt_b) + len(self.family.prompt_prefix.encode()) +
+                          len(self.family.prompt_postfix.encode()), n_image_tokens)
+            stats = self._stats(turn, aborted, wall_ms)
+            stats.extra["finish"] = ("aborted" if aborted else "length"
+                                     if turn.cut_at_limit or stats.generated_tokens >= max_new
+                                     else "stop")
+            return stats
+
+    def _sampling(self, options: Optional[TurnOptions]) -> Optional[RKLLMSamplingParam13]:
+        """1.3.0's per-run sampling from a turn's options; None keeps the init values."""
+        if options is None or (options.temperature is None and options.top_p is None):
+            return None
+        llm = self._llm
+        temp = llm.temperature if options.temperature is None else options.temperature
+        sp = RKLLMSamplingParam13()
+        sp.top_k = 1 if temp == 0 else llm.top_k
+        sp.top_p = llm.top_p if options.top_p is None else options.top_p
+        sp.temperature = temp
+        sp.repeat_penalty = llm.repeat_penalty
+        return sp
 
     def _stats(self, turn: _Turn, aborted: bool, wall_ms: float) -> TurnStats:
         perf = turn.perf or {}
@@ -507,6 +614,7 @@ class RkllmBackend(LLMBackend):
             if ret != 0:
                 raise BackendError(f"rkllm_clear_kv_cache failed (code {ret}): the runtime "
                                    f"log above says why")
+            self._pending = ""
             self._refresh_tokens()
             log.info("rkllm conversation cleared (%d tokens kept)", self._tokens_used)
 
@@ -516,7 +624,8 @@ class RkllmBackend(LLMBackend):
 
     @property
     def tokens_used(self) -> int:
-        return self._tokens_used
+        # Fed-back exchanges count from the moment they are set: the budget must see them.
+        return self._tokens_used + (self.count_tokens(self._pending) if self._pending else 0)
 
     def _release(self) -> None:
         with self._state_lock:

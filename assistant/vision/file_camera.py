@@ -3,6 +3,11 @@
 ``ImageCamera`` always shows the same picture. ``VideoCamera`` plays its file in real time
 from ``open()``: a snapshot is the frame at the elapsed wall-clock time, and the video loops
 at its end, as if a camera were filming the scene the file recorded.
+
+A video file behaves like a camera that can be unplugged: once it has been opened, a file
+that vanishes makes ``snapshot()`` and ``open()`` raise DeviceError (the vision stage then
+answers without the picture and reopens the camera at the next question), and a file that
+is back, or replaced by a new one, is played from then on.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from assistant.errors import InputError
+from assistant.errors import DeviceError, InputError
 from assistant.vision.base import Camera
 
 log = logging.getLogger(__name__)
@@ -80,22 +85,42 @@ class VideoCamera(Camera):
         self._last_index = -1
         self._start = 0.0
         self._lock = threading.Lock()  # snapshots may come from several worker threads
+        self._file_id: tuple[int, int] | None = None  # (device, inode) of the open file
+        self._opened_once = False  # from then on a missing file is a device gone, not a typo
+
+    def _gone(self) -> DeviceError:
+        return DeviceError(f"camera {self.name}: the video file {self.path} is gone (deleted or "
+                           "moved); answering without the picture until it is back "
+                           "(check camera.source)")
+
+    def _stat_id(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
 
     def open(self) -> None:
         if self._cap is not None:
             return
+        if self._opened_once and not self.path.is_file():
+            raise self._gone()
         _check_file(self.path, "video")
+        file_id = self._stat_id()
         cap = cv2.VideoCapture(str(self.path))
         ok, first = cap.read() if cap.isOpened() else (False, None)
         if not ok:
             cap.release()
-            raise InputError(f"{self.path}: not a video OpenCV can decode (corrupt, or an "
-                                 "unsupported format); check camera.source")
+            # Once it played, a bad file is a camera failing (it may still be being copied).
+            error = DeviceError if self._opened_once else InputError
+            raise error(f"{self.path}: not a video OpenCV can decode (corrupt, or an "
+                        "unsupported format); check camera.source")
         fps = cap.get(cv2.CAP_PROP_FPS)
         self.fps = fps if fps and math.isfinite(fps) and fps > 0 else 25.0
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         self.frame_count = count if count > 0 else 0
         self._cap, self._pos, self._last, self._last_index = cap, 1, first, 0
+        self._file_id, self._opened_once = file_id, True
         self._start = self.clock()
         log.info("camera %s: %dx%d, %.1f fps, %s frames, playing in real time", self.name,
                  first.shape[1], first.shape[0], self.fps, self.frame_count or "unknown")
@@ -107,6 +132,16 @@ class VideoCamera(Camera):
 
     def snapshot(self) -> np.ndarray:
         self.open()
+        # One stat per snapshot: an open file would keep playing after it was deleted, but
+        # a camera whose file is gone must say so, and a replaced file must be shown.
+        file_id = self._stat_id()
+        if file_id is None:
+            raise self._gone()
+        if file_id != self._file_id:
+            log.info("camera %s: the file was replaced; reopening it", self.name)
+            with self._lock:
+                self.close()
+                self.open()
         with self._lock:
             bgr = self._frame_at(self.current_index())
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

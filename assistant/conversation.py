@@ -1,0 +1,489 @@
+"""The conversation: one model, one turn at a time, for every front-end.
+
+Front-ends (the voice loop, the HTTP API) turn their input into a ``Request`` and stream the
+answer from ``Conversation.ask``. This module knows what the model's context holds and keeps
+it honest:
+
+- **whose** conversation is in the KV cache: the voice conversation, or the history of the
+  last stateless (HTTP) request. A turn of the other kind feeds its own history back first
+  (``LLMBackend.load_history``), so neither side corrupts the other;
+- **which image** is in it (scene memory): a question about an unchanged scene goes as text;
+  a new scene, or a context with no image left, gets the camera's image;
+- **the budget**: before a turn its cost is asked from the backend; when it does not fit,
+  ``llm.on_context_full`` compacts (the newest exchanges fed back as text, within
+  ``llm.compact_share`` of the context), resets (and says so) or refuses. A runtime that
+  still overflows gets one compaction and one retry.
+
+Turns are scheduled by priority: the person in the room (voice) goes ahead of queued HTTP
+requests; the queue is bounded and a request that cannot get a turn in time is refused
+with ``Busy``. Every turn, of every kind, becomes one transcript row. Nothing here knows
+about audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import AsyncIterator, Callable, Optional, Sequence
+
+from assistant.config import Config
+from assistant.errors import AssistantError, BackendError, ContextFullError
+from assistant.llm.base import ImageEmbedding, LLMBackend, TurnOptions, stream_turn
+from assistant.transcript import TranscriptWriter
+from assistant.turn import Turn
+from assistant.vision.scene import Scene, SceneResult, Shot
+
+log = logging.getLogger(__name__)
+
+
+class Priority(IntEnum):
+    VOICE = 0          # the person in the room: never refused, first in line
+    TEXT = 1           # HTTP requests and typed questions
+
+
+class Busy(AssistantError):
+    """No turn could be had: the queue is full or the wait passed its limit."""
+
+    exit_code = 69
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Exchange:
+    """One answered question of the voice conversation."""
+
+    question: str
+    answer: str                  # as spoken (cut at a barge-in)
+    language: str = ""
+    with_image: bool = False
+    turn: int = 0
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return (self.question, self.answer)
+
+
+@dataclass
+class Request:
+    """A question for the model, from any front-end."""
+
+    question: str
+    source: str = "voice"
+    priority: Priority = Priority.VOICE
+    language: Optional[str] = None            # the reply language hint; None: none
+    # Stateless front-ends send the conversation before the question; None: the voice one.
+    history: Optional[list[tuple[str, str]]] = None
+    image: Optional[ImageEmbedding] = None    # an image that comes with the question
+    use_camera: bool = True                   # attach the camera's scene per vision.attach
+    options: Optional[TurnOptions] = None
+
+    @property
+    def stateless(self) -> bool:
+        return self.history is not None
+
+
+class TurnGate:
+    """One turn at a time; waiters served by priority, then arrival."""
+
+    def __init__(self, max_waiting: int = 8, max_wait_s: float = 120.0):
+        self.max_waiting = max_waiting
+        self.max_wait_s = max_wait_s
+        self._busy = False
+        self._waiters: list[tuple[int, int, asyncio.Future]] = []
+        self._seq = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for *_, f in self._waiters if not f.done())
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: Priority, max_wait_s: Optional[float] = None):
+        await self._acquire(priority, self.max_wait_s if max_wait_s is None else max_wait_s)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, priority: Priority, max_wait_s: float) -> None:
+        if not self._busy and not self._waiters:
+            self._busy = True
+            return
+        if priority != Priority.VOICE and self.waiting >= self.max_waiting:
+            raise Busy(f"{self.waiting} requests are already waiting for the model; "
+                       f"try again shortly", retry_after=5.0)
+        fut = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (int(priority), next(self._seq), fut))
+        try:
+            if priority == Priority.VOICE:
+                await fut
+            else:
+                await asyncio.wait_for(asyncio.shield(fut), max_wait_s)
+        except asyncio.TimeoutError:
+            if fut.done() and not fut.cancelled():
+                return                    # handed the slot at the last moment
+            fut.cancel()
+            raise Busy(f"the model was busy for {max_wait_s:.0f} s; try again shortly",
+                       retry_after=max(1.0, max_wait_s / 4)) from None
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release()           # handed the slot as we gave up: pass it on
+            else:
+                fut.cancel()
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)     # the slot passes straight to it
+                return
+        self._busy = False
+
+
+@dataclass
+class _Plan:
+    """What the context must become before a turn runs."""
+
+    text: str
+    image: Optional[ImageEmbedding]
+    needs_image: bool = False     # compaction emptied the context of its image
+
+
+class Conversation:
+    def __init__(self, cfg: Config, backend: Optional[LLMBackend], *,
+                 scene: Optional[Scene] = None, transcript: Optional[TranscriptWriter] = None,
+                 lock: Optional[threading.Lock] = None, gate: Optional[TurnGate] = None):
+        self.cfg = cfg
+        self.backend = backend
+        self.scene = scene
+        self.transcript = transcript
+        self.lock = lock or threading.Lock()     # the model is single-entry
+        self.gate = gate or TurnGate()
+        self.id = _new_id()
+        self.exchanges: list[Exchange] = []      # the voice conversation since the last clear
+        self.first_in_context = 0                # older exchanges were compacted away
+        self.image: Optional[Shot] = None        # the scene image the context holds
+        self._held: object = "voice"             # "voice", or the tuple of a request's history
+        self._stale = False                      # the voice context must be fed back
+        self._listeners: list[Callable[[str, Turn, dict], None]] = []
+        self.compactions = 0
+
+    # ------------------------------------------------------------------ observers
+
+    def subscribe(self, fn: Callable[[str, Turn, dict], None]) -> Callable[[], None]:
+        """fn(event, turn, data) for "question", "piece", "done" (a page, a log); returns
+        the function that unsubscribes."""
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
+
+    def _emit(self, event: str, turn: Turn, **data) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(event, turn, data)
+            except Exception:
+                log.exception("a conversation listener failed")
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def in_context(self) -> list[Exchange]:
+        return self.exchanges[self.first_in_context:]
+
+    def scene_reference(self) -> Optional[Shot]:
+        """The image a fresh snapshot is compared with (None: the context holds none)."""
+        return self.image if self._held == "voice" and not self._stale else None
+
+    # ------------------------------------------------------------------ turns
+
+    async def ask(self, req: Request, turn: Turn,
+                  scene: Optional[SceneResult] = None) -> AsyncIterator[str]:
+        """Answer ``req``, streaming the answer's pieces; ``turn`` gets the record.
+
+        ``scene`` is what the voice loop's early snapshot found; without it (and with
+        ``req.use_camera``) the scene is looked at now. Raises ContextFullError (policy
+        error, or a question too long on its own), BackendError, Busy.
+        """
+        if self.backend is None:
+            raise BackendError("no language model is loaded")
+        turn.source, turn.conversation = req.source, self.id
+        t_wait = time.monotonic()
+        async with self.gate.slot(req.priority):
+            turn.took("queue", time.monotonic() - t_wait)
+            self._emit("question", turn, text=req.question)
+            pieces: list[str] = []
+            try:
+                async for piece in self._answer(req, turn, scene, pieces):
+                    self._emit("piece", turn, text=piece)
+                    yield piece
+            finally:
+                turn.answer = "".join(pieces).strip()
+                self._emit("done", turn, answer=turn.answer)
+
+    async def _answer(self, req: Request, turn: Turn, scene: Optional[SceneResult],
+                      pieces: list[str]) -> AsyncIterator[str]:
+        image = req.image
+        if image is None and req.use_camera and self.scene is not None and self.scene.enabled:
+            reference = None if req.stateless else self.scene_reference()
+            if scene is None:
+                t0 = time.monotonic()
+                scene = await self.scene.take(reference)
+                turn.took("vision_wait", time.monotonic() - t0)
+            image = self._scene_image(scene, turn, req.stateless)
+        text = self._with_hint(req.question, req.language)
+        plan = await self._locked(self._fit, req, text, image, turn, False)
+        if plan.needs_image and scene is not None and scene.shot is not None:
+            # Compaction took the image out of the context: this question needs it again.
+            if scene.shot.embedding is None:
+                t0 = time.monotonic()
+                await asyncio.to_thread(self.scene._encode, scene)
+                turn.took("encode", turn.timings.get("encode_ms", 0) / 1000 + time.monotonic() - t0)
+            if scene.shot.embedding is not None:
+                image = scene.shot.embedding
+                self._note_image(turn, image, "new")
+                plan = await self._locked(self._fit, req, text, image, turn, False)
+        stats: list = []
+        t0 = time.monotonic()
+        for attempt in (1, 2):
+            try:
+                stream = stream_turn(self.backend, plan.text, plan.image, True, stats,
+                                     lock=self.lock, options=req.options)
+                async with contextlib.aclosing(stream):
+                    async for piece in stream:
+                        turn.mark("llm_first_piece")
+                        pieces.append(piece)
+                        yield piece
+                break
+            except ContextFullError:
+                # The estimate was short (or the runtime overflowed): compact harder, once.
+                if attempt == 2 or pieces or self.cfg.llm.on_context_full == "error":
+                    raise
+                log.warning("turn %d: the context overflowed after all; compacting and "
+                            "trying again", turn.id)
+                plan = await self._locked(self._fit, req, text, plan.image, turn, True)
+        turn.took("llm", time.monotonic() - t0)
+        st = stats[0] if stats else None
+        if st is not None:
+            turn.counts.update(prompt_tokens=st.prompt_tokens,
+                               generated_tokens=st.generated_tokens)
+            turn.finish = st.extra.get("finish", "stop")
+            if st.aborted:
+                turn.finish = "aborted"
+        turn.counts["context_used"] = self.backend.tokens_used
+        answer = "".join(pieces).strip()
+        if req.stateless:
+            self._held = tuple(req.history) + ((req.question, answer),)
+        else:
+            self.exchanges.append(Exchange(req.question, answer, req.language or "",
+                                           plan.image is not None, turn.id))
+            if plan.image is not None and scene is not None and scene.shot is not None:
+                self.image = scene.shot
+
+    def _scene_image(self, scene: Optional[SceneResult], turn: Turn,
+                     stateless: bool) -> Optional[ImageEmbedding]:
+        """The image a question carries after the scene comparison, noted in the turn."""
+        if scene is None:
+            return None
+        turn.took("snapshot", scene.snapshot_s)
+        if scene.encode_s:
+            turn.took("encode", scene.encode_s)
+        if scene.error:
+            turn.note = f"answered without the image: {scene.error}"
+        if scene.difference is not None:
+            turn.counts["scene_difference"] = round(scene.difference, 4)
+        if scene.shot is None:
+            turn.scene = "none"
+            return None
+        if not scene.changed and not stateless:
+            turn.scene = "same"
+            held = self.image.embedding if self.image is not None else None
+            if held is not None:
+                turn.counts["image_tokens_saved"] = held.n_tokens
+            return None
+        emb = scene.embedding
+        if emb is None:
+            turn.scene = "none"
+            return None
+        self._note_image(turn, emb, "new")
+        return emb
+
+    @staticmethod
+    def _note_image(turn: Turn, image: ImageEmbedding, scene: str) -> None:
+        turn.scene = scene
+        turn.with_image = True
+        turn.counts["image_tokens"] = image.n_tokens
+        turn.counts.pop("image_tokens_saved", None)
+
+    def _with_hint(self, question: str, language: Optional[str]) -> str:
+        if not language:
+            return question
+        hint = self.cfg.persona.lines(language).reply_hint.strip()
+        return f"{question}\n{hint}" if hint else question
+
+    # ------------------------------------------------------------------ the budget
+
+    def _fit(self, req: Request, text: str, image: Optional[ImageEmbedding], turn: Turn,
+             harder: bool) -> _Plan:
+        """Make the context hold the request's conversation and room for the turn.
+
+        Runs in a worker thread under the model lock (it calls the backend).
+        """
+        b, llm = self.backend, self.cfg.llm
+        t0 = time.monotonic()
+        if req.stateless:
+            history = list(req.history)
+            if self._held != tuple(history):
+                b.load_history(history)
+                self._held = tuple(history)
+                self._stale = True           # the voice context is gone
+                self.image = None
+                log.info("turn %d: %s conversation of %d exchanges fed back in %.0f ms "
+                         "(%d tokens)", turn.id, req.source, len(history),
+                         (time.monotonic() - t0) * 1e3, b.tokens_used)
+        elif self._held != "voice" or self._stale:
+            kept = [e.pair for e in self.in_context]
+            b.load_history(kept)
+            self._held, self._stale, self.image = "voice", False, None
+            log.info("turn %d: voice conversation fed back (%d exchanges, %d tokens) in %.0f ms",
+                     turn.id, len(kept), b.tokens_used, (time.monotonic() - t0) * 1e3)
+            turn.took("switch", time.monotonic() - t0)
+        ctx = b.context_size
+        need = b.turn_cost(text, image)
+        before = b.tokens_used
+        turn.counts.update(context_before=before, turn_need=need)
+        if before + need <= ctx and not harder:
+            return _Plan(text, image)
+        system = before - b.history_cost(self._held_pairs())
+        if system + need > ctx:
+            raise ContextFullError(
+                f"this question needs {need} tokens (answer reserve included) but the "
+                f"{ctx}-token context holds only {max(ctx - system, 0)} after the system "
+                f"prompt: raise llm.max_context_len or lower llm.max_new_tokens")
+        policy = llm.on_context_full
+        if policy == "error":
+            raise ContextFullError(
+                f"the conversation fills the context ({before} of {ctx} tokens used, this "
+                f"turn needs {need}): say \"clear\" to start over, or set "
+                f"llm.on_context_full: compact")
+        if policy == "reset" and not req.stateless:
+            b.clear()
+            self._forget(new_id=True)
+            turn.conversation = self.id
+            after = b.tokens_used
+            turn.compaction = {"kind": "reset", "tokens_before": before, "tokens_after": after,
+                               "exchanges_dropped": None}
+            turn.reset = True
+            log.info("turn %d: context full (%d of %d tokens, %d needed): conversation "
+                     "reset, %d tokens after", turn.id, before, ctx, need, after)
+            return _Plan(text, image, needs_image=image is None and req.use_camera)
+        return self._compact(req, text, image, turn, before, need, harder)
+
+    def _held_pairs(self) -> list[tuple[str, str]]:
+        if self._held == "voice":
+            return [e.pair for e in self.in_context]
+        return list(self._held) if isinstance(self._held, tuple) else []
+
+    def _compact(self, req: Request, text: str, image: Optional[ImageEmbedding], turn: Turn,
+                 before: int, need: int, harder: bool) -> _Plan:
+        """Keep the newest exchanges that fit within compact_share, feed them back."""
+        b, llm = self.backend, self.cfg.llm
+        ctx = b.context_size
+        pairs = self._held_pairs()
+        share = llm.compact_share * (0.5 if harder else 1.0)
+        # The image goes back in with this question if the context loses it.
+        with_image = image
+        kept: list[tuple[str, str]] = []
+        system = before - b.history_cost(pairs)
+        for pair in reversed(pairs):           # newest first
+            trial = [pair] + kept
+            cost = b.history_cost(trial)
+            if cost > share * ctx or system + cost + need > ctx:
+                break
+            kept = trial
+        b.load_history(kept)
+        after = b.tokens_used
+        dropped = len(pairs) - len(kept)
+        if req.stateless:
+            self._held = tuple(kept)
+        else:
+            self.first_in_context = len(self.exchanges) - len(kept)
+            self._held, self._stale = "voice", False
+            self.image = None
+        self.compactions += 1
+        turn.compaction = {"kind": "compact", "tokens_before": before, "tokens_after": after,
+                           "exchanges_dropped": dropped, "exchanges_kept": len(kept)}
+        log.info("turn %d: context full (%d of %d tokens, %d needed): compacted to the %d "
+                 "newest exchanges (%d dropped), %d tokens after", turn.id, before, ctx, need,
+                 len(kept), dropped, after)
+        return _Plan(text, with_image,
+                     needs_image=with_image is None and req.use_camera and not req.stateless)
+
+    # ------------------------------------------------------------------ control
+
+    def abort(self) -> None:
+        """Stop the running turn (barge-in); the stream ends and ask() records the part."""
+        if self.backend is not None:
+            self.backend.abort()
+
+    def keep_spoken(self, turn: Turn, spoken: str) -> None:
+        """After a barge-in: the last exchange holds only what the person heard."""
+        if not self.exchanges or self.exchanges[-1].turn != turn.id:
+            return
+        ex = self.exchanges[-1]
+        spoken = spoken.strip()
+        if spoken == ex.answer:
+            return
+        log.info("turn %d: %d of %d characters of the answer were spoken; the history keeps "
+                 "those", turn.id, len(spoken), len(ex.answer))
+        ex.answer = spoken
+        self._stale = True      # fed back before the next voice turn
+
+    async def clear(self, turn: Optional[Turn] = None) -> None:
+        """Forget the voice conversation (a clear or exit phrase); a new conversation id."""
+        if self.backend is not None:
+            async with self.gate.slot(Priority.VOICE):
+                await self._locked(self.backend.clear)
+        self._forget(new_id=True)
+        if turn is not None:
+            turn.conversation = self.id
+
+    def _forget(self, new_id: bool) -> None:
+        self.exchanges.clear()
+        self.first_in_context = 0
+        self.image = None
+        self._held, self._stale = "voice", False
+        if new_id:
+            self.id = _new_id()
+
+    async def _locked(self, fn, *args):
+        """A blocking backend call in a worker thread, under the model lock (taken inside
+        the thread, so a cancelled caller cannot leave it held)."""
+        def call():
+            with self.lock:
+                return fn(*args)
+        return await asyncio.to_thread(call)
+
+    # ------------------------------------------------------------------ the record
+
+    def record(self, turn: Turn) -> None:
+        """The turn's transcript row (queued to the writer thread)."""
+        if self.transcript is not None and turn.intent and turn.intent != "nothing":
+            row = turn.as_json()
+            row["time"] = turn.wall_time
+            row.setdefault("conversation", turn.conversation or self.id)
+            self.transcript.write(row)
+
+
+def _new_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+

