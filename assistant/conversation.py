@@ -87,6 +87,7 @@ class Request:
     image: Optional[ImageEmbedding] = None    # an image that comes with the question
     use_camera: bool = True                   # attach the camera's scene per vision.attach
     options: Optional[TurnOptions] = None
+    snapshot: Optional[asyncio.Task] = None   # the scene job started at the speech's onset
 
     @property
     def stateless(self) -> bool:
@@ -237,7 +238,7 @@ class Conversation:
             reference = None if req.stateless else self.scene_reference()
             if scene is None:
                 t0 = time.monotonic()
-                scene = await self.scene.take(reference)
+                scene = await self.scene.take(reference, req.snapshot)
                 turn.took("vision_wait", time.monotonic() - t0)
             image = self._scene_image(scene, turn, req.stateless)
         text = self._with_hint(req.question, req.language)
@@ -246,7 +247,7 @@ class Conversation:
             # Compaction took the image out of the context: this question needs it again.
             if scene.shot.embedding is None:
                 t0 = time.monotonic()
-                await asyncio.to_thread(self.scene._encode, scene)
+                await self.scene.encode(scene)
                 turn.took("encode", turn.timings.get("encode_ms", 0) / 1000 + time.monotonic() - t0)
             if scene.shot.embedding is not None:
                 image = scene.shot.embedding
@@ -282,7 +283,10 @@ class Conversation:
         turn.counts["context_used"] = self.backend.tokens_used
         answer = "".join(pieces).strip()
         if req.stateless:
-            self._held = tuple(req.history) + ((req.question, answer),)
+            # An aborted turn (an HTTP stop string) may be rolled back by the backend: the
+            # next request feeds its history back rather than trust the cache.
+            self._held = (tuple(req.history) + ((req.question, answer),)
+                          if turn.finish != "aborted" else "unknown")
         else:
             self.exchanges.append(Exchange(req.question, answer, req.language or "",
                                            plan.image is not None, turn.id))
@@ -360,7 +364,9 @@ class Conversation:
         ctx = b.context_size
         need = b.turn_cost(text, image)
         before = b.tokens_used
-        turn.counts.update(context_before=before, turn_need=need)
+        # The first check's figures: the one that decided whether to compact.
+        turn.counts.setdefault("context_before", before)
+        turn.counts.setdefault("turn_need", need)
         if before + need <= ctx and not harder:
             return _Plan(text, image)
         system = before - b.history_cost(self._held_pairs())

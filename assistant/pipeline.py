@@ -26,7 +26,7 @@ from assistant.audio.sentences import SentenceSplitter
 from assistant.audio.vad import Endpointer, SpeechDiscarded, SpeechStarted, Utterance
 from assistant.audio.voice_out import VoiceOut
 from assistant.config import Config
-from assistant.conversation import Conversation, Request
+from assistant.conversation import Conversation, Request, TurnGate
 from assistant.errors import AssistantError, BackendError, ContextFullError, DeviceError
 from assistant.intent import Intent, IntentClassifier
 from assistant.llm.base import LLMBackend
@@ -62,10 +62,13 @@ class Components:
     llm_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def make_conversation(cfg: Config, parts: Components, transcript=None) -> Conversation:
-    """The conversation over the loaded parts (its scene owns the camera and encoder)."""
+def make_conversation(cfg: Config, parts: Components, transcript=None,
+                      gate: Optional[TurnGate] = None) -> Conversation:
+    """The conversation over the loaded parts (its scene owns the camera and encoder);
+    ``gate`` sets the turn queue's limits (the HTTP front-end's)."""
     scene = Scene(parts.camera, parts.encoder, cfg.vision, camera_down=bool(parts.camera_down))
-    return Conversation(cfg, parts.llm, scene=scene, transcript=transcript, lock=parts.llm_lock)
+    return Conversation(cfg, parts.llm, scene=scene, transcript=transcript, lock=parts.llm_lock,
+                        gate=gate)
 
 
 class Pipeline:
@@ -84,6 +87,7 @@ class Pipeline:
         self.scene = self.conversation.scene
         self.turns: collections.deque[Turn] = collections.deque(maxlen=_TURNS_KEPT)
         self._utterances: asyncio.Queue = asyncio.Queue()
+        self._snapshot: Optional[asyncio.Task] = None   # the scene job of the speech now
         self._barged_in = False
         self._exit_code: Optional[int] = None
 
@@ -143,7 +147,8 @@ class Pipeline:
         question with it)."""
         if self.endpointer.in_speech:
             self.endpointer.reset()
-        self.scene.discard()
+        self.scene.discard(self._snapshot)
+        self._snapshot = None
 
     def _on_frame(self, frame: bytes) -> None:
         if self.voice.speaking and not self.cfg.audio.barge_in:
@@ -159,11 +164,15 @@ class Pipeline:
             if self.voice.speaking and self.cfg.audio.barge_in:
                 self._barge_in()
             if self.cfg.vision.on_speech_start:
-                self.scene.start(self.conversation.scene_reference())
+                self.scene.discard(self._snapshot)
+                self._snapshot = self.scene.start(self.conversation.scene_reference())
         elif isinstance(ev, SpeechDiscarded):
-            self.scene.discard()
+            self.scene.discard(self._snapshot)
+            self._snapshot = None
         elif isinstance(ev, Utterance):
-            self._utterances.put_nowait((ev, time.monotonic()))
+            # The snapshot travels with its utterance: never another question's picture.
+            self._utterances.put_nowait((ev, time.monotonic(), self._snapshot))
+            self._snapshot = None
 
     def _barge_in(self) -> None:
         """The person talks over the answer: stop speaking and generating. The turn ends by
@@ -178,11 +187,11 @@ class Pipeline:
             item = await self._utterances.get()
             if item is None:
                 return
-            utt, cut_at = item
+            utt, cut_at, snapshot = item
             turn = Turn(speech_end=cut_at, last_word=cut_at - utt.silence_ms / 1000.0)
             self._barged_in = False
             try:
-                await self._turn(utt, turn)
+                await self._turn(utt, turn, snapshot)
             except AssistantError as e:
                 # One failed turn must not end a daemon that runs for weeks.
                 log.error("turn %d failed: %s", turn.id, e)
@@ -196,18 +205,18 @@ class Pipeline:
 
     # ------------------------------------------------------------------ one turn
 
-    async def _turn(self, utt: Utterance, turn: Turn) -> None:
+    async def _turn(self, utt: Utterance, turn: Turn, snapshot: Optional[asyncio.Task]) -> None:
         heard = await self._transcribe(utt, turn)
+        intent = self.intents.classify(heard.text) if heard is not None else Intent.NOTHING
+        if intent is not Intent.QUESTION:
+            self.scene.discard(snapshot)
         if heard is None:
-            self.scene.discard()
             return
-        intent = self.intents.classify(heard.text)
         turn.intent = intent.value
         lang = self._reply_language(heard)
         if intent is Intent.QUESTION:
-            await self._answer(heard.text, lang, turn)
+            await self._answer(heard.text, lang, turn, snapshot)
             return
-        self.scene.discard()
         lines = self.cfg.persona.lines(lang)
         await self.conversation.clear(turn)
         reply = lines.cleared if intent is Intent.CLEAR else lines.goodbye
@@ -226,10 +235,11 @@ class Pipeline:
             return None
         return heard
 
-    async def _answer(self, question: str, lang: str, turn: Turn) -> None:
+    async def _answer(self, question: str, lang: str, turn: Turn,
+                      snapshot: Optional[asyncio.Task] = None) -> None:
         lines = self.cfg.persona.lines(lang)
         if self.conversation.backend is None:
-            self.scene.discard()
+            self.scene.discard(snapshot)
             turn.note = self.parts.llm_problem
             await self.voice.say([lines.no_model], lang, turn)
             return
@@ -246,7 +256,8 @@ class Pipeline:
 
         try:
             try:
-                async for piece in self.conversation.ask(Request(question, language=lang), turn):
+                req = Request(question, language=lang, snapshot=snapshot)
+                async for piece in self.conversation.ask(req, turn):
                     if turn.reset and "reset_said" not in turn.marks:
                         turn.mark("reset_said")
                         sentences.put_nowait(lines.reset)

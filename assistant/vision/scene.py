@@ -5,9 +5,11 @@ fresh snapshot with that image on a small grey thumbnail (a cheap, lighting-tole
 measure): when they match, the question goes as text and nothing is encoded; when the scene
 changed (or the context holds no image), the snapshot is encoded and goes in.
 
-The snapshot is taken when speech starts (``start``), so the slow encode overlaps the person
-talking; ``take`` at question time waits for that job, or runs one now. A job started for
-speech that came to nothing is dropped with ``discard``. A failing camera or encoder never
+The snapshot is taken when speech starts (``start`` returns the job, which travels with the
+utterance), so the slow encode overlaps the person talking; ``take`` at question time waits
+for that job, or runs one now. A job started for speech that came to nothing is dropped with
+``discard``. Jobs run one after another on the scene's own worker thread, in the order the
+speech started: the camera and the encoder are single devices. A failing camera or encoder never
 ends a turn: the question is answered without the image and the reason is reported; a
 camera that failed is reopened before the next snapshot.
 """
@@ -18,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -82,8 +85,8 @@ class Scene:
         self.encoder = encoder
         self.cfg = cfg
         self.latest: Optional[Shot] = None      # the newest snapshot (for front-ends)
-        self._job: Optional[asyncio.Task] = None
         self._camera_broken = camera_down        # reopened before the next snapshot
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="scene")
 
     @property
     def enabled(self) -> bool:
@@ -98,26 +101,29 @@ class Scene:
 
     # ------------------------------------------------------------------ jobs
 
-    def start(self, reference: Optional[Shot]) -> None:
-        """Speech started: snapshot now; encode unless the scene matches ``reference``."""
-        if self.enabled and self._job is None:
-            self._job = asyncio.get_running_loop().create_task(self._run(reference))
+    def start(self, reference: Optional[Shot]) -> Optional[asyncio.Task]:
+        """Speech started: snapshot now; encode unless the scene matches ``reference``.
 
-    def discard(self) -> None:
-        """Drop the pending job (the speech was a cough, was cut, or was not a question)."""
-        job, self._job = self._job, None
+        Returns the job for ``take`` (None when there is no camera to look through)."""
+        if not self.enabled:
+            return None
+        return asyncio.get_running_loop().create_task(self._run(reference))
+
+    @staticmethod
+    def discard(job: Optional[asyncio.Task]) -> None:
+        """Drop a job (the speech was a cough, was cut, or was not a question)."""
         if job is not None and not job.done():
-            # The worker thread finishes on its own; only its result is dropped.
+            # The worker finishes it on its own; only its result is dropped.
             job.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def take(self, reference: Optional[Shot]) -> Optional[SceneResult]:
-        """The scene for this question: the job started at speech onset, or a new one.
+    async def take(self, reference: Optional[Shot],
+                   job: Optional[asyncio.Task] = None) -> Optional[SceneResult]:
+        """The scene for this question: the job started at its speech onset, or a new one.
 
         The result carries an embedding exactly when the scene is new to the conversation.
         """
         if not self.enabled:
             return None
-        job, self._job = self._job, None
         res = await (job if job is not None else self._run(reference))
         if res.shot is None:
             return res
@@ -125,11 +131,19 @@ class Scene:
         same, res.difference = self.is_same(res.shot, reference)
         res.changed = not same
         if res.changed and res.shot.embedding is None and not res.error:
-            await asyncio.to_thread(self._encode, res)
+            await self.encode(res)
         return res
 
+    async def encode(self, res: SceneResult) -> None:
+        """Encode a result's snapshot now (after a compaction took the image out)."""
+        await asyncio.get_running_loop().run_in_executor(self._worker, self._encode, res)
+
     async def _run(self, reference: Optional[Shot]) -> SceneResult:
-        return await asyncio.to_thread(self._snapshot_and_encode, reference)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._worker, self._snapshot_and_encode, reference)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     def _snapshot_and_encode(self, reference: Optional[Shot]) -> SceneResult:
         res = SceneResult(shot=None, changed=True)
