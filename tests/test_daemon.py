@@ -237,3 +237,34 @@ def test_an_unplugged_camera_does_not_stop_the_assistant(tmp_path, spoken):
     assert rows[0]["answer"] == REPLY and rows[0]["image"] is False
     turn = [l for l in err.splitlines() if "assistant.turn: turn 1" in l][0]
     assert "answered without the image" in turn and "/dev/video97" in turn
+
+
+def test_the_transcript_survives_kill_9_between_turns(tmp_path, scene, spoken):
+    fake = make_fake_alsa(tmp_path, capture_rate=MIC_RATE, playback_rate=22050)
+    fake.write_capture(speech_at(spoken, "What do you see on the table?", "What color is the cup?"))
+    write_text_model(tmp_path / "tiny.gguf", scripted_reply=REPLY)
+    write_mmproj(tmp_path / "tiny-mmproj.gguf")
+    # exit_action idle: the daemon keeps listening after the questions, as on a board.
+    cfg = BASE_CONFIG.replace("exit_action: stop", "exit_action: idle")
+    proc, sock = start_daemon(tmp_path, fake, cfg +
+                              "llm: {llamacpp: {model: tiny.gguf, mmproj: tiny-mmproj.gguf}}\n")
+    path = tmp_path / "turns.jsonl"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if path.exists() and path.read_text().count("\n") >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGKILL)       # no clean-up of any kind
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.drain()
+    # Every answered turn is there, each a whole JSON line.
+    lines = path.read_text().splitlines()
+    rows = [json.loads(l) for l in lines]
+    assert [r["intent"] for r in rows] == ["question", "question"]
+    assert all(r["answer"] == REPLY for r in rows)
+    assert rows[0]["scene"] == "new" and rows[1]["scene"] == "same"
