@@ -31,7 +31,13 @@ async def ask(cfg: Config, audio: Path, image: Optional[Path], out: Optional[Pat
     source = components.wav_source(cfg, audio, realtime=realtime)
     await source.open()
     cam = None
-    if image is not None and cfg.vision.encoder != "none":
+    image_note = ""
+    if image is not None and cfg.vision.encoder == "none":
+        # Say so rather than answer as if the picture had been seen.
+        image_note = (f"--image {image} was not used: vision.encoder is none in {cfg.source} "
+                      f"(set it to llamacpp or rknn to let the model see it)")
+        log.warning("%s", image_note)
+    elif image is not None:
         cam = components.camera(cfg, image)
         cam.open()
     parts = await components.assemble(cfg, source, lambda rate: components.wav_sink(out, rate),
@@ -55,6 +61,8 @@ async def ask(cfg: Config, audio: Path, image: Optional[Path], out: Optional[Pat
     result["image_file"] = str(image) if image else None
     result["answer_wav"] = str(out) if out else None
     result["load_ms"] = round(load_s * 1000.0, 1)
+    if image_note:
+        result["image_note"] = image_note
     if len(turns) > 1:
         result["turns"] = turns
     return result

@@ -75,9 +75,12 @@ def voices(cfg: Config):
     return VoiceSet(cfg.tts, cfg.path)
 
 
-def language_model(cfg: Config):
-    """(backend, encoder or None, encoder loads from the LLM) for the configured backends."""
-    with_vision = cfg.vision.encoder != "none" and cfg.camera.source is not None
+def language_model(cfg: Config, image_given: bool = False):
+    """(backend, encoder or None, encoder loads from the LLM) for the configured backends.
+
+    ``image_given``: a picture comes with the question (`ask --image`), so the encoder is
+    needed even when no camera is configured."""
+    with_vision = cfg.vision.encoder != "none" and (cfg.camera.source is not None or image_given)
     if cfg.llm.backend == "rkllm":
         from assistant.llm.rkllm import RkllmBackend
 
@@ -132,7 +135,8 @@ async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Opt
     after_llm = False
     problem = ""
     try:
-        llm, encoder, after_llm = models if models is not None else language_model(cfg)
+        llm, encoder, after_llm = (models if models is not None
+                                   else language_model(cfg, image_given=image is not None))
     except ModelMissingError as e:
         if not allow_missing_llm:
             raise

@@ -141,3 +141,33 @@ def test_demo_with_a_model_answers(workdir, tmp_path, whisper_tiny):
     assert r.returncode == 0, r.stderr
     assert f"answered: {REPLY!r}" in r.stdout
     assert "apple" in said(whisper_tiny, tmp_path / "demo-answer.wav")
+
+
+def test_several_questions_are_one_conversation_with_scene_memory(workdir, spoken, tmp_path):
+    from speech_fixtures import write_wav
+    import numpy as np
+    pcm = np.concatenate([np.zeros(8000, np.int16), spoken.pcm("What do you see on the table?"),
+                          np.zeros(16000, np.int16), spoken.pcm("What color is the cup?"),
+                          np.zeros(16000, np.int16)])
+    wav = write_wav(tmp_path / "two.wav", pcm, 16000)
+    r = ask(workdir, "--audio", str(wav), "--image", "scene.jpg", "--compact")
+    assert r.returncode == 0, r.stderr
+    first, second = json.loads(r.stdout)["turns"]
+    # The picture goes in once; the second question about the same scene goes as text.
+    assert first["scene"] == "new" and first["counts"]["image_tokens"] > 0
+    assert second["scene"] == "same" and second["counts"]["image_tokens_saved"] > 0
+    assert "image_tokens" not in second["counts"]
+    assert first["conversation"] == second["conversation"] and second["compaction"] is None
+
+
+@pytest.mark.parametrize("config, used", [("camera: {source: null}\n", True),
+                                          ("vision: {encoder: none}\n", False)])
+def test_ask_image_is_used_or_the_reason_is_said(workdir, spoken, config, used):
+    (workdir / "alt.yaml").write_text((workdir / "config.yaml").read_text() + config)
+    r = ask(workdir, "--audio", str(spoken("What do you see on the table?")), "--image",
+            "scene.jpg", "--compact", config="alt.yaml")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["image"] is used
+    if not used:
+        assert "vision.encoder is none" in out["image_note"]
