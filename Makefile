@@ -6,13 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test venv system-deps clean install uninstall
 
-# Debian's PortAudio for sounddevice, and the ALSA file plugin the device tests use.
+# Debian's PortAudio for sounddevice, and the ALSA file plugin the device tests use; Chromium
+# and its WebDriver for the web page's browser test.
 system-deps:
-	@if ! ldconfig -p | grep -q libportaudio.so.2 || [ ! -e /usr/share/alsa/alsa.conf ]; then \
+	@if ! ldconfig -p | grep -q libportaudio.so.2 || [ ! -e /usr/share/alsa/alsa.conf ] || \
+	    ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    (apt-get install -y -qq libportaudio2 libasound2-plugins alsa-utils >/dev/null 2>&1 || \
-	     (apt-get update -qq && apt-get install -y -qq libportaudio2 libasound2-plugins alsa-utils)); \
-	  else echo "note: install libportaudio2 (sudo apt-get install libportaudio2) for real audio devices"; fi; \
+	    (apt-get install -y -qq libportaudio2 libasound2-plugins alsa-utils chromium chromium-driver >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq libportaudio2 libasound2-plugins alsa-utils chromium chromium-driver)); \
+	  else echo "note: install libportaudio2 (sudo apt-get install libportaudio2) for real audio devices, chromium chromium-driver for the page's browser test"; fi; \
 	fi
 
 $(STAMP): pyproject.toml Makefile

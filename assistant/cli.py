@@ -54,6 +54,12 @@ def cmd_run(args, cfg: Config) -> int:
     return asyncio.run(run_daemon(cfg))
 
 
+def cmd_serve(args, cfg: Config) -> int:
+    from assistant.serve import run_serve
+
+    return asyncio.run(run_serve(cfg))
+
+
 def cmd_ask(args, cfg: Config) -> int:
     from assistant.ask import ask
 
@@ -138,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="the daemon: listen on the microphone, answer on the speaker")
     s.set_defaults(func=cmd_run)
 
+    s = sub.add_parser("serve", help="the HTTP API and web page alone (no microphone or speaker)")
+    s.set_defaults(func=cmd_serve)
+
     s = sub.add_parser("ask", help="one turn from a WAV file (and an image); prints JSON")
     s.add_argument("--audio", required=True, help="the spoken question, a WAV file")
     s.add_argument("--image", help="what the camera sees, an image file")
@@ -218,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"rkvlm-assistant: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        return 0 if args.cmd == "run" else 130
+        return 0 if args.cmd in ("run", "serve") else 130
 
 
 if __name__ == "__main__":

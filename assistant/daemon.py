@@ -23,6 +23,9 @@ async def run_daemon(cfg: Config) -> int:
         for e in missing[1:]:
             log.error("%s", e)
         raise missing[0]
+    if cfg.http.enabled:
+        from assistant.http.server import check_listen, make_gate, start_server
+        check_listen(cfg)      # a non-loopback address without http.api_key: exit 78
     notify = Notifier()
     notify("STATUS=loading models")
     parts = await components.assemble(cfg, components.microphone(cfg),
@@ -31,8 +34,12 @@ async def run_daemon(cfg: Config) -> int:
                   if cfg.transcript.enabled else None)
     if transcript is not None:
         log.info("transcript: %s", transcript.path)
-    conversation = make_conversation(cfg, parts, transcript)
+    conversation = make_conversation(cfg, parts, transcript,
+                                     gate=make_gate(cfg) if cfg.http.enabled else None)
     pipeline = Pipeline(cfg, parts, conversation=conversation, notify=notify)
+    # The HTTP API and page on this loop; if it cannot listen, the voice loop goes on.
+    http = (await start_server(cfg, conversation, parts, voice=pipeline.voice, has_mic=True,
+                               required=False) if cfg.http.enabled else None)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stopping = False
@@ -68,7 +75,10 @@ async def run_daemon(cfg: Config) -> int:
             signal.signal(sig, handler)
         watchdog.cancel()
         notify("STOPPING=1")
+        if http is not None:
+            await http.stop()
         if transcript is not None:
             await asyncio.to_thread(transcript.close)   # every queued turn reaches the disk
+        conversation.scene.close()
         await components.close(parts)
         notify.close()

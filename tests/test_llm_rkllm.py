@@ -312,17 +312,30 @@ def test_a_turn_that_cannot_fit_is_refused_before_the_runtime(setup):
     assert fake.calls("rkllm_run") == []
 
 
-def test_a_full_context_reported_by_the_runtime_is_a_backend_error(setup, version):
-    # The fake counts a byte as a token, three times the backend's estimate: this question
-    # passes the estimate and overflows in the runtime.
+def test_a_full_context_reported_by_the_runtime_is_a_context_error(setup, version):
+    # The fake counts a byte as a token, three times the backend's first estimate: this
+    # question passes the estimate and overflows in the runtime. The runtime's overflow is
+    # a ContextFullError (the conversation compacts and tries again), its text kept.
     b, fake = setup(version, max_context_len=256, max_new_tokens=64)
     b.load()
-    with pytest.raises(BackendError) as e:
+    with pytest.raises(ContextFullError) as e:
         run(b, "y" * 200)
-    assert not isinstance(e.value, ContextFullError)
     assert "exceed max_context_len 256" in str(e.value)
-    assert "llm.max_context_len" in str(e.value)
     assert fake.last("rkllm_run")["error"].startswith("fake:")
+
+
+def test_bytes_per_token_is_measured_from_the_runtime(setup, version):
+    b, fake = setup(version, max_context_len=256, max_new_tokens=64)
+    b.load()
+    assert b.count_tokens("y" * 90) == 30          # the starting bound: 3 bytes a token
+    run(b, "A short question?")
+    # The runtime reported one token a byte: from now on the budget counts that way, and
+    # the question that overflowed the runtime is refused before it.
+    assert b.count_tokens("y" * 90) == 90
+    b.clear()
+    with pytest.raises(ContextFullError):
+        run(b, "y" * 200)
+    assert len(fake.calls("rkllm_run")) == 1
 
 
 def test_an_error_callback_mid_answer_is_a_backend_error(setup, version):

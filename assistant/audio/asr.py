@@ -189,12 +189,18 @@ class Transcriber:
         best = max(scores, key=scores.get)
         return best, scores[best]
 
-    def transcribe(self, pcm: np.ndarray) -> Transcript:
-        """Transcribe one utterance (int16, 16 kHz, mono) and judge whether it is speech."""
+    def transcribe(self, pcm: np.ndarray, language: Optional[str] = None) -> Transcript:
+        """Transcribe one utterance (int16, 16 kHz, mono) and judge whether it is speech.
+
+        ``language`` (a whisper code) overrides asr.language for this call (multilingual
+        models only)."""
         self._require()
         audio = _as_float32(pcm)
         t0 = time.monotonic()
-        language, language_prob = self._language(audio)
+        if language and self._model.model.is_multilingual:
+            language_prob = 1.0
+        else:
+            language, language_prob = self._language(audio)
         segments, _info = self._model.transcribe(
             audio,
             language=language,

@@ -1,0 +1,98 @@
+"""`rkvlm-assistant serve`: the HTTP front-end alone (no microphone, no speaker).
+
+For a board without audio, or a PC: whisper, piper, the LLM and the camera/encoder are
+loaded as for `run`; the OpenAI-compatible API and the web page are the only front-ends.
+Under systemd it reports READY once the models are loaded and the socket listens, and a
+SIGTERM ends it cleanly (exit 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import AsyncIterator
+
+from assistant import components
+from assistant.audio.base import AudioSource
+from assistant.audio.null_sink import NullSink
+from assistant.config import Config, check_files
+from assistant.pipeline import make_conversation
+from assistant.sdnotify import Notifier
+from assistant.transcript import TranscriptWriter, transcript_path
+
+log = logging.getLogger(__name__)
+
+
+class NoSource(AudioSource):
+    """No microphone: a source that never yields a frame."""
+
+    name = "none"
+
+    async def open(self) -> None:
+        pass
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        return
+        yield  # pragma: no cover  (an async generator that ends at once)
+
+
+async def assemble_headless(cfg: Config):
+    """The parts without a microphone or a speaker (the sink plays nothing)."""
+    return await components.assemble(cfg, NoSource(), lambda rate: NullSink(rate))
+
+
+async def run_serve(cfg: Config) -> int:
+    from assistant.http.server import check_listen, make_gate, start_server
+
+    check_listen(cfg)                      # ConfigError -> 78, before any model loads
+    missing = check_files(cfg)
+    if missing:
+        for e in missing[1:]:
+            log.error("%s", e)
+        raise missing[0]
+    notify = Notifier()
+    notify("STATUS=loading models")
+    parts = await assemble_headless(cfg)
+    transcript = (TranscriptWriter(transcript_path(cfg), cfg.transcript)
+                  if cfg.transcript.enabled else None)
+    server = None
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    stopping = False
+
+    def stop(signame: str) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            log.info("%s: stopping", signame)
+            notify("STOPPING=1")
+            main.cancel()
+
+    def on_signal(signum, frame) -> None:
+        loop.call_soon_threadsafe(stop, signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    watchdog = asyncio.create_task(notify.watchdog())
+    try:
+        conversation = make_conversation(cfg, parts, transcript, gate=make_gate(cfg))
+        server = await start_server(cfg, conversation, parts, required=True)
+        notify("READY=1")
+        notify(f"STATUS=serving on {server.url}")
+        await asyncio.Event().wait()       # until a signal
+        return 0
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        watchdog.cancel()
+        notify("STOPPING=1")
+        if server is not None:
+            await server.stop()
+        if transcript is not None:
+            await asyncio.to_thread(transcript.close)
+        await components.close(parts)
+        notify.close()
