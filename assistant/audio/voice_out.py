@@ -23,7 +23,8 @@ from typing import AsyncIterator, Iterable, Optional, Union
 
 import numpy as np
 
-from assistant.audio.base import AudioSink
+from assistant.audio.base import SAMPLE_RATE, AudioSink
+from assistant.audio.echo import EchoGuard
 from assistant.audio.resample import resample
 from assistant.errors import AssistantError
 from assistant.turn import Turn
@@ -64,10 +65,12 @@ class Spoken:
 
 
 class VoiceOut:
-    def __init__(self, voices, sink: AudioSink, pause_ms: int = 150):
+    def __init__(self, voices, sink: AudioSink, pause_ms: int = 150,
+                 echo: Optional[EchoGuard] = None):
         self.voices = voices          # .for_language(lang) -> synthesizer with .synthesize, .sample_rate
         self.sink = sink
         self.pause_ms = pause_ms
+        self.echo = echo              # told what is played, to recognise it in the microphone
         self._speaking_until = 0.0
         self._playing = 0
         self._saying = 0
@@ -118,13 +121,19 @@ class VoiceOut:
             for s in sentences:
                 yield s
 
-    def _render(self, sentence: str) -> np.ndarray:
-        """Synthesise and resample to the sink's rate (worker thread)."""
+    def _render(self, sentence: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Synthesise and resample to the sink's rate, and to 16 kHz for the echo guard
+        (worker thread)."""
         tts = self.voices.for_language(script_language(sentence))
-        pcm = tts.synthesize(sentence)
+        speech = tts.synthesize(sentence)
+        pcm = speech
         if len(pcm) and tts.sample_rate != self.sink.sample_rate:
-            pcm = resample(pcm, tts.sample_rate, self.sink.sample_rate)
-        return pcm
+            pcm = resample(speech, tts.sample_rate, self.sink.sample_rate)
+        ref = None
+        if self.echo is not None and len(speech):
+            ref = (speech if tts.sample_rate == SAMPLE_RATE
+                   else resample(speech, tts.sample_rate, SAMPLE_RATE))
+        return pcm, ref
 
     async def _synthesize(self, sentences: Sentences, language: str, audio: asyncio.Queue,
                           turn: Optional[Turn]) -> None:
@@ -133,13 +142,14 @@ class VoiceOut:
                 continue
             t0 = time.monotonic()
             try:
-                pcm = await asyncio.to_thread(self._render, sentence)
+                from assistant.health import HEALTH  # deadlines.tts_s; stuck: a restart
+                pcm, ref = await HEALTH.call("tts", self._render, sentence)
             except AssistantError as e:
                 log.error("speech synthesis failed: %s", e)
                 continue
             if turn is not None:
                 turn.add("tts", time.monotonic() - t0)
-            await audio.put((sentence, pcm))
+            await audio.put((sentence, pcm, ref))
         # Only on a normal end: a cancelled producer has no consumer left to wait for.
         await audio.put(None)
 
@@ -150,7 +160,7 @@ class VoiceOut:
         first = True
         try:
             while (item := await audio.get()) is not None:
-                sentence, pcm = item
+                sentence, pcm, ref = item
                 if self._interrupted:
                     continue
                 if turn is not None:
@@ -161,6 +171,8 @@ class VoiceOut:
                     if not first and len(gap):
                         await self.sink.play(gap)
                     first = False
+                    if self.echo is not None and ref is not None:
+                        self.echo.played(ref)
                     played = await self.sink.play(pcm)
                 except AssistantError as e:
                     # A speaker that went away must not end the conversation: the answer is

@@ -1,0 +1,88 @@
+"""Self-hearing guard: is the speech the microphone just picked up the assistant's own voice?
+
+With barge-in on, the microphone stays open while the assistant speaks, and the speaker's
+sound comes back into it. The guard keeps the last seconds of what was played (16 kHz, with
+the time each chunk started) and of what the microphone heard; when the VAD says speech
+started, it looks for the played audio inside the heard audio at any delay up to
+``max_delay_s`` (normalised cross-correlation, one FFT). A high match means the microphone
+hears the speaker, not a person: the speech is dropped and the answer goes on. A person
+talking over the answer makes the heard audio a mixture the played audio no longer explains,
+and the match falls.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Optional
+
+import numpy as np
+
+from assistant.audio.base import SAMPLE_RATE
+
+_KEEP_S = 4.0
+
+
+class EchoGuard:
+    def __init__(self, threshold: float = 0.5, window_s: float = 0.5, max_delay_s: float = 0.5):
+        self.threshold = threshold
+        self.window = int(window_s * SAMPLE_RATE)
+        self.max_delay = int(max_delay_s * SAMPLE_RATE)
+        self._played: collections.deque[tuple[float, np.ndarray]] = collections.deque()
+        self._heard: collections.deque[np.ndarray] = collections.deque()
+        self._heard_n = 0
+        self._heard_end = 0.0
+
+    def played(self, pcm16k: np.ndarray, started: Optional[float] = None) -> None:
+        """A chunk of speech (16 kHz int16) starts playing now (or at ``started``)."""
+        t = time.monotonic() if started is None else started
+        self._played.append((t, np.asarray(pcm16k, np.float32)))
+        while self._played and self._played[0][0] < t - _KEEP_S:
+            self._played.popleft()
+
+    def heard(self, frame: bytes, at: Optional[float] = None) -> None:
+        """A microphone frame (16 kHz int16) arrived now (or at ``at``)."""
+        pcm = np.frombuffer(frame, np.int16).astype(np.float32)
+        self._heard.append(pcm)
+        self._heard_n += len(pcm)
+        self._heard_end = time.monotonic() if at is None else at
+        while self._heard_n - len(self._heard[0]) >= self.window:
+            self._heard_n -= len(self._heard.popleft())
+
+    def _reference(self, start: float, end: float) -> np.ndarray:
+        """The played signal between two monotonic times (silence where nothing played)."""
+        n = int((end - start) * SAMPLE_RATE)
+        out = np.zeros(max(n, 0), np.float32)
+        for t, pcm in self._played:
+            a = int(round((t - start) * SAMPLE_RATE))
+            lo, hi = max(a, 0), min(a + len(pcm), n)
+            if lo < hi:
+                out[lo:hi] = pcm[lo - a:hi - a]
+        return out
+
+    def match(self) -> float:
+        """How well the recently played audio explains the recently heard audio, 0 to 1."""
+        if not self._played or self._heard_n < self.window // 2:
+            return 0.0
+        mic = np.concatenate(list(self._heard))[-self.window:]
+        end = self._heard_end
+        start = end - len(mic) / SAMPLE_RATE
+        ref = self._reference(start - self.max_delay / SAMPLE_RATE, end)
+        n = len(mic)
+        if len(ref) < n or not np.any(ref):
+            return 0.0
+        mic = mic - mic.mean()
+        mic_norm = float(np.sqrt(np.dot(mic, mic)))
+        if mic_norm == 0.0:
+            return 0.0
+        # Cross-correlation at every lag by FFT; the reference's energy per window by cumsum.
+        size = 1 << int(np.ceil(np.log2(len(ref) + n)))
+        corr = np.fft.irfft(np.fft.rfft(ref, size) * np.conj(np.fft.rfft(mic, size)), size)
+        lags = len(ref) - n + 1
+        corr = corr[:lags]
+        energy = np.concatenate([[0.0], np.cumsum(ref.astype(np.float64) ** 2)])
+        window_energy = np.sqrt(np.maximum(energy[n:n + lags] - energy[:lags], 1e-9))
+        return float(np.max(np.abs(corr) / (window_energy * mic_norm)))
+
+    def is_echo(self) -> bool:
+        return self.match() >= self.threshold
