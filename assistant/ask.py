@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 
 async def ask(cfg: Config, audio: Path, image: Optional[Path], out: Optional[Path], *,
               realtime: bool = False, allow_missing_llm: bool = False) -> dict:
+    # A one-off question from files has no idle time worth watching the camera in.
+    cfg = replace(cfg, vision=replace(cfg.vision, watch=False))
     for p, what in ((audio, "--audio"), (image, "--image")):
         if p is not None and not p.is_file():
             raise InputError(f"{what}: file not found: {p}")

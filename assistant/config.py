@@ -120,6 +120,7 @@ class AudioConfig:
     input: AudioInputConfig = _f(AudioInputConfig(), "Microphone settings.")
     output: AudioOutputConfig = _f(AudioOutputConfig(), "Speaker settings.")
     barge_in: bool = _f(False, "false: the microphone is ignored while the assistant speaks. true: speech during an answer cuts it short.")
+    echo_match: float = _f(0.5, "With barge_in: speech that the assistant's own audio of the last moments explains this well (normalised cross-correlation, 0 to 1) is its voice coming back from the speaker, not a person, and cuts nothing; 0 turns this guard off.", lo=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,8 @@ class VisionConfig:
         "when_changed", "When a question carries the camera's image: when_changed (only when the scene differs from the image the conversation already holds, or it holds none), every_turn, or never.")
     change_threshold: float = _f(
         0.06, "How different a snapshot must be from the image in the conversation to count as a new scene: mean absolute difference of small grey thumbnails, 0 (identical) to 1.", lo=0.0, hi=1.0)
+    watch: bool = _f(True, "While nobody speaks and nothing is answered, look at the camera every watch_interval_s; when the scene has changed and settled, encode it in the background, so a question about it finds the image ready.")
+    watch_interval_s: float = _f(3.0, "Seconds between idle snapshots (vision.watch).", lo=0.2, hi=3600.0)
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,7 @@ class LlmConfig:
     on_context_full: Literal["compact", "reset", "error"] = _f(
         "compact", "When the next turn does not fit: compact keeps the most recent exchanges (as text, within compact_share of the context) and answers; reset forgets the conversation, says so and answers; error refuses the turn.")
     compact_share: float = _f(0.5, "With on_context_full: compact, the share of the context the kept exchanges may fill.", lo=0.0, hi=0.9)
+    prefill_early: bool = _f(True, "When the scene is new, put its image into the model's context while the person is still talking, so the question's turn evaluates only the question (llama.cpp; the RKLLM runtime cannot prefill ahead through this binding yet).")
     llamacpp: LlamaCppConfig = _f(LlamaCppConfig(), "Portable backend settings (llm.backend: llamacpp).")
     rkllm: RkllmConfig = _f(RkllmConfig(), "NPU backend settings (llm.backend: rkllm).")
 
@@ -267,6 +271,16 @@ class TranscriptConfig:
 
 
 @dataclass(frozen=True)
+class DeadlinesConfig:
+    asr_s: float = _f(30.0, "Longest speech recognition of one utterance; past it the turn is dropped with an apology.", lo=0.5, hi=86400.0)
+    llm_first_piece_s: float = _f(60.0, "Longest wait for the first piece of an answer (the prompt and image evaluated); past it the turn is aborted and apologised for.", lo=0.5, hi=86400.0)
+    llm_s: float = _f(300.0, "Longest language-model turn from start to last piece; past it the turn is aborted and apologised for.", lo=0.5, hi=86400.0)
+    encode_s: float = _f(60.0, "Longest image encode; past it the question is answered without the picture.", lo=0.5, hi=86400.0)
+    tts_s: float = _f(30.0, "Longest speech synthesis of one sentence; past it the sentence is skipped.", lo=0.5, hi=86400.0)
+    abort_grace_s: float = _f(10.0, "After a deadline, how long the native call may take to return; if it does not, the daemon stops pinging the watchdog and exits 70 so systemd restarts it.", lo=0.5, hi=3600.0)
+
+
+@dataclass(frozen=True)
 class Config:
     persona: PersonaConfig = _f(PersonaConfig(), "Who the assistant is.")
     audio: AudioConfig = _f(AudioConfig(), "Microphone and speaker.")
@@ -280,6 +294,7 @@ class Config:
     logging: LoggingConfig = _f(LoggingConfig(), "Logging.")
     transcript: TranscriptConfig = _f(TranscriptConfig(), "The durable transcript of every turn.")
     http: HttpConfig = _f(HttpConfig(), "The HTTP API (OpenAI-compatible) and the web page.")
+    deadlines: DeadlinesConfig = _f(DeadlinesConfig(), "How long each stage may take before the turn is given up (a stuck native call restarts the service).")
     # Where the file came from: relative paths in it are relative to its folder.
     source: str = field(default="<defaults>", metadata={"doc": "", "internal": True})
 

@@ -36,6 +36,7 @@ from typing import AsyncIterator, Callable, Optional, Sequence
 
 from assistant.config import Config
 from assistant.errors import AssistantError, BackendError, ContextFullError
+from assistant.health import StageOverrun
 from assistant.llm.base import ImageEmbedding, LLMBackend, TurnOptions, stream_turn
 from assistant.transcript import TranscriptWriter
 from assistant.turn import Turn
@@ -258,13 +259,23 @@ class Conversation:
         for attempt in (1, 2):
             try:
                 stream = stream_turn(self.backend, plan.text, plan.image, True, stats,
-                                     lock=self.lock, options=req.options)
+                                     lock=self.lock, options=req.options,
+                                     deadlines=self.cfg.deadlines)
                 async with contextlib.aclosing(stream):
                     async for piece in stream:
                         turn.mark("llm_first_piece")
                         pieces.append(piece)
                         yield piece
                 break
+            except StageOverrun:
+                # Aborted past its deadline: what the cache kept of it is unknown, so the
+                # next turn feeds its conversation back first.
+                turn.took("llm", time.monotonic() - t0)
+                if req.stateless:
+                    self._held = "unknown"
+                else:
+                    self._stale = True
+                raise
             except ContextFullError:
                 # The estimate was short (or the runtime overflowed): compact harder, once.
                 if attempt == 2 or pieces or self.cfg.llm.on_context_full == "error":
@@ -274,6 +285,8 @@ class Conversation:
                 plan = await self._locked(self._fit, req, text, plan.image, turn, True)
         turn.took("llm", time.monotonic() - t0)
         st = stats[0] if stats else None
+        if st is not None and st.extra.get("prefilled_ahead"):
+            turn.counts["prefilled_ahead"] = st.extra["prefilled_ahead"]
         if st is not None:
             turn.counts.update(prompt_tokens=st.prompt_tokens,
                                generated_tokens=st.generated_tokens)
@@ -319,6 +332,8 @@ class Conversation:
             turn.scene = "none"
             return None
         self._note_image(turn, emb, "new")
+        if scene.reused:
+            turn.counts["encoded_while_idle"] = 1
         return emb
 
     @staticmethod
@@ -433,6 +448,44 @@ class Conversation:
                  len(kept), dropped, after)
         return _Plan(text, with_image,
                      needs_image=with_image is None and req.use_camera and not req.stateless)
+
+    # ------------------------------------------------------------------ ahead of the question
+
+    async def prefill(self, snapshot: asyncio.Task,
+                      dropped: Optional[asyncio.Event] = None) -> bool:
+        """Speech started and its snapshot may show a new scene: put that image into the
+        model's context now, while the person talks (llm.prefill_early). The turn that
+        asks about it then evaluates only its question; anything else cuts it away."""
+        if self.backend is None or self.scene is None or not self.cfg.llm.prefill_early:
+            return False
+        try:
+            res = await asyncio.shield(snapshot)
+        except Exception:
+            return False
+        if res.shot is None or not res.changed or res.embedding is None:
+            return False
+        async with self.gate.slot(Priority.VOICE):
+            # Checked again with the model ours: the speech may have come to nothing, a
+            # turn may have taken this image already, and the context must hold the voice
+            # conversation as it is.
+            if (dropped is not None and dropped.is_set()) or (
+                    self._held != "voice" or self._stale or self.image is res.shot
+                    or (self.image is not None and self.scene.is_same(res.shot, self.image)[0])):
+                return False
+            t0 = time.monotonic()
+            ok = await self._locked(self.backend.prefill, res.embedding)
+            if ok and dropped is not None and dropped.is_set():
+                await self._locked(self.backend.cancel_prefill)   # dropped meanwhile
+                return False
+            if ok:
+                log.info("image of the new scene evaluated ahead of the question in %.0f ms",
+                         (time.monotonic() - t0) * 1e3)
+            return ok
+
+    async def cancel_prefill(self) -> None:
+        """The speech was not a question after all: cut its image prefill away."""
+        if self.backend is not None:
+            await self._locked(self.backend.cancel_prefill)
 
     # ------------------------------------------------------------------ control
 

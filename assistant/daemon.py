@@ -1,20 +1,191 @@
 """`rkvlm-assistant run`: the pipeline on the configured microphone, speaker and camera,
-under systemd (sd_notify READY / STATUS / WATCHDOG / STOPPING) or by hand."""
+under systemd (sd_notify READY / STATUS / WATCHDOG / STOPPING) or by hand.
+
+Signals: SIGTERM and SIGINT abort the running turn, flush the transcript, release the
+models and devices and exit 0. SIGHUP re-reads the config file and applies what can change
+without reloading a model (persona, system prompt, intent phrases, deadlines, logging); a
+changed section that needs a restart is named in the log and keeps its running values; a
+config that does not load is refused with one log line and the running one kept.
+
+The watchdog loop (``supervise``) pings systemd, puts the speaker's state in STATUS, and
+consults ``assistant.health``: a native call stuck past its deadline and the grace after it
+stops the pings and ends the process with exit code 70, so systemd restarts it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import signal
+import sys
+import time
+from typing import Awaitable, Callable, Optional
 
 from assistant import components
-from assistant.config import Config, check_files
+from assistant import config as config_mod
+from assistant.config import Config, ConfigError, check_files
+from assistant.conversation import Conversation, Priority
+from assistant.health import EX_SOFTWARE, HEALTH, STAGES, Health, Watch
+from assistant.intent import IntentClassifier
 from assistant.pipeline import Pipeline, make_conversation
 from assistant.sdnotify import Notifier
 from assistant.transcript import TranscriptWriter, transcript_path
 
 log = logging.getLogger(__name__)
 
+# Sections whose objects are built once at start (models, devices, sockets, files): a
+# SIGHUP that changes them is told to restart instead.
+RESTART_SECTIONS = ("llm", "vision", "asr", "tts", "audio", "camera", "http", "vad",
+                    "transcript")
+
+# How often the watchdog loop looks at the running calls and the speaker.
+_TICK_S = 0.5
+# A shutdown never waits longer than this on a device or a model that does not let go.
+_CLOSE_TIMEOUT_S = 3.0
+
+
+# --------------------------------------------------------------------------- STATUS
+
+class SpeakerStatus:
+    """STATUS= for the speaker: "speaker unavailable: <why>" while it is down, back to
+    "listening" once it plays again (``SpeakerSink.state`` / ``.problem``)."""
+
+    def __init__(self, sink: object, notify: Callable[[str], None]):
+        self.sink = sink
+        self.notify = notify
+        self.reported = ""          # the problem last put in STATUS; "" while it is fine
+
+    def poll(self) -> None:
+        state = getattr(self.sink, "state", None)
+        if state == "down":
+            problem = getattr(self.sink, "problem", "") or "it stopped working"
+            if problem != self.reported:
+                self.reported = problem
+                self.notify(f"STATUS=speaker unavailable: {problem}")
+        elif state == "ready" and self.reported:
+            self.reported = ""
+            self.notify("STATUS=listening")
+
+
+# --------------------------------------------------------------------------- the watchdog
+
+async def supervise(notify: Notifier, health: Health,
+                    on_stuck: Callable[[Watch], Awaitable[None]],
+                    speaker: Optional[SpeakerStatus] = None, tick: float = _TICK_S) -> None:
+    """Ping the watchdog from the loop (a blocked loop stops the pings), and stop pinging
+    for good once a native call is stuck: ``on_stuck`` then ends the process."""
+    interval = notify.watchdog_interval() if notify.enabled else None
+    next_ping = 0.0
+    while True:
+        now = time.monotonic()
+        stuck = health.stuck(now)
+        if stuck is not None:
+            await on_stuck(stuck)
+            return
+        if interval is not None and now >= next_ping:
+            notify("WATCHDOG=1")
+            next_ping = now + interval
+        if speaker is not None:
+            speaker.poll()
+        await asyncio.sleep(tick if interval is None else min(tick, interval))
+
+
+def _flush_logs() -> None:
+    for h in logging.getLogger().handlers:
+        try:
+            h.flush()
+        except Exception:
+            pass
+    sys.stderr.flush()
+
+
+def _hard_exit(code: int) -> None:
+    """Leave now: a thread stuck in native code would block a normal interpreter exit."""
+    _flush_logs()
+    os._exit(code)
+
+
+# --------------------------------------------------------------------------- SIGHUP
+
+def plan_reload(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """The config to apply on SIGHUP, and the sections that changed but need a restart
+    (those keep their running values)."""
+    changed = [s for s in RESTART_SECTIONS if getattr(new, s) != getattr(running, s)]
+    kept = {s: getattr(running, s) for s in changed}
+    return dataclasses.replace(new, source=running.source, **kept), changed
+
+
+def apply_logging(level: str) -> None:
+    logging.getLogger().setLevel(getattr(logging, level))
+    logging.getLogger("faster_whisper").setLevel(max(logging.WARNING, getattr(logging, level)))
+
+
+class Reloader:
+    """SIGHUP: re-read the config file, validate it, apply what needs no model reload."""
+
+    def __init__(self, cfg: Config, pipeline: Pipeline, conversation: Conversation,
+                 health: Health = HEALTH):
+        self.cfg = cfg
+        self.pipeline = pipeline
+        self.conversation = conversation
+        self.health = health
+        self._lock = asyncio.Lock()
+
+    async def reload(self) -> bool:
+        """True when a new config was applied."""
+        async with self._lock:
+            running = self.cfg
+            if running.source in ("<defaults>", "<string>"):
+                log.warning("SIGHUP: the daemon runs on built-in defaults; there is no config "
+                            "file to reload")
+                return False
+            try:
+                loaded = await asyncio.to_thread(config_mod.load, running.source)
+            except ConfigError as e:
+                log.error("SIGHUP: %s; keeping the running configuration", e)
+                return False
+            new, restart = plan_reload(running, loaded)
+            if restart:
+                log.warning("SIGHUP: %s changed; %s a restart (systemctl restart "
+                            "rkvlm-assistant), the running values stay until then",
+                            ", ".join(restart), "that needs" if len(restart) == 1 else "those need")
+            self.cfg = new
+            self.pipeline.cfg = new
+            self.pipeline.intents = IntentClassifier(new.intent)
+            self.conversation.cfg = new
+            self.health.configure(new.deadlines)
+            apply_logging(new.logging.level)
+            if new.persona.prompt != running.persona.prompt:
+                await self._new_system_prompt(new)
+            log.info("SIGHUP: configuration reloaded from %s (persona, prompts, intent "
+                     "phrases, deadlines, logging)", running.source)
+            return True
+
+    async def _new_system_prompt(self, new: Config) -> None:
+        conv = self.conversation
+        backend = conv.backend
+        if backend is None:
+            return
+        # Between turns: the new prompt empties the model's context, so the conversation
+        # is forgotten with it (as a clear phrase would).
+        async with conv.gate.slot(Priority.VOICE):
+            def swap() -> None:
+                with conv.lock:
+                    backend.set_persona(new.persona)
+            try:
+                await asyncio.to_thread(swap)
+            except Exception as e:
+                log.error("SIGHUP: the new system prompt could not be applied: %s", e)
+                return
+            forgotten = len(conv.exchanges)
+            conv._forget(new_id=True)
+        log.info("SIGHUP: new system prompt in use; the conversation was forgotten (%d "
+                 "exchanges), new conversation %s", forgotten, conv.id)
+
+
+# --------------------------------------------------------------------------- the daemon
 
 async def run_daemon(cfg: Config) -> int:
     missing = check_files(cfg)
@@ -26,6 +197,7 @@ async def run_daemon(cfg: Config) -> int:
     if cfg.http.enabled:
         from assistant.http.server import check_listen, make_gate, start_server
         check_listen(cfg)      # a non-loopback address without http.api_key: exit 78
+    HEALTH.configure(cfg.deadlines)
     notify = Notifier()
     notify("STATUS=loading models")
     parts = await components.assemble(cfg, components.microphone(cfg),
@@ -43,6 +215,8 @@ async def run_daemon(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stopping = False
+    reloader = Reloader(cfg, pipeline, conversation)
+    reloads: set[asyncio.Task] = set()
 
     def stop(signame: str) -> None:
         nonlocal stopping
@@ -50,18 +224,48 @@ async def run_daemon(cfg: Config) -> int:
             stopping = True
             log.info("%s: stopping", signame)
             notify("STOPPING=1")
+            conversation.abort()        # the running turn ends within a token
             main.cancel()
+
+    def reload() -> None:
+        if stopping:
+            return
+        log.info("SIGHUP: reloading the configuration")
+        task = asyncio.create_task(reloader.reload(), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     # Plain signal handlers, not loop.add_signal_handler: asyncio learns of a signal through
     # its wake-up pipe, and a byte lost on a full pipe (a flood of device callbacks) would
     # lose the SIGTERM. A Python handler always runs, in this thread, between bytecodes.
     def on_signal(signum, frame) -> None:
-        loop.call_soon_threadsafe(stop, signal.Signals(signum).name)
+        if signum == signal.SIGHUP:
+            loop.call_soon_threadsafe(reload)
+        else:
+            loop.call_soon_threadsafe(stop, signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    watchdog = asyncio.create_task(notify.watchdog())
+    async def stuck(w: Watch) -> None:
+        # The pings have stopped (supervise returns after this); systemd would kill us at
+        # WatchdogSec, but exiting now is sooner and says why.
+        what = STAGES.get(w.stage, (w.stage,))[0]
+        log.critical("%s stage stuck: %s has not returned after %.0f s (deadline %g s, "
+                     "deadlines.%s, plus %g s grace); exiting so systemd restarts the service",
+                     w.stage, what, w.elapsed(), w.limit_s, w.key, HEALTH.grace_s)
+        notify(f"STATUS=stuck in {w.stage} for {w.elapsed():.0f} s; restarting")
+        if transcript is not None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(transcript.close), _CLOSE_TIMEOUT_S)
+            except Exception as e:
+                log.error("the transcript could not be flushed: %s", e)
+        _hard_exit(EX_SOFTWARE)
+
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
+    watchdog = asyncio.create_task(supervise(notify, HEALTH, stuck,
+                                             SpeakerStatus(parts.sink, notify)))
     notify("READY=1")
     log.info("listening (llm %s, vision %s, asr %s)", cfg.llm.backend, cfg.vision.encoder, cfg.asr.model)
+    code = 0
     try:
         code = await pipeline.run(greet=True)
         log.info("stopped by an exit phrase (intent.exit_action: stop)")
@@ -73,6 +277,8 @@ async def run_daemon(cfg: Config) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        for task in list(reloads):
+            task.cancel()
         watchdog.cancel()
         notify("STOPPING=1")
         if http is not None:
@@ -80,5 +286,14 @@ async def run_daemon(cfg: Config) -> int:
         if transcript is not None:
             await asyncio.to_thread(transcript.close)   # every queued turn reaches the disk
         conversation.scene.close()
-        await components.close(parts)
+        try:
+            await asyncio.wait_for(components.close(parts), _CLOSE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.error("the models and devices did not close within %g s", _CLOSE_TIMEOUT_S)
         notify.close()
+        left = HEALTH.running()
+        if left:
+            # A native call that never returned would keep the process alive at exit.
+            log.error("exiting with %s still inside native code",
+                      ", ".join(f"{w.stage} ({w.elapsed():.0f} s)" for w in left))
+            _hard_exit(code)

@@ -22,12 +22,14 @@ from typing import Callable, Optional
 
 from assistant.audio.asr import Transcript
 from assistant.audio.base import AudioSink, AudioSource
+from assistant.audio.echo import EchoGuard
 from assistant.audio.sentences import SentenceSplitter
 from assistant.audio.vad import Endpointer, SpeechDiscarded, SpeechStarted, Utterance
 from assistant.audio.voice_out import VoiceOut
 from assistant.config import Config
 from assistant.conversation import Conversation, Request, TurnGate
 from assistant.errors import AssistantError, BackendError, ContextFullError, DeviceError
+from assistant.health import HEALTH, StageOverrun
 from assistant.intent import Intent, IntentClassifier
 from assistant.llm.base import LLMBackend
 from assistant.turn import Turn
@@ -82,12 +84,20 @@ class Pipeline:
         self.notify = notify or (lambda status: None)
         self.intents = IntentClassifier(cfg.intent)
         self.endpointer = Endpointer(cfg.vad)
-        self.voice = VoiceOut(parts.voices, parts.sink, cfg.tts.sentence_pause_ms)
+        # With barge-in the microphone is open while the assistant speaks: its own voice
+        # coming back from the speaker must not count as a person talking over it.
+        self.echo = (EchoGuard(cfg.audio.echo_match)
+                     if cfg.audio.barge_in and cfg.audio.echo_match > 0 else None)
+        self.voice = VoiceOut(parts.voices, parts.sink, cfg.tts.sentence_pause_ms, echo=self.echo)
         self.conversation = conversation or make_conversation(cfg, parts)
         self.scene = self.conversation.scene
         self.turns: collections.deque[Turn] = collections.deque(maxlen=_TURNS_KEPT)
         self._utterances: asyncio.Queue = asyncio.Queue()
         self._snapshot: Optional[asyncio.Task] = None   # the scene job of the speech now
+        # Image prefills started for a speech's new scene, by its scene job: (task, dropped).
+        self._prefills: dict[asyncio.Task, tuple[asyncio.Task, asyncio.Event]] = {}
+        self._cuts: set[asyncio.Task] = set()       # prefills being cut away
+        self._in_turn = False
         self._barged_in = False
         self._exit_code: Optional[int] = None
 
@@ -101,6 +111,9 @@ class Pipeline:
         self.notify("STATUS=listening")
         listen = asyncio.create_task(self._listen(), name="listen")
         converse = asyncio.create_task(self._converse(), name="converse")
+        watch = (asyncio.create_task(self.scene.watch(self._idle, self.conversation.scene_reference),
+                                     name="scene-watch")
+                 if self.cfg.vision.watch and self.scene.enabled else None)
         try:
             done, _ = await asyncio.wait({listen, converse}, return_when=asyncio.FIRST_COMPLETED)
             if listen in done:
@@ -109,10 +122,21 @@ class Pipeline:
             else:
                 converse.result()
         finally:
-            for t in (listen, converse):
+            tasks = [t for t in (listen, converse, watch) if t is not None]
+            for t in tasks:
                 t.cancel()
-            await asyncio.gather(listen, converse, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # Prefills under way finish (or cut themselves) before the model is closed.
+            for _, dropped in self._prefills.values():
+                dropped.set()
+            await asyncio.gather(*(t for t, _ in self._prefills.values()), *self._cuts,
+                                 return_exceptions=True)
         return self._exit_code or 0
+
+    def _idle(self) -> bool:
+        """Nobody speaks and nothing is being answered: the scene may be watched."""
+        return not (self._in_turn or self.voice.busy or self.voice.speaking
+                    or self.endpointer.in_speech or not self._utterances.empty())
 
     async def _listen(self) -> None:
         """Audio -> VAD events; the microphone is reopened if it goes away."""
@@ -147,10 +171,36 @@ class Pipeline:
         question with it)."""
         if self.endpointer.in_speech:
             self.endpointer.reset()
-        self.scene.discard(self._snapshot)
+        self._forget_early(self._snapshot)
         self._snapshot = None
 
+    def _start_early(self) -> None:
+        """Speech started: snapshot (and encode a new scene), and put a new scene's image
+        into the model's context while the person is still talking."""
+        self._forget_early(self._snapshot)
+        self._snapshot = self.scene.start(self.conversation.scene_reference())
+        if self._snapshot is not None and self.cfg.llm.prefill_early:
+            dropped = asyncio.Event()
+            task = asyncio.create_task(self.conversation.prefill(self._snapshot, dropped),
+                                       name="prefill")
+            self._prefills[self._snapshot] = (task, dropped)
+
+    def _forget_early(self, snapshot: Optional[asyncio.Task]) -> None:
+        """The speech came to nothing (noise, a cut, a command): drop its snapshot and cut
+        its image prefill away."""
+        self.scene.discard(snapshot)
+        entry = self._prefills.pop(snapshot, None) if snapshot is not None else None
+        if entry is None:
+            return
+        task, dropped = entry
+        dropped.set()            # a prefill still on its way stops, or cuts itself
+        if task.done() and not task.cancelled() and task.exception() is None and task.result():
+            cut = asyncio.create_task(self.conversation.cancel_prefill())
+            self._cuts.add(cut)
+            cut.add_done_callback(self._cuts.discard)
     def _on_frame(self, frame: bytes) -> None:
+        if self.echo is not None:
+            self.echo.heard(frame)
         if self.voice.speaking and not self.cfg.audio.barge_in:
             # Gated: the assistant would hear itself. Start clean when it stops talking.
             if self.endpointer.in_speech:
@@ -162,12 +212,17 @@ class Pipeline:
     def _on_vad(self, ev) -> None:
         if isinstance(ev, SpeechStarted):
             if self.voice.speaking and self.cfg.audio.barge_in:
+                if self.echo is not None and self.echo.is_echo():
+                    # Its own voice: drop this "speech" and keep talking. The VAD starts
+                    # afresh, so a person joining in is checked again within a few frames.
+                    log.debug("the microphone hears the assistant's own voice; not a barge-in")
+                    self.endpointer.reset()
+                    return
                 self._barge_in()
             if self.cfg.vision.on_speech_start:
-                self.scene.discard(self._snapshot)
-                self._snapshot = self.scene.start(self.conversation.scene_reference())
+                self._start_early()
         elif isinstance(ev, SpeechDiscarded):
-            self.scene.discard(self._snapshot)
+            self._forget_early(self._snapshot)
             self._snapshot = None
         elif isinstance(ev, Utterance):
             # The snapshot travels with its utterance: never another question's picture.
@@ -190,8 +245,23 @@ class Pipeline:
             utt, cut_at, snapshot = item
             turn = Turn(speech_end=cut_at, last_word=cut_at - utt.silence_ms / 1000.0)
             self._barged_in = False
+            self._in_turn = True
             try:
                 await self._turn(utt, turn, snapshot)
+            except StageOverrun as e:
+                # A stuck stage (not the LLM's: _answer says sorry for that): say sorry.
+                log.error("turn %d: %s", turn.id, e)
+                turn.note = str(e)
+                self._forget_early(snapshot)
+                lang = self._reply_language(None)
+                turn.answer = (await self.voice.say([self.cfg.persona.lines(lang).error],
+                                                    lang, turn)).text
+            except asyncio.CancelledError:
+                # The service is stopping mid-turn: the turn is recorded as far as it got.
+                turn.interrupted = True
+                turn.note = turn.note or "interrupted: the service is stopping"
+                self._finish(turn)
+                raise
             except AssistantError as e:
                 # One failed turn must not end a daemon that runs for weeks.
                 log.error("turn %d failed: %s", turn.id, e)
@@ -199,6 +269,9 @@ class Pipeline:
             except Exception as e:
                 log.exception("turn %d failed", turn.id)
                 turn.note = f"internal error: {type(e).__name__}: {e}"
+            finally:
+                self._in_turn = False
+                self._prefills.pop(snapshot, None)   # used by the turn, or cut by it
             self._finish(turn)
             if self._exit_code is not None:
                 return
@@ -209,7 +282,7 @@ class Pipeline:
         heard = await self._transcribe(utt, turn)
         intent = self.intents.classify(heard.text) if heard is not None else Intent.NOTHING
         if intent is not Intent.QUESTION:
-            self.scene.discard(snapshot)
+            self._forget_early(snapshot)
         if heard is None:
             return
         turn.intent = intent.value
@@ -226,7 +299,8 @@ class Pipeline:
 
     async def _transcribe(self, utt: Utterance, turn: Turn) -> Optional[Transcript]:
         t0 = time.monotonic()
-        heard: Transcript = await asyncio.to_thread(self.parts.asr.transcribe, utt.pcm)
+        heard: Transcript = await HEALTH.call("asr", self.parts.asr.transcribe, utt.pcm,
+                                              limit_s=self.cfg.deadlines.asr_s)
         turn.took("asr", time.monotonic() - t0)
         turn.transcript, turn.language = heard.text, heard.language
         if not heard.accepted:
@@ -239,11 +313,12 @@ class Pipeline:
                       snapshot: Optional[asyncio.Task] = None) -> None:
         lines = self.cfg.persona.lines(lang)
         if self.conversation.backend is None:
-            self.scene.discard(snapshot)
+            self._forget_early(snapshot)
             turn.note = self.parts.llm_problem
             await self.voice.say([lines.no_model], lang, turn)
             return
         sentences: asyncio.Queue = asyncio.Queue()
+        overran = False
         speaking = asyncio.create_task(self.voice.say(sentences, lang, turn))
         # Until the first sound, a long opening sentence is cut at its first comma past
         # _FIRST_CUT_CHARS: the person hears something sooner; later sentences stay whole.
@@ -272,6 +347,7 @@ class Pipeline:
                 log.error("the language model failed: %s", e)
                 turn.note = str(e)
                 sentences.put_nowait(lines.error)
+                overran = isinstance(e, StageOverrun)
         finally:
             sentences.put_nowait(None)
             try:
@@ -279,6 +355,8 @@ class Pipeline:
             except asyncio.CancelledError:
                 speaking.cancel()
                 raise
+        if overran:
+            turn.answer = spoken.text        # the apology, not the unspoken part
         if spoken.interrupted or self._barged_in:
             turn.interrupted = True
             turn.note = turn.note or "interrupted by the person speaking"

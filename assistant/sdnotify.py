@@ -2,7 +2,9 @@
 
 READY=1 once the models are loaded, STATUS= per turn, WATCHDOG=1 from the event loop (so a
 blocked loop is noticed and restarted), STOPPING=1 on shutdown. Outside systemd it does
-nothing.
+nothing. The daemon pings from its own loop (``assistant.daemon.supervise``), which also
+stops the pings when a native call is stuck (``assistant.health``); ``watchdog`` here is
+the plain loop for `serve`.
 """
 
 from __future__ import annotations

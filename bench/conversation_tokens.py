@@ -45,7 +45,7 @@ persona: {{system_prompt: "You are Rocky. Answer briefly.", language: en}}
 camera: {{source: scene.avi}}
 llm: {{max_context_len: 512, max_new_tokens: 48, temperature: 0,
       llamacpp: {{model: tiny.gguf, mmproj: tiny-mmproj.gguf}}}}
-vision: {{encoder: llamacpp, attach: {attach}}}
+vision: {{encoder: llamacpp, attach: {attach}, watch: false}}
 """)
     cfg = load(d / "config.yaml")
     llm, encoder, _ = components.language_model(cfg)

@@ -64,6 +64,26 @@ def write_fake_model(path: Path, embed_dim: int = 1536) -> Path:
     return path
 
 
+def fake_env(*, log: Optional[Path] = None, hold_after: Optional[int] = None,
+             hang_after: Optional[int] = None, error_at: Optional[int] = None,
+             hook_run: Optional[int] = None) -> dict[str, str]:
+    """Environment variables that set the fake's hooks in another process (read at
+    rkllm_init); ``log`` is the file every recorded call is appended to, one JSON a line."""
+    env = {"FAKE_RKLLM_LOG": log, "FAKE_RKLLM_HOLD_AFTER": hold_after,
+           "FAKE_RKLLM_HANG_AFTER": hang_after, "FAKE_RKLLM_ERROR_AT": error_at,
+           "FAKE_RKLLM_HOOK_RUN": hook_run}
+    return {k: str(v) for k, v in env.items() if v is not None}
+
+
+def read_fake_log(path: Path) -> list[dict]:
+    """The calls a fake in another process appended to its FAKE_RKLLM_LOG file."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
 class FakeRkllm:
     """Test hooks of a fake librkllmrt.so: its call log, switches and struct layout."""
 
@@ -85,7 +105,9 @@ class FakeRkllm:
         self._lib.fake_rkllm_reset()
 
     def set(self, key: str, value: int) -> None:
-        """Switches: hold_after (callbacks before waiting for abort), error_at, fail_init."""
+        """Switches: hold_after (callbacks before waiting for abort), hang_after (callbacks
+        before a 60 s sleep that ignores abort), error_at, hook_run (the run the hooks apply
+        to; 0: all), fail_init."""
         if self._lib.fake_rkllm_set(key.encode(), value) != 0:
             raise KeyError(key)
 

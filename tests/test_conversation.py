@@ -314,3 +314,51 @@ def test_history_prints_the_recent_turns(tmp_path, capsys):
                      "--conversation", "c1"]) == 0
     rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert [r["turn"] for r in rows] == [1, 2]
+
+
+def _prefill_pipeline(tmp_path, pcm, whisper, models):
+    from assistant.demo import draw_scene
+    from assistant.vision.file_camera import ImageCamera
+    draw_scene(tmp_path / "scene.jpg")
+    cfg = replace(CFG, camera=replace(CFG.camera, source=str(tmp_path / "scene.jpg")),
+                  vision=replace(CFG.vision, encoder="llamacpp", watch=False))
+    b = LlamaCppBackend(cfg.llm, cfg.persona, models["short"], models["mmproj"])
+    b.load()
+    camera = ImageCamera(tmp_path / "scene.jpg")
+    camera.open()
+    parts = Components(source=WavSource(write_wav(tmp_path / "q.wav", pcm, RATE), realtime=True),
+                       sink=NullSink(RATE), asr=whisper, voices=Voices(), llm=b,
+                       camera=camera, encoder=b.encoder())
+    return Pipeline(cfg, parts), b
+
+
+def test_a_new_scene_is_prefilled_while_the_person_talks(tmp_path, spoken, whisper_tiny, models):
+    """Real time: the image goes in during the question; the turn evaluates only the rest."""
+    pcm = np.concatenate([np.zeros(RATE // 2, np.int16), spoken.pcm("What do you see on the table?"),
+                          np.zeros(RATE, np.int16)])
+    pipe, b = _prefill_pipeline(tmp_path, pcm, whisper_tiny, models)
+    try:
+        asyncio.run(pipe.run(greet=False))
+    finally:
+        b.close()
+    (turn,) = pipe.turns
+    assert turn.scene == "new" and turn.answer == "I see a red apple."
+    assert turn.counts["prefilled_ahead"] >= turn.counts["image_tokens"]
+    assert b._spec is None
+
+
+def test_the_prefill_of_noise_is_cut_away(tmp_path, whisper_tiny, models):
+    rng = np.random.default_rng(3)
+    pcm = np.concatenate([np.zeros(RATE, np.int16),
+                          (rng.standard_normal(RATE * 2) * 4000).astype(np.int16),
+                          np.zeros(RATE, np.int16)])
+    pipe, b = _prefill_pipeline(tmp_path, pcm, whisper_tiny, models)
+    system_cells = None
+    try:
+        system_cells = b._sys_mark.n_cells
+        asyncio.run(pipe.run(greet=False))
+    finally:
+        b.close()
+    assert all(t.intent == "nothing" for t in pipe.turns) and pipe.turns
+    # Whatever the noise's snapshot put in the context is gone again.
+    assert b._spec is None and b._n_cells == system_cells

@@ -89,13 +89,14 @@ def backend_config(kind: str, tmp_path: Path, tmp_path_factory) -> str:
 persona: {system_prompt: "You are Rocky. Answer briefly.", language: en}
 camera: {source: scene.avi}
 """
+    # (The camera's clock steps per snapshot: no idle watching, which would take more.)
     if kind == "llamacpp":
         write_text_model(tmp_path / "tiny.gguf", scripted_reply="I see a red apple.")
         write_mmproj(tmp_path / "tiny-mmproj.gguf")
         return common + """
 llm: {max_context_len: 512, max_new_tokens: 48, temperature: 0,
       llamacpp: {model: tiny.gguf, mmproj: tiny-mmproj.gguf}}
-vision: {encoder: llamacpp}
+vision: {encoder: llamacpp, watch: false}
 """
     lib = build_fake_rkllm("1.3.0", tmp_path_factory.mktemp("rkllm"))
     write_fake_model(tmp_path / "qwen2-vl.rkllm", embed_dim=1536)
@@ -109,7 +110,7 @@ vision: {encoder: llamacpp}
     return common + f"""
 llm: {{backend: rkllm, max_context_len: 512, max_new_tokens: 16,
       rkllm: {{library: "{lib}", runtime_version: auto, model: qwen2-vl.rkllm}}}}
-vision: {{encoder: rknn, rknn: {{model: vision.rknn}}}}
+vision: {{encoder: rknn, watch: false, rknn: {{model: vision.rknn}}}}
 """
 
 

@@ -528,3 +528,57 @@ def test_not_loaded_backend_says_so(models):
     with pytest.raises(BackendError, match="not loaded"):
         turn(b, "Hi?")
     b.close()
+
+
+# ---------------------------------------------------------------- image prefill ahead
+
+def _state(b):
+    """What the context holds, comparable across backends."""
+    return b._n_past, b._n_cells, b._kv_text, len(b._messages)
+
+
+def test_an_image_prefilled_ahead_gives_the_same_turn(make):
+    """Greedy answers and the cache after the turn are what they are without the prefill."""
+    plain, ahead = make("random"), make("random")
+    turn(plain, "Hello there")
+    turn(ahead, "Hello there")
+    emb_plain = plain.encode_image(image("noise"))
+    emb_ahead = ahead.encode_image(image("noise"))
+    assert ahead.prefill(emb_ahead)
+    used = ahead.tokens_used
+    assert used == plain.tokens_used          # a prefill is not the conversation's yet
+    before = ahead.evaluated_tokens
+    a1, _, st_ahead = turn(ahead, "What is in the picture?", emb_ahead)
+    evaluated_in_turn = ahead.evaluated_tokens - before
+    before = plain.evaluated_tokens
+    a2, _, st_plain = turn(plain, "What is in the picture?", emb_plain)
+    assert a1 == a2
+    assert st_ahead.extra["prefilled_ahead"] > emb_ahead.n_tokens - 1
+    # The turn evaluated only what came after the image (plus what it generated).
+    assert evaluated_in_turn < plain.evaluated_tokens - before - emb_plain.n_tokens + 1
+    assert _state(ahead)[:3] == _state(plain)[:3]
+    # And the conversation goes on the same.
+    assert turn(ahead, "And now?")[0] == turn(plain, "And now?")[0]
+
+
+@pytest.mark.parametrize("then", ["cancel", "other_image", "text_only", "clear"])
+def test_a_prefill_not_used_is_rolled_back(make, then):
+    plain, ahead = make("random"), make("random")
+    for b in (plain, ahead):
+        turn(b, "Hello there")
+    emb = ahead.encode_image(image("noise"))
+    assert ahead.prefill(emb)
+    if then == "cancel":              # noise, or not a question
+        ahead.cancel_prefill()
+        assert _state(ahead) == _state(plain)
+        return
+    if then == "clear":
+        ahead.clear()
+        plain.clear()
+        assert _state(ahead) == _state(plain)
+        assert turn(ahead, "Hi")[0] == turn(plain, "Hi")[0]
+        return
+    other = image("white") if then == "other_image" else None   # the scene changed again
+    a1 = turn(ahead, "What now?", ahead.encode_image(other) if other is not None else None)[0]
+    a2 = turn(plain, "What now?", plain.encode_image(other) if other is not None else None)[0]
+    assert a1 == a2 and _state(ahead)[:3] == _state(plain)[:3]

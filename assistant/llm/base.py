@@ -12,9 +12,12 @@ import asyncio
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from assistant.config import DeadlinesConfig, PersonaConfig
 
 
 @dataclass
@@ -120,6 +123,14 @@ class LLMBackend(ABC):
         either way.
         """
 
+    def prefill(self, image: ImageEmbedding) -> bool:
+        """Evaluate the opening of the next user turn with ``image`` ahead of its question
+        (while the person is still talking). False: this backend cannot, or not now."""
+        return False
+
+    def cancel_prefill(self) -> None:
+        """Drop a prefill the next turn will not use."""
+
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` would take; a rough estimate unless the backend knows better."""
         return max(1, len(text.encode("utf-8")) // 3)
@@ -135,46 +146,92 @@ class LLMBackend(ABC):
         return sum(self.count_tokens(q) + self.count_tokens(a) + TEMPLATE_OVERHEAD
                    for q, a in exchanges)
 
+    def set_persona(self, persona: "PersonaConfig") -> None:
+        """Use a new system prompt from now on (a SIGHUP reload), without reloading the model.
+
+        This forgets the conversation: the context is rebuilt on the new system prompt, and
+        the caller must forget its record of the conversation too. Backends that keep the
+        system prompt in their cache override this; the default cannot and says so.
+        """
+        from assistant.errors import BackendError
+
+        raise BackendError(f"the {self.name} backend cannot change its system prompt "
+                           f"without a restart")
+
     def close(self) -> None:
         """Release the model (idempotent)."""
 
 
 _DONE = object()
+_STARTED = object()
 
 
 async def stream_turn(backend: LLMBackend, text: str, image: Optional[ImageEmbedding],
                       keep_history: bool, stats_out: Optional[list] = None,
                       lock: Optional[threading.Lock] = None,
-                      options: Optional[TurnOptions] = None) -> AsyncIterator[str]:
+                      options: Optional[TurnOptions] = None,
+                      deadlines: Optional["DeadlinesConfig"] = None) -> AsyncIterator[str]:
     """Run a turn in a worker thread and yield its pieces on the loop.
 
     Pieces cross threads with ``call_soon_threadsafe`` into an asyncio queue: no polling.
     If the consumer stops early (cancellation, barge-in), the turn is aborted and waited for,
     so the backend is never entered by two turns at once. The TurnStats land in stats_out.
+
+    With ``deadlines`` the runtime call is watched (``assistant.health``) from the moment it
+    holds the lock: no first piece within ``llm_first_piece_s``, or no end within ``llm_s``,
+    aborts the turn and raises ``StageOverrun``. The runtime thread is then not waited for
+    (the lock keeps the next turn out until it returns); if it never returns, the daemon's
+    watchdog loop restarts the service.
     """
+    from assistant.health import HEALTH, Watch
+
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    watch: Optional[Watch] = None
+    if deadlines is not None:
+        first = min(deadlines.llm_first_piece_s, deadlines.llm_s)
+        watch = Watch("llm_first_piece" if first < deadlines.llm_s else "llm", first)
 
     def piece(p: str) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, p)
 
+    def run() -> TurnStats:
+        kwargs = {"options": options} if options is not None else {}
+        if watch is None:
+            return backend.run_turn(text, image, keep_history, piece, **kwargs)
+        HEALTH.begin(watch)
+        loop.call_soon_threadsafe(queue.put_nowait, _STARTED)
+        try:
+            return backend.run_turn(text, image, keep_history, piece, **kwargs)
+        finally:
+            HEALTH.end(watch)
+
     def work() -> None:
         try:
-            kwargs = {"options": options} if options is not None else {}
             if lock is not None:
                 with lock:
-                    st = backend.run_turn(text, image, keep_history, piece, **kwargs)
+                    st = run()
             else:
-                st = backend.run_turn(text, image, keep_history, piece, **kwargs)
+                st = run()
             loop.call_soon_threadsafe(queue.put_nowait, (_DONE, st))
         except BaseException as e:  # handed to the loop, re-raised there
             loop.call_soon_threadsafe(queue.put_nowait, (_DONE, e))
 
     fut = loop.run_in_executor(None, work)
-    finished = False
+    finished = overran = got_piece = False
     try:
         while True:
-            item = await queue.get()
+            left = watch.remaining() if watch is not None else None
+            if left is None or not queue.empty():
+                item = await queue.get()
+            else:
+                try:
+                    item = await asyncio.wait_for(queue.get(), max(left, 0.0))
+                except asyncio.TimeoutError:
+                    overran = watch.given_up = True
+                    raise watch.overrun() from None
+            if item is _STARTED:
+                continue
             if isinstance(item, tuple) and item and item[0] is _DONE:
                 finished = True
                 if isinstance(item[1], BaseException):
@@ -182,8 +239,16 @@ async def stream_turn(backend: LLMBackend, text: str, image: Optional[ImageEmbed
                 if stats_out is not None:
                     stats_out.append(item[1])
                 return
+            if watch is not None and not got_piece:
+                got_piece = True
+                watch.set_limit("llm", deadlines.llm_s)
             yield item
     finally:
         if not finished:
             backend.abort()
-        await asyncio.shield(fut)
+        if overran:
+            # Not waited for: a runtime that ignores the abort must not hold the turn; its
+            # outcome is dropped.
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        else:
+            await asyncio.shield(fut)

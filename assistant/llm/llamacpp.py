@@ -44,6 +44,15 @@ Segment = Union[list[int], EncodedImage, np.ndarray]
 
 
 @dataclass
+class _Spec:
+    """The opening of the next user turn (with its image), evaluated ahead of its question."""
+
+    mark: "_Mark"        # the conversation before it
+    segs: list           # the segments evaluated ahead, ending with the image
+    cells: int
+
+
+@dataclass
 class _Mark:
     """A state of the conversation: the cache's extent and what produced it."""
 
@@ -81,6 +90,7 @@ class LlamaCppBackend(LLMBackend):
         self._n_past = 0                       # next position
         self._n_cells = 0                      # KV cells in use
         self._sys_mark: Optional[_Mark] = None
+        self._spec: Optional[_Spec] = None     # a speculative image prefill, if any
 
     @classmethod
     def from_config(cls, cfg: Config) -> "LlamaCppBackend":
@@ -149,7 +159,9 @@ class LlamaCppBackend(LLMBackend):
 
     @property
     def tokens_used(self) -> int:
-        return self._n_cells
+        # A speculative prefill is not the conversation's yet: a turn that does not use it
+        # cuts it away.
+        return self._n_cells - (self._spec.cells if self._spec is not None else 0)
 
     @property
     def has_vision(self) -> bool:
@@ -207,6 +219,52 @@ class LlamaCppBackend(LLMBackend):
             if self._rt is not None and self._sys_mark is not None:
                 self._restore(self._sys_mark)
 
+    def set_persona(self, persona: PersonaConfig) -> None:
+        """A new system prompt (SIGHUP): evaluated into an emptied cache; the conversation
+        is forgotten."""
+        with self._lock:
+            self._persona = persona
+            if self._rt is not None:
+                self._start_conversation()
+                log.info("llama.cpp system prompt replaced (%d tokens); the conversation "
+                         "starts afresh", self._n_cells)
+
+    def prefill(self, image: ImageEmbedding) -> bool:
+        """Evaluate the opening of the next user turn with ``image`` now, while the person
+        is still talking; the turn that asks about this image then evaluates only its
+        question. Any other turn, clear or history change cuts it away. False when it
+        cannot be done (a template that re-renders the past, no room)."""
+        with self._lock:
+            self._require()
+            self.cancel_prefill()
+            img = self._image_segment(image, encode=False)
+            tt, segs, _ = self._plan("", img)
+            at = next((i for i, seg in enumerate(segs) if seg is img), None)
+            if tt.replay or at is None:
+                return False
+            head = segs[:at + 1]
+            cells = _cells(head)
+            if self._n_cells + cells + self._cfg.max_new_tokens > self._rt.n_ctx:
+                return False
+            mark = self._mark()
+            self._abort.clear()
+            try:
+                self._eval_segments(head)
+            except Aborted:
+                self._cut_cache(mark)
+                return False
+            except BackendError:
+                self._cut_cache(mark)
+                raise
+            self._spec = _Spec(mark, head, cells)
+            return True
+
+    def cancel_prefill(self) -> None:
+        """Cut a speculative prefill away (noise, a clear, another scene)."""
+        with self._lock:
+            if self._spec is not None:
+                self._cut_cache(self._spec.mark)
+
     def load_history(self, exchanges: Sequence[Exchange]) -> None:
         """Cut the cache back to the system prompt and evaluate ``exchanges`` as text."""
         with self._lock:
@@ -256,10 +314,13 @@ class LlamaCppBackend(LLMBackend):
             tt, segs, images = self._plan(text, img)
             replay = tt.replay
             need = _cells(segs)
-            base_cells = self._sys_mark.n_cells if replay else self._n_cells
+            ahead = self._take_spec(segs, replay)
+            mark = ahead[0] if ahead else self._mark()
+            base_cells = self._sys_mark.n_cells if replay else mark.n_cells
             self._check_fits(base_cells, need, max_new)
-            mark = self._mark()
             stats = TurnStats()
+            if ahead:
+                stats.extra["prefilled_ahead"] = ahead[1]
             sampling = self._sampling(options)
             try:
                 if sampling is not None:
@@ -268,7 +329,7 @@ class LlamaCppBackend(LLMBackend):
                     log.info("chat template did not extend the cached conversation; "
                              "re-evaluating it")
                     self._cut_cache(self._sys_mark)
-                self._eval_segments(segs)
+                self._eval_segments(segs[len(ahead[2]):] if ahead else segs)
                 stats.prompt_tokens = need
                 t1 = time.perf_counter()
                 stats.prefill_ms = (t1 - t0) * 1e3
@@ -297,6 +358,21 @@ class LlamaCppBackend(LLMBackend):
 
     # ------------------------------------------------------------------ internals
 
+    def _take_spec(self, segs: list, replay: bool) -> Optional[tuple]:
+        """(mark before it, its cells, its segments) when the turn begins with the
+        speculative prefill; otherwise the prefill is cut away and None returned."""
+        spec = self._spec
+        if spec is None:
+            return None
+        k = len(spec.segs)
+        if not replay and len(segs) > k and all(
+                a == b if isinstance(a, list) and isinstance(b, list) else a is b
+                for a, b in zip(segs, spec.segs)):
+            self._spec = None
+            return spec.mark, spec.cells, spec.segs
+        self._cut_cache(spec.mark)
+        return None
+
     def _sampling(self, options: Optional[TurnOptions],
                   configured: bool = False) -> Optional[SamplingParams]:
         """The sampler for a turn's options; None when they change nothing."""
@@ -324,6 +400,7 @@ class LlamaCppBackend(LLMBackend):
         self._images, self._segments = [], []
         self._n_past = self._n_cells = 0
         self._kv_text = ""
+        self._spec = None
         rt.clear()
         if sys_text:
             tokens = self._with_bos(rt.tokenize(sys_text))
@@ -370,7 +447,7 @@ class LlamaCppBackend(LLMBackend):
         images = self._images + ([img] if img is not None else [])
         # The last len(texts) - 1 images go between the text pieces (all of them on replay).
         used = images[len(images) - (len(tt.texts) - 1):] if len(tt.texts) > 1 else []
-        at_start = (self._sys_mark.n_cells if tt.replay else self._n_cells) == 0
+        at_start = (self._sys_mark.n_cells if tt.replay else self.tokens_used) == 0
         segs: list[Segment] = []
         for i, piece in enumerate(tt.texts):
             tokens = rt.tokenize(piece) if piece else []
@@ -474,6 +551,7 @@ class LlamaCppBackend(LLMBackend):
 
     def _cut_cache(self, mark: _Mark) -> None:
         """Drop cached positions after ``mark`` and the segments that filled them."""
+        self._spec = None       # it sat at the end of the cache: gone with any cut
         self._rt.remove_from(mark.n_past)
         self._n_past, self._n_cells = mark.n_past, mark.n_cells
         self._segments = list(mark.segments)

@@ -618,6 +618,28 @@ class RkllmBackend(LLMBackend):
             self._refresh_tokens()
             log.info("rkllm conversation cleared (%d tokens kept)", self._tokens_used)
 
+    def set_persona(self, persona: PersonaConfig) -> None:
+        """A new system prompt (SIGHUP): ``rkllm_set_chat_template`` again, which empties the
+        KV cache; the conversation is forgotten. The prompt cache follows the new prompt."""
+        with self._lock:
+            self._system = self.family.system_prompt(persona.prompt)
+            self._system_estimate = self.count_tokens(self._system)
+            if self._handle is None:
+                return
+            ret = self._lib.rkllm_set_chat_template(c_void_p(self._handle), self._system.encode(),
+                                                    self.family.prompt_prefix.encode(),
+                                                    self.family.prompt_postfix.encode())
+            if ret != 0:
+                raise BackendError(f"rkllm_set_chat_template failed (code {ret}): the runtime "
+                                   f"log above says why")
+            self._pending = ""
+            self._save_cache = False
+            if self._cache is not None:
+                self._open_prompt_cache(self._model_path(), self.runtime_version or "")
+            self._refresh_tokens()
+            log.info("rkllm system prompt replaced (%d characters); the conversation starts "
+                     "afresh", len(self._system))
+
     @property
     def context_size(self) -> int:
         return self._llm.max_context_len

@@ -22,7 +22,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -72,6 +72,7 @@ class SceneResult:
     snapshot_s: float = 0.0
     encode_s: float = 0.0
     error: str = ""
+    reused: bool = False              # the embedding came from the idle watch
 
     @property
     def embedding(self) -> Optional[ImageEmbedding]:
@@ -85,6 +86,8 @@ class Scene:
         self.encoder = encoder
         self.cfg = cfg
         self.latest: Optional[Shot] = None      # the newest snapshot (for front-ends)
+        self.ready: Optional[Shot] = None       # a settled new scene, encoded while idle
+        self.idle_encodes = 0
         self._camera_broken = camera_down        # reopened before the next snapshot
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="scene")
 
@@ -170,8 +173,74 @@ class Scene:
             return res
         same, res.difference = self.is_same(shot, reference)
         res.changed = not same
-        if res.changed:
+        if res.changed and not self._reuse_ready(res):
             self._encode(res)
+        return res
+
+    def _reuse_ready(self, res: SceneResult) -> bool:
+        """The scene encoded while idle is still what the camera sees: take its embedding."""
+        ready = self.ready
+        if (ready is None or ready.embedding is None
+                or difference(res.shot.thumb, ready.thumb) > self.cfg.change_threshold):
+            return False
+        res.shot.embedding = ready.embedding
+        res.reused = True
+        return True
+
+    # ------------------------------------------------------------------ idle watching
+
+    async def watch(self, idle: Callable[[], bool],
+                    reference: Callable[[], Optional[Shot]]) -> None:
+        """Look at the camera while ``idle()``; encode a changed scene once it has settled.
+
+        A change counts when a snapshot differs from the conversation's image (or the last
+        one encoded while idle) and the next snapshot matches it: the scene stopped moving.
+        Nothing starts while a person speaks or an answer runs; an encode already under way
+        finishes first (the encoder cannot be interrupted), then the turn's job runs.
+        """
+        loop = asyncio.get_running_loop()
+        pending: Optional[Shot] = None         # a changed scene waiting to settle
+        while True:
+            await asyncio.sleep(self.cfg.watch_interval_s)
+            if not self.enabled or not idle():
+                pending = None
+                continue
+            res = await loop.run_in_executor(self._worker, self._snapshot_and_encode_if,
+                                             None, False)
+            shot = res.shot
+            if shot is None or not idle():
+                pending = None
+                continue
+            known = [k for k in (self.ready, reference()) if k is not None]
+            if any(difference(shot.thumb, k.thumb) <= self.cfg.change_threshold for k in known):
+                pending = None                 # nothing new to see
+                continue
+            if pending is None or difference(shot.thumb, pending.thumb) > self.cfg.change_threshold:
+                pending = shot                 # changed, maybe still moving: look again
+                continue
+            await self.encode(res)             # settled: encode it now, not at the question
+            if shot.embedding is not None:
+                self.ready = shot
+                self.idle_encodes += 1
+                log.info("the scene changed and settled; encoded while idle in %.0f ms",
+                         res.encode_s * 1000)
+            pending = None
+
+    def _snapshot_and_encode_if(self, reference: Optional[Shot], encode: bool) -> SceneResult:
+        """A snapshot, encoded only when asked (the idle watch decides after comparing)."""
+        if encode:
+            return self._snapshot_and_encode(reference)
+        res = SceneResult(shot=None, changed=True)
+        try:
+            if self._camera_broken:
+                return res
+            t0 = time.monotonic()
+            frame = self.camera.snapshot()
+            res.snapshot_s = time.monotonic() - t0
+            res.shot = self.latest = Shot(next(_ids), thumbnail(frame), frame, t0)
+        except Exception as e:   # the next question's snapshot reports camera trouble
+            res.error = f"{type(e).__name__}: {e}"
+            log.debug("idle snapshot failed: %s", res.error)
         return res
 
     def _encode(self, res: SceneResult) -> None:
@@ -180,7 +249,10 @@ class Scene:
         t0 = time.monotonic()
         try:
             # Encoders are safe to call while a turn generates (each guards its own state).
-            shot.embedding = self.encoder.encode(shot.frame)
+            # Watched: past deadlines.encode_s the question goes without the picture (a
+            # StageOverrun here), and an encoder that never returns restarts the service.
+            from assistant.health import HEALTH
+            shot.embedding = HEALTH.call_blocking("encode", self.encoder.encode, shot.frame)
         except AssistantError as e:
             res.error = str(e)
             log.warning("no image for this question: %s", e)

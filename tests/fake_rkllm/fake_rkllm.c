@@ -16,8 +16,15 @@
  *   - keep_history, rkllm_clear_kv_cache, rkllm_abort and prompt caches work as documented;
  *   - every call and every argument is recorded; fake_rkllm_dump() returns them as JSON.
  * Test hooks: fake_rkllm_set("hold_after", n) makes generation wait after n callbacks until
- * rkllm_abort (at most 30 s); "error_at" n reports an error instead of callback n;
- * "fail_init" 1 makes rkllm_init fail. fake_rkllm_reset() clears the log and the hooks.
+ * rkllm_abort (at most 30 s); "hang_after" n makes it sleep after n callbacks for 60 s,
+ * ignoring rkllm_abort (a runtime wedged in the NPU driver); "error_at" n reports an error
+ * instead of callback n; "hook_run" n applies hold_after, hang_after and error_at to the
+ * n-th rkllm_run only (1-based, counted since init or reset; 0: every run); "fail_init" 1
+ * makes rkllm_init fail. fake_rkllm_reset() clears the log and the hooks.
+ * For a runtime loaded by another process (the daemon), rkllm_init also reads the hooks from
+ * the environment: FAKE_RKLLM_HOLD_AFTER, FAKE_RKLLM_HANG_AFTER, FAKE_RKLLM_ERROR_AT,
+ * FAKE_RKLLM_HOOK_RUN; and FAKE_RKLLM_LOG=path appends every recorded call to that file as
+ * one JSON line, plus {"fn":"hold"} / {"fn":"hang"} when generation starts holding or hanging.
  * The fake model file is any text file; "embed_dim=N" in it sets the embedding width used
  * to find the last float of an image embedding.
  */
@@ -252,6 +259,17 @@ static pthread_mutex_t g_log_mu = PTHREAD_MUTEX_INITIALIZER;
 static char *g_log;
 static size_t g_log_len, g_log_cap;
 static long g_hold_after = -1, g_error_at = -1, g_fail_init = 0;
+static long g_hang_after = -1, g_hook_run = 0, g_runs = 0;
+static char *g_log_path; /* FAKE_RKLLM_LOG: every record also appended here, one a line */
+
+static void log_file_line(const char *line) {
+    if (!g_log_path) return;
+    FILE *fp = fopen(g_log_path, "a");
+    if (!fp) return;
+    fputs(line, fp);
+    fputc('\n', fp);
+    fclose(fp);
+}
 
 typedef struct {
     char *buf;
@@ -345,6 +363,7 @@ static void rec_end(Rec *r) {
     memcpy(g_log + g_log_len, r->buf, r->len);
     g_log_len += r->len;
     g_log[g_log_len] = 0;
+    log_file_line(r->buf);
     pthread_mutex_unlock(&g_log_mu);
     free(r->buf);
     r->buf = NULL;
@@ -378,6 +397,9 @@ EXPORT void fake_rkllm_reset(void) {
     g_hold_after = -1;
     g_error_at = -1;
     g_fail_init = 0;
+    g_hang_after = -1;
+    g_hook_run = 0;
+    g_runs = 0;
     pthread_mutex_unlock(&g_log_mu);
 }
 
@@ -385,6 +407,8 @@ EXPORT int fake_rkllm_set(const char *key, long value) {
     if (!strcmp(key, "hold_after")) g_hold_after = value;
     else if (!strcmp(key, "error_at")) g_error_at = value;
     else if (!strcmp(key, "fail_init")) g_fail_init = value;
+    else if (!strcmp(key, "hang_after")) g_hang_after = value;
+    else if (!strcmp(key, "hook_run")) g_hook_run = value;
     else return -1;
     return 0;
 }
@@ -597,6 +621,22 @@ static int read_embed_dim(const char *path, int *dim) {
     return 0;
 }
 
+/* The hooks from the environment, for a runtime loaded by a process the test cannot call
+ * into (the daemon under test). */
+static void env_hooks(void) {
+    const char *v;
+    if ((v = getenv("FAKE_RKLLM_HOLD_AFTER")) && *v) g_hold_after = atol(v);
+    if ((v = getenv("FAKE_RKLLM_HANG_AFTER")) && *v) g_hang_after = atol(v);
+    if ((v = getenv("FAKE_RKLLM_ERROR_AT")) && *v) g_error_at = atol(v);
+    if ((v = getenv("FAKE_RKLLM_HOOK_RUN")) && *v) g_hook_run = atol(v);
+    if ((v = getenv("FAKE_RKLLM_LOG")) && *v) {
+        pthread_mutex_lock(&g_log_mu);
+        free(g_log_path);
+        g_log_path = strdup(v);
+        pthread_mutex_unlock(&g_log_mu);
+    }
+}
+
 #ifdef RKLLM_ABI_130
 EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLMCallback *callback)
 #else
@@ -620,6 +660,7 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback ca
 #endif
     int dim = 0;
     int ret = 0;
+    env_hooks();
     if (g_fail_init) ret = -1;
     else if (!param->model_path || read_embed_dim(param->model_path, &dim) != 0) ret = -2;
     else if (!cb) ret = -3;
@@ -744,6 +785,7 @@ typedef struct {
     int finished;
     pthread_t caller;
     int other_thread;
+    long run; /* 1-based rkllm_run number, for hook_run */
 } Job;
 
 static int aborted(Fake *f) {
@@ -764,6 +806,23 @@ static void hold(Fake *f) {
     }
     pthread_mutex_unlock(&f->mu);
 }
+
+/* A runtime wedged in the driver: sleeps 60 s whatever rkllm_abort says. */
+static void hang(void) {
+    struct timespec left = {60, 0};
+    while (nanosleep(&left, &left) == -1 && errno == EINTR) {
+    }
+}
+
+static void mark(const char *what) {
+    char line[64];
+    snprintf(line, sizeof line, "{\"fn\":\"%s\"}", what);
+    pthread_mutex_lock(&g_log_mu);
+    log_file_line(line);
+    pthread_mutex_unlock(&g_log_mu);
+}
+
+static int hooked(const Job *j) { return g_hook_run <= 0 || j->run == g_hook_run; }
 
 static int emit(Job *j, const char *s, size_t n, LLMCallState state) {
     char *piece = strndup(s, n);
@@ -790,13 +849,20 @@ static void *generate(void *arg) {
     }
     const char *p = j->answer;
     while (*p) {
-        if (g_hold_after >= 0 && j->generated == g_hold_after) hold(f);
+        if (hooked(j) && g_hold_after >= 0 && j->generated == g_hold_after) {
+            mark("hold");
+            hold(f);
+        }
+        if (hooked(j) && g_hang_after >= 0 && j->generated == g_hang_after) {
+            mark("hang");
+            hang();
+        }
         if (aborted(f)) {
             j->aborted = 1;
             return NULL; /* no FINISH after an abort: the binding must not wait for one */
         }
         if (j->generated >= j->max_new) break;
-        if (g_error_at >= 0 && j->generated == g_error_at) {
+        if (hooked(j) && g_error_at >= 0 && j->generated == g_error_at) {
             snprintf(j->errmsg, sizeof j->errmsg, "fake: injected error at token %d", j->generated);
             res.text = j->errmsg;
             j->error = 1;
@@ -855,6 +921,9 @@ EXPORT int rkllm_run(LLMHandle h, RKLLMInput *in, RKLLMInferParam *ip, void *use
     memset(&j, 0, sizeof j);
     j.f = f;
     j.caller = pthread_self();
+    pthread_mutex_lock(&g_log_mu);
+    j.run = ++g_runs;
+    pthread_mutex_unlock(&g_log_mu);
     Rec r;
     rec_begin(&r, "rkllm_run");
     rec_s(&r, "role", in->role);

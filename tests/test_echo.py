@@ -1,0 +1,169 @@
+"""Barge-in in a room where the microphone hears the speaker.
+
+``Room`` is a microphone and a speaker sharing the air: whatever the speaker plays comes back
+into the microphone, delayed and quieter, mixed with what the person says. Everything else
+is real: piper speaks, whisper hears, webrtcvad cuts, the tiny llama.cpp model answers.
+Real time is the point (the echo must overlap the answer), so these run at real-time pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from assistant.audio.base import SAMPLE_RATE, AudioSink, AudioSource
+from assistant.audio.echo import EchoGuard
+from assistant.audio.resample import resample
+from assistant.audio.tts import VoiceSet
+from assistant.config import TtsConfig
+from assistant.llm.llamacpp import LlamaCppBackend
+from assistant.pipeline import Components, Pipeline
+from test_conversation import CFG, LONG, models  # noqa: F401  (the models fixture)
+
+FRAME = SAMPLE_RATE * 30 // 1000
+
+
+class Room:
+    def __init__(self, person: np.ndarray, echo_gain: float, delay_s: float = 0.08):
+        self.person = person.astype(np.float32)
+        self.gain = echo_gain
+        self.delay = delay_s
+        self.timeline: list[tuple[float, np.ndarray]] = []   # (start, 16 kHz float) played
+        room = self
+
+        class Mic(AudioSource):
+            name = "room-mic"
+
+            async def open(self):
+                pass
+
+            async def frames(self):
+                t0 = time.monotonic()
+                for k in range(len(room.person) // FRAME):
+                    due = t0 + (k + 1) * FRAME / SAMPLE_RATE
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
+                    frame = room.person[k * FRAME:(k + 1) * FRAME] + room.echo(due)
+                    yield np.clip(frame, -32768, 32767).astype(np.int16).tobytes()
+
+        class Speaker(AudioSink):
+            name = "room-speaker"
+            sample_rate = 22050
+
+            def __init__(self):
+                self._stop = asyncio.Event()
+                self.seconds = 0.0
+
+            async def open(self):
+                pass
+
+            async def play(self, pcm):
+                self._stop.clear()
+                start = time.monotonic()
+                room.timeline.append((start, resample(pcm, self.sample_rate, SAMPLE_RATE)
+                                      .astype(np.float32)))
+                length = len(pcm) / self.sample_rate
+                try:
+                    await asyncio.wait_for(self._stop.wait(), length)
+                except asyncio.TimeoutError:
+                    pass
+                played = min(time.monotonic() - start, length)
+                if self._stop.is_set():      # the rest never reached the air
+                    t, audio = room.timeline[-1]
+                    room.timeline[-1] = (t, audio[:int(played * SAMPLE_RATE)])
+                self.seconds += played
+                return played
+
+            def stop(self):
+                self._stop.set()
+
+        self.mic, self.speaker = Mic(), Speaker()
+
+    def echo(self, until: float) -> np.ndarray:
+        """What the speaker put in the air during the frame ending ``delay`` before now."""
+        end = until - self.delay
+        start = end - FRAME / SAMPLE_RATE
+        out = np.zeros(FRAME, np.float32)
+        for t, audio in self.timeline:
+            a = int(round((t - start) * SAMPLE_RATE))
+            lo, hi = max(a, 0), min(a + len(audio), FRAME)
+            if lo < hi:
+                out[lo:hi] += audio[lo - a:hi - a]
+        return out * self.gain
+
+
+@pytest.fixture(scope="module")
+def voices():
+    v = VoiceSet(TtsConfig())
+    v.load()
+    return v
+
+
+def run_room(spoken, whisper, voices, models, *, stop_at_s=None, echo_match=0.5, gain=0.5):
+    q = spoken.pcm("What do you see on the table?")
+    parts = [np.zeros(SAMPLE_RATE // 2, np.int16), q, np.zeros(int(12 * SAMPLE_RATE), np.int16)]
+    person = np.concatenate(parts)
+    if stop_at_s is not None:
+        stop = spoken.pcm("Stop.")
+        at = len(parts[0]) + len(q) + int(stop_at_s * SAMPLE_RATE)
+        person = person.copy()
+        person[at:at + len(stop)] += stop
+    room = Room(person, gain)
+    cfg = replace(CFG, audio=replace(CFG.audio, barge_in=True, echo_match=echo_match))
+    b = LlamaCppBackend(cfg.llm, cfg.persona, models["long"])
+    b.load()
+    parts_ = Components(source=room.mic, sink=room.speaker, asr=whisper, voices=voices, llm=b)
+    pipe = Pipeline(cfg, parts_)
+    try:
+        asyncio.run(pipe.run(greet=False))
+    finally:
+        b.close()
+    return pipe, room
+
+
+def test_its_own_voice_from_the_speaker_cuts_nothing(spoken, whisper_tiny, voices, models):
+    pipe, room = run_room(spoken, whisper_tiny, voices, models)
+    (turn,) = pipe.turns
+    assert not turn.interrupted and turn.answer == LONG
+    assert room.speaker.seconds > 6          # the whole answer was played
+
+
+def test_without_the_guard_the_echo_would_cut_the_answer(spoken, whisper_tiny, voices, models):
+    pipe, _ = run_room(spoken, whisper_tiny, voices, models, echo_match=0.0)
+    assert pipe.turns[0].interrupted         # what the guard is there to prevent
+
+
+def test_a_person_talking_over_the_echo_still_cuts_it(spoken, whisper_tiny, voices, models):
+    pipe, room = run_room(spoken, whisper_tiny, voices, models, stop_at_s=3.5)
+    first = pipe.turns[0]
+    assert first.interrupted and len(first.answer) < len(LONG)
+    assert room.speaker.seconds < 8
+
+
+def test_the_match_tells_echo_from_a_person(spoken):
+    speech = spoken.pcm("Let me describe the table.").astype(np.float32)
+    other = spoken.pcm("What color is the cup?").astype(np.float32)
+    t0 = time.monotonic()
+    delay = int(0.1 * SAMPLE_RATE)
+    heard = np.zeros(len(speech) + delay, np.float32)
+    heard[delay:] += 0.4 * speech
+
+    def feed(signal):
+        guard = EchoGuard()
+        guard.played(speech, started=t0)
+        for k in range(len(signal) // FRAME):
+            guard.heard(np.clip(signal[k * FRAME:(k + 1) * FRAME], -32768, 32767)
+                        .astype(np.int16).tobytes(), at=t0 + (k + 1) * FRAME / SAMPLE_RATE)
+        return guard.match()
+
+    assert feed(heard) > 0.9                                   # the speaker alone
+    person = heard.copy()
+    # A person over it, as loud as a near talker, in the window the guard looks at.
+    voiced = other[np.abs(other) > 500]
+    person[-len(voiced):] += 1.5 * voiced[-len(person):]
+    assert feed(person) < 0.5
+    # Another sentence in the same voice, no echo at all: below the default threshold.
+    assert feed(np.concatenate([other, np.zeros(delay, np.float32)])[:len(heard)]) < 0.5
