@@ -40,6 +40,7 @@ def test_unit_essentials():
     assert svc["Type"] == "notify"          # READY=1 comes after the models load
     assert "rkvlm-assistant run" in svc["ExecStart"]
     assert svc["RestartPreventExitStatus"] == "78"
+    assert "kill -HUP $MAINPID" in svc["ExecReload"]   # systemctl reload: SIGHUP
     assert svc["Restart"] == "on-failure"
     assert int(svc["WatchdogSec"]) > 0
     assert "audio" in svc["SupplementaryGroups"] and "video" in svc["SupplementaryGroups"]
