@@ -107,6 +107,16 @@ def cmd_bench(args, cfg: Config) -> int:
     return run_bench(cfg, args)
 
 
+def _bench_profile(name: str) -> str:
+    """--profile: a known bench profile (checked when bench is parsed)."""
+    from assistant.bench_profiles import profile_names
+
+    if name not in profile_names():
+        raise argparse.ArgumentTypeError(
+            f"unknown profile {name!r}; choose one of: {', '.join(profile_names())}")
+    return name
+
+
 def cmd_install(args, cfg: Config) -> int:
     from assistant.install import cli_install
 
@@ -176,11 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", default="/", help="read /proc, /sys and libraries under this directory")
     s.set_defaults(func=cmd_doctor)
 
-    s = sub.add_parser("bench", help="measure each stage and the end-of-speech-to-first-audio time")
-    s.add_argument("--turns", type=int, default=3, help="questions to time (default 3)")
-    s.add_argument("--profile", choices=["measured", "rk3576", "rk3588"], default="measured",
-                   help="measured: this machine's real stages; rk3576/rk3588: the NPU stages "
-                        "simulated from published figures, the rest measured")
+    s = sub.add_parser("bench", help="what the person waits for, from the last word to the first "
+                                      "sound: measured here, or planned for a board")
+    s.add_argument("--rounds", type=int, default=None,
+                   help="rounds of each scenario, pipelined and serial (default 3)")
+    s.add_argument("--turns", type=int, default=None, help="the same as --rounds (older name)")
+    s.add_argument("--profile", type=_bench_profile, default="measured", metavar="PROFILE",
+                   help="measured: this machine's real stages; CHIP-MODEL (rk3576-qwen2-vl-2b, "
+                        "rk3588-qwen2.5-vl-3b, rk3576-smolvlm-256m, ...; rk3576 and rk3588 "
+                        "are Qwen2-VL-2B): the NPU stages replayed from published figures, "
+                        "whisper and piper slowed to the board's speed")
+    s.add_argument("--scenario", choices=["all", "same_scene", "new_scene", "idle_encoded"],
+                   default="all", help="which scenario to run (default all)")
     s.add_argument("--json", action="store_true", help="print the figures as JSON")
     s.set_defaults(func=cmd_bench)
 

@@ -215,6 +215,7 @@ class RkllmConfig:
     lora: Optional[str] = _f(None, "Optional LoRA adapter file.", file=True)
     lora_scale: float = _f(1.0, "LoRA adapter scale.", lo=0.0, hi=10.0)
     prompt_cache: Optional[str] = _f(None, "Prompt cache file: loaded if present, written with the system prompt's cache on the first run.")
+    prefill_early: bool = _f(True, "With llm.prefill_early: when the context holds no history yet (the first question, after a clear or a compaction), a prefill-only run of the next turn's opening with the new scene's image during speech, so the runtime's automatic prefix reuse skips it in the real turn. Whether it reused is read from the runtime's perf.prefill_tokens; if it did not, this switches itself off with one log line.")
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ class LlmConfig:
     on_context_full: Literal["compact", "reset", "error"] = _f(
         "compact", "When the next turn does not fit: compact keeps the most recent exchanges (as text, within compact_share of the context) and answers; reset forgets the conversation, says so and answers; error refuses the turn.")
     compact_share: float = _f(0.5, "With on_context_full: compact, the share of the context the kept exchanges may fill.", lo=0.0, hi=0.9)
-    prefill_early: bool = _f(True, "When the scene is new, put its image into the model's context while the person is still talking, so the question's turn evaluates only the question (llama.cpp; the RKLLM runtime cannot prefill ahead through this binding yet).")
+    prefill_early: bool = _f(True, "When the scene is new, put its image into the model's context while the person is still talking, so the question's turn evaluates only the question (llama.cpp: into the KV cache; RKLLM: see llm.rkllm.prefill_early).")
     llamacpp: LlamaCppConfig = _f(LlamaCppConfig(), "Portable backend settings (llm.backend: llamacpp).")
     rkllm: RkllmConfig = _f(RkllmConfig(), "NPU backend settings (llm.backend: rkllm).")
 

@@ -3,6 +3,7 @@
 import asyncio
 import ctypes
 import gc
+import logging
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -741,3 +742,41 @@ asr: {{model: tiny.en}}
     out = api.RKNNLite.instances[-1].last_outputs[0]
     assert (turn["embed_first"], turn["embed_last"]) == (out[0, 0, 0], out[0, -1, -1])
     assert "rkllm_destroy" in fake.names()
+
+
+# --------------------------------------------------------------------------- prefill ahead
+
+@pytest.mark.parametrize("reuse", [1, 0])
+def test_prefill_early_keeps_itself_only_when_the_runtime_reuses_it(setup, version, reuse, caplog):
+    """The compiled runtime models both outcomes of rknn-llm's automatic prefix reuse."""
+    b, fake = setup(version, with_vision=True, max_context_len=4096, max_new_tokens=16)
+    b.load()
+    fake.set("reuse", reuse)
+    img = embedding()
+    caplog.set_level(logging.INFO, logger="assistant.llm.rkllm")
+    assert b.prefill(img)                       # during speech: prefill only, nothing said
+    early = fake.last("rkllm_run")
+    assert early["mode"] == 1 and early["keep_history"] == 0 and early["generate_tokens"] == 0
+    pieces, stats = run(b, "What do you see?", img)
+    assert "".join(pieces).startswith("Echo: ")      # answered as usual
+    real = fake.last("rkllm_run")
+    assert real["keep_history"] == 1 and real["n_image_tokens"] == 196
+    if reuse:
+        assert stats.extra["early_prefill"] == "reused" and stats.prompt_tokens < 196
+        b.clear()
+        assert b.prefill(img)                   # still on
+    else:
+        assert stats.extra["early_prefill"] == "not reused" and stats.prompt_tokens >= 196
+        assert "switched off" in caplog.text
+        b.clear()
+        assert not b.prefill(img)               # off for good, one line said why
+        assert caplog.text.count("switched off") == 1
+
+
+def test_prefill_early_never_drops_a_history_held_in_the_cache(setup, version):
+    b, fake = setup(version, with_vision=True, max_context_len=4096, max_new_tokens=16)
+    b.load()
+    run(b, "Hello")                             # the KV cache now holds a conversation
+    runs = len(fake.calls("rkllm_run"))
+    assert not b.prefill(embedding())           # a keep-nothing run would lose it
+    assert len(fake.calls("rkllm_run")) == runs

@@ -35,7 +35,8 @@ from assistant.errors import BackendError, ContextFullError, ModelMissingError
 from assistant.llm import rkllm_abi as abi_mod
 from assistant.llm.base import Exchange, ImageEmbedding, LLMBackend, TurnOptions, TurnStats
 from assistant.llm.families import IMAGE_PLACEHOLDER, Family, get_family
-from assistant.llm.rkllm_abi import (RKLLM_INFER_GENERATE, RKLLM_INPUT_MULTIMODAL,
+from assistant.llm.rkllm_abi import (RKLLM_INFER_GENERATE, RKLLM_INFER_GET_LAST_HIDDEN_LAYER,
+                                     RKLLM_INPUT_MULTIMODAL,
                                      RKLLM_INPUT_PROMPT, RKLLM_RUN_ERROR, RKLLM_RUN_FINISH,
                                      RKLLM_RUN_NORMAL, RKLLM_RUN_WAITING, Abi,
                                      LLMResultCallback, PathResolver, RKLLMLoraAdapter,
@@ -81,6 +82,7 @@ class _Turn:
 
     def __init__(self, on_piece: Callable[[str], None], max_pieces: Optional[int] = None):
         self.on_piece = on_piece
+        self.release = False            # 1.3.0, prefill-only: let the runtime free its buffers
         self.max_pieces = max_pieces    # a per-turn answer limit below the init value (1.2.x)
         self.cut_at_limit = False
         # WAITING pieces end inside a UTF-8 character: the decoder holds those bytes
@@ -146,6 +148,11 @@ class RkllmBackend(LLMBackend):
         # next question, in the same run, since the runtime takes no assistant messages.
         self._pending = ""
         self._warned_sampling = False
+        # llm.rkllm.prefill_early: the prompt and image of the last prefill-only run, the
+        # KV size that means "no history held", and whether the runtime showed it reuses.
+        self._early: Optional[tuple[str, ImageEmbedding]] = None
+        self._system_kv = 0
+        self._prefill_off = False
         self.runtime_version: Optional[str] = None
 
     @classmethod
@@ -279,6 +286,7 @@ class RkllmBackend(LLMBackend):
         if self._cache is not None:
             self._open_prompt_cache(model, version)
         self._refresh_tokens()
+        self._system_kv = self._tokens_used
 
     def _open_prompt_cache(self, model: Path, version: str) -> None:
         """Load the cache when it was made for this model and system prompt, else plan to save.
@@ -347,7 +355,7 @@ class RkllmBackend(LLMBackend):
             turn.failure = e
             self._abort.set()
             self._follow_up_abort(turn)
-        return 0
+        return 2 if turn.release else 0
 
     def _follow_up_abort(self, turn: _Turn) -> None:
         """Ask the runtime to stop (again) from another thread, once per turn.
@@ -420,6 +428,8 @@ class RkllmBackend(LLMBackend):
                 raise BackendError(f"rkllm_clear_kv_cache failed (code {ret}): the runtime "
                                    f"log above says why")
             self._refresh_tokens()
+            self._system_kv = self._tokens_used
+            self._early = None
             self._pending = self._history_text(exchanges)
 
     def history_cost(self, exchanges: Sequence[Exchange]) -> int:
@@ -456,24 +466,10 @@ class RkllmBackend(LLMBackend):
             self._check_fits(prompt, n_image_tokens, keep_history)
 
             prompt_b = prompt.encode("utf-8")
-            inp = abi.Input()
-            inp.role = b"user"
-            inp.enable_thinking = False
-            if embed is None:
-                inp.input_type = RKLLM_INPUT_PROMPT
-                inp.prompt_input = prompt_b
-            else:
-                inp.input_type = RKLLM_INPUT_MULTIMODAL
-                mm = inp.multimodal_input
-                mm.prompt = prompt_b
-                img = mm if abi.tags_in_param else mm.image
-                img.image_embed = embed.ctypes.data_as(POINTER(c_float))
-                img.n_image_tokens = n_image_tokens
-                img.n_image = 1
-                img.image_width = image.width
-                img.image_height = image.height
-                if not abi.tags_in_param:
-                    img.image_start, img.image_end, img.image_content = self._tags
+            inp = self._input(prompt_b, embed, image)
+            early, self._early = self._early, None
+            after_early = (early is not None and early[1] is image and keep_history
+                           and prompt.startswith(early[0]))
             infer = abi.InferParam()
             infer.mode = RKLLM_INFER_GENERATE
             infer.keep_history = 1 if keep_history else 0
@@ -536,7 +532,92 @@ class RkllmBackend(LLMBackend):
             stats.extra["finish"] = ("aborted" if aborted else "length"
                                      if turn.cut_at_limit or stats.generated_tokens >= max_new
                                      else "stop")
+            if after_early and turn.perf:
+                self._judge_early(stats, n_image_tokens)
             return stats
+
+    # ------------------------------------------------------------------ prefill ahead
+
+    def _input(self, prompt_b: bytes, embed: Optional[np.ndarray],
+               image: Optional[ImageEmbedding]) -> Any:
+        """The RKLLMInput of a text or text + image prompt."""
+        abi = self._abi
+        inp = abi.Input()
+        inp.role = b"user"
+        inp.enable_thinking = False
+        if embed is None:
+            inp.input_type = RKLLM_INPUT_PROMPT
+            inp.prompt_input = prompt_b
+            return inp
+        inp.input_type = RKLLM_INPUT_MULTIMODAL
+        mm = inp.multimodal_input
+        mm.prompt = prompt_b
+        img = mm if abi.tags_in_param else mm.image
+        img.image_embed = embed.ctypes.data_as(POINTER(c_float))
+        img.n_image_tokens = embed.shape[0]
+        img.n_image = 1
+        img.image_width = image.width
+        img.image_height = image.height
+        if not abi.tags_in_param:
+            img.image_start, img.image_end, img.image_content = self._tags
+        return inp
+
+    def prefill(self, image: ImageEmbedding) -> bool:
+        """llm.rkllm.prefill_early: a prefill-only run of the next turn's opening (the fed-
+        back history and the image) while the person talks, for the runtime's automatic
+        prefix reuse to skip in the real turn. Only while the KV cache holds no history:
+        a run that keeps none would otherwise drop it."""
+        if not self._rk.prefill_early or self._prefill_off:
+            return False
+        with self._lock:
+            if self._handle is None or self._tokens_used > self._system_kv:
+                return False
+            embed = self._image_array(image)
+            prompt = self._pending + IMAGE_PLACEHOLDER
+            inp = self._input(prompt.encode("utf-8"), embed, image)
+            infer = self._abi.InferParam()
+            infer.mode = RKLLM_INFER_GET_LAST_HIDDEN_LAYER
+            infer.keep_history = 0
+            lora = RKLLMLoraParam(self._lora_name) if self._lora_name else None
+            if lora is not None:
+                infer.lora_params = ctypes.pointer(lora)
+            turn = _Turn(lambda piece: None)
+            turn.release = not self._abi.tags_in_param
+            with self._state_lock:
+                self._abort.clear()
+                self._turn = turn
+            t0 = time.monotonic()
+            try:
+                ret = self._lib.rkllm_run(c_void_p(self._handle), byref(inp), byref(infer), None)
+            finally:
+                with self._state_lock:
+                    self._turn = None
+            self._refresh_tokens()
+            if ret != 0 or turn.error is not None:
+                log.warning("rkllm: the prefill-only run failed (%s); the image goes with the "
+                            "question", turn.error or f"rkllm_run returned {ret}")
+                return False
+            self._early = (prompt, image)
+            log.info("rkllm: image prefilled ahead in %.0f ms (%s tokens)",
+                     (time.monotonic() - t0) * 1000, (turn.perf or {}).get("prefill_tokens"))
+            return True
+
+    def cancel_prefill(self) -> None:
+        self._early = None   # nothing to cut: the run kept no history
+
+    def _judge_early(self, stats: TurnStats, n_image_tokens: int) -> None:
+        """Did the real turn reuse the prefilled image? The runtime's prefill count says."""
+        reused = stats.prompt_tokens < n_image_tokens
+        stats.extra["early_prefill"] = "reused" if reused else "not reused"
+        if reused:
+            log.info("rkllm: the turn reused the early prefill (%d tokens prefilled, image %d)",
+                     stats.prompt_tokens, n_image_tokens)
+            return
+        self._prefill_off = True
+        log.warning("rkllm: runtime %s prefilled the image again (%d tokens for a turn with "
+                    "%d image tokens): it does not reuse the early prefill, so "
+                    "llm.rkllm.prefill_early is switched off", self.runtime_version,
+                    stats.prompt_tokens, n_image_tokens)
 
     def _sampling(self, options: Optional[TurnOptions]) -> Optional[RKLLMSamplingParam13]:
         """1.3.0's per-run sampling from a turn's options; None keeps the init values."""
@@ -615,7 +696,9 @@ class RkllmBackend(LLMBackend):
                 raise BackendError(f"rkllm_clear_kv_cache failed (code {ret}): the runtime "
                                    f"log above says why")
             self._pending = ""
+            self._early = None
             self._refresh_tokens()
+            self._system_kv = self._tokens_used
             log.info("rkllm conversation cleared (%d tokens kept)", self._tokens_used)
 
     def set_persona(self, persona: PersonaConfig) -> None:
@@ -636,7 +719,9 @@ class RkllmBackend(LLMBackend):
             self._save_cache = False
             if self._cache is not None:
                 self._open_prompt_cache(self._model_path(), self.runtime_version or "")
+            self._early = None
             self._refresh_tokens()
+            self._system_kv = self._tokens_used
             log.info("rkllm system prompt replaced (%d characters); the conversation starts "
                      "afresh", len(self._system))
 

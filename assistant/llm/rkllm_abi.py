@@ -49,6 +49,7 @@ RKLLM_INPUT_EMBED = 2
 RKLLM_INPUT_MULTIMODAL = 3
 
 RKLLM_INFER_GENERATE = 0
+RKLLM_INFER_GET_LAST_HIDDEN_LAYER = 1   # prefill only: nothing is generated
 
 SUPPORTED_VERSIONS = ("1.2.1", "1.2.2", "1.2.3", "1.3.0")
 _ABI_OF_VERSION = {"1.2.1": "1.2", "1.2.2": "1.2", "1.2.3": "1.2", "1.3.0": "1.3"}

@@ -23,7 +23,9 @@
  * makes rkllm_init fail. fake_rkllm_reset() clears the log and the hooks.
  * For a runtime loaded by another process (the daemon), rkllm_init also reads the hooks from
  * the environment: FAKE_RKLLM_HOLD_AFTER, FAKE_RKLLM_HANG_AFTER, FAKE_RKLLM_ERROR_AT,
- * FAKE_RKLLM_HOOK_RUN; and FAKE_RKLLM_LOG=path appends every recorded call to that file as
+ * FAKE_RKLLM_HOOK_RUN, FAKE_RKLLM_REUSE ("reuse" 1: a run whose prompt and image start
+ * like the previous run's prefills only the rest, as the real runtime's automatic prompt
+ * cache reuse does; mode GET_LAST_HIDDEN_LAYER prefills and generates nothing); and FAKE_RKLLM_LOG=path appends every recorded call to that file as
  * one JSON line, plus {"fn":"hold"} / {"fn":"hang"} when generation starts holding or hanging.
  * The fake model file is any text file; "embed_dim=N" in it sets the embedding width used
  * to find the last float of an image embedding.
@@ -260,6 +262,9 @@ static char *g_log;
 static size_t g_log_len, g_log_cap;
 static long g_hold_after = -1, g_error_at = -1, g_fail_init = 0;
 static long g_hang_after = -1, g_hook_run = 0, g_runs = 0;
+/* "reuse" 1: like runtime 1.2.0+'s automatic prompt cache reuse, a run whose input starts
+ * like the previous run's (same image) prefills only what differs; 0: it prefills all. */
+static long g_reuse = 0;
 static char *g_log_path; /* FAKE_RKLLM_LOG: every record also appended here, one a line */
 
 static void log_file_line(const char *line) {
@@ -400,6 +405,7 @@ EXPORT void fake_rkllm_reset(void) {
     g_hang_after = -1;
     g_hook_run = 0;
     g_runs = 0;
+    g_reuse = 0;
     pthread_mutex_unlock(&g_log_mu);
 }
 
@@ -409,6 +415,7 @@ EXPORT int fake_rkllm_set(const char *key, long value) {
     else if (!strcmp(key, "fail_init")) g_fail_init = value;
     else if (!strcmp(key, "hang_after")) g_hang_after = value;
     else if (!strcmp(key, "hook_run")) g_hook_run = value;
+    else if (!strcmp(key, "reuse")) g_reuse = value;
     else return -1;
     return 0;
 }
@@ -530,6 +537,8 @@ typedef struct {
     pthread_cond_t cv;
     int abort_flag;
     int busy; /* calls (other than abort) inside the library for this handle */
+    char *last_input; /* the previous run's prompt and image, for prefix reuse */
+    double last_sig;
 } Fake;
 
 static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
@@ -629,6 +638,7 @@ static void env_hooks(void) {
     if ((v = getenv("FAKE_RKLLM_HANG_AFTER")) && *v) g_hang_after = atol(v);
     if ((v = getenv("FAKE_RKLLM_ERROR_AT")) && *v) g_error_at = atol(v);
     if ((v = getenv("FAKE_RKLLM_HOOK_RUN")) && *v) g_hook_run = atol(v);
+    if ((v = getenv("FAKE_RKLLM_REUSE")) && *v) g_reuse = atol(v);
     if ((v = getenv("FAKE_RKLLM_LOG")) && *v) {
         pthread_mutex_lock(&g_log_mu);
         free(g_log_path);
@@ -946,6 +956,7 @@ EXPORT int rkllm_run(LLMHandle h, RKLLMInput *in, RKLLMInferParam *ip, void *use
     const char *prompt = NULL;
     const char *tag_start = NULL, *tag_end = NULL, *tag_content = NULL;
     size_t n_image_tokens = 0, n_image = 0;
+    double img_sig = 0;
     if (in->input_type == RKLLM_INPUT_PROMPT) {
         prompt = in->prompt_input;
     } else if (in->input_type == RKLLM_INPUT_MULTIMODAL) {
@@ -979,6 +990,8 @@ EXPORT int rkllm_run(LLMHandle h, RKLLMInput *in, RKLLMInferParam *ip, void *use
         rec_s(&r, "image_content", tag_content);
         size_t dim = f->embed_dim > 0 ? (size_t)f->embed_dim : 1;
         rec_floats(&r, embed, n_image * n_image_tokens * dim);
+        size_t n_floats = n_image * n_image_tokens * dim;
+        if (embed && n_floats) img_sig = embed[0] + 2.0 * embed[n_floats - 1] + (double)n_floats;
     }
     rec_s(&r, "prompt", prompt);
 
@@ -998,7 +1011,20 @@ EXPORT int rkllm_run(LLMHandle h, RKLLMInput *in, RKLLMInferParam *ip, void *use
     if (ip->max_new_tokens > 0) j.max_new = ip->max_new_tokens;
 #endif
     if (j.max_new < 0) j.max_new = 1 << 30;
+    if (ip->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER) j.max_new = 0; /* prefill only */
     j.prefill_tokens = system_new + input;
+    int reused = 0;
+    if (g_reuse && prompt && f->last_input && f->last_sig == img_sig) {
+        size_t l = 0;
+        while (prompt[l] && prompt[l] == f->last_input[l]) l++;
+        reused = (int)(slen(f->prefix) + l);
+        const char *img = strstr(prompt, "<image>");
+        if (multimodal && img && (size_t)(img - prompt) + 7 <= l)
+            reused += (int)(slen(tag_start) + slen(tag_end) + n_image * n_image_tokens) - 7;
+        if (reused > input - 1) reused = input - 1;
+        j.prefill_tokens -= reused;
+    }
+    rec_i(&r, "reused_tokens", reused);
     if (!prompt) {
         j.error = 1;
         snprintf(j.errmsg, sizeof j.errmsg, "fake: no prompt");
@@ -1040,6 +1066,9 @@ EXPORT int rkllm_run(LLMHandle h, RKLLMInput *in, RKLLMInferParam *ip, void *use
     pthread_join(th, NULL);
 
     if (!j.error) {
+        free(f->last_input);
+        f->last_input = dup_or_null(prompt);
+        f->last_sig = img_sig;
         f->system_cached = 1;
         if (ip->keep_history) f->kv += system_new + input + j.generated;
         else f->kv = f->system_tokens;
@@ -1152,6 +1181,7 @@ EXPORT int rkllm_destroy(LLMHandle h) {
     free(f->prefix);
     free(f->postfix);
     free(f->lora_name);
+    free(f->last_input);
     pthread_mutex_destroy(&f->mu);
     pthread_cond_destroy(&f->cv);
     free(f);
