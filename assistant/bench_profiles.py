@@ -205,6 +205,7 @@ class SimulatedLLM(LLMBackend):
         self.answer = answer
         self.used = SYSTEM_TOKENS
         self.pending = 0                  # history loaded, evaluated with the next turn
+        self.ahead: Optional[ImageEmbedding] = None   # an image prefilled during speech
         self._abort = threading.Event()
 
     def load(self) -> None:
@@ -230,9 +231,18 @@ class SimulatedLLM(LLMBackend):
             raise ContextFullError(f"the turn needs {self.turn_cost(text, image)} tokens and "
                                    f"{self.ctx - self.used} of {self.ctx} are free")
         text_tok, image_tok = self.prompt_tokens(text, image)
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead is image:
+            # Its image went in during the speech (llm.prefill_early): only the rest now.
+            self.used -= image_tok
+            image_tok_now = 0
+        else:
+            if ahead is not None:
+                self.used -= ahead.n_tokens + 4           # cut away, unused
+            image_tok_now = image_tok
         t0 = time.monotonic()
         # History fed back by load_history is evaluated now, with the question.
-        self.clock.sleep(self.prefill_s(text_tok + self.pending, image_tok), self._abort)
+        self.clock.sleep(self.prefill_s(text_tok + self.pending, image_tok_now), self._abort)
         st = TurnStats(prompt_tokens=text_tok + self.pending + image_tok,
                        prefill_ms=(time.monotonic() - t0) * 1000)
         self.used += text_tok + image_tok
@@ -266,6 +276,22 @@ class SimulatedLLM(LLMBackend):
     def clear(self) -> None:
         self.used = SYSTEM_TOKENS
         self.pending = 0
+        self.ahead = None
+
+    def prefill(self, image: ImageEmbedding) -> bool:
+        """The image's prefill at the published rate, ahead of the question (what the
+        llama.cpp backend does, and what RKLLM's prefix reuse gives where it works)."""
+        if self.pending or self.used + image.n_tokens + 4 > self.ctx:
+            return False
+        self.clock.sleep((image.n_tokens + 4) / self.p.prefill_tok_s, self._abort)
+        self.used += image.n_tokens + 4
+        self.ahead = image
+        return True
+
+    def cancel_prefill(self) -> None:
+        if self.ahead is not None:
+            self.used -= self.ahead.n_tokens + 4
+            self.ahead = None
 
     def load_history(self, exchanges: Sequence[tuple[str, str]]) -> None:
         # Fed back with the next question: the simulated prefill pays for it then.
@@ -278,7 +304,8 @@ class SimulatedLLM(LLMBackend):
 
     @property
     def tokens_used(self) -> int:
-        return self.used
+        # A prefill ahead is not the conversation's until its turn uses it.
+        return self.used - (self.ahead.n_tokens + 4 if self.ahead is not None else 0)
 
 
 # ---------------------------------------------------------------------------- CPU stages
