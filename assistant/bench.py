@@ -309,7 +309,6 @@ class Bench:
 
     async def alone(self, scenario: str, turn: Turn) -> dict:
         """The turn's critical-path stages, each timed alone (measured profile)."""
-        from assistant import pipeline as pipeline_module
 
         p = self.parts
         out: dict[str, float] = {}
@@ -326,7 +325,7 @@ class Bench:
             # Encoding starts at speech onset: only what outlasts the speech is on the path.
             out["vision_ms"] = 0.0 if scenario == "idle_encoded" else \
                 max(0.0, encode_s - self.spoken.onset_to_cut_s) * 1000
-        splitter = SentenceSplitter(max_chars=getattr(pipeline_module, "_FIRST_CUT_CHARS", 40))
+        splitter = SentenceSplitter(max_chars=self.cfg.tts.first_clause_chars or 100)
         first: list[tuple[str, float]] = []
 
         def piece(s: str) -> None:

@@ -244,11 +244,15 @@ class TtsConfig:
     length_scale: float = _f(1.0, "Speaking pace: above 1 is slower.", lo=0.3, hi=3.0)
     speaker: Optional[int] = _f(None, "Speaker id for multi-speaker voices.", lo=0, hi=10000)
     sentence_pause_ms: int = _f(150, "Silence between sentences.", lo=0, hi=3000)
+    first_clause_chars: int = _f(24, "Until the first sound, a sentence is spoken from its first comma once it is this long, so the answer starts sooner; later sentences are spoken whole. 0: the first sentence whole too.", lo=0, hi=500)
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _f("INFO", "Log level.")
+    debug_recording: Optional[str] = _f(None, "Keep each utterance's audio (a 16 kHz mono WAV, what whisper heard) and the snapshot its turn used (a JPEG) in this directory, named by time and turn id (20261201-201530-turn12.wav); null: off. `run --debug-recording DIR` overrides it. Read at start.")
+    debug_recording_max_files: int = _f(200, "Files kept in logging.debug_recording; past it the oldest turns' files are deleted.", lo=2, hi=10_000_000)
+    debug_recording_max_mb: float = _f(200.0, "Megabytes kept in logging.debug_recording; past it the oldest turns' files are deleted.", lo=1.0, hi=10_000_000.0)
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ from assistant.vision.scene import Scene
 
 log = logging.getLogger(__name__)
 
-# Sentence cuts for speech (see assistant.audio.sentences): the first one early, then whole.
-_FIRST_CUT_CHARS = 40
+# Sentence cuts for speech (see assistant.audio.sentences): the first one early
+# (tts.first_clause_chars), then whole unless a run-on passes this length.
 _RUN_ON_CHARS = 100
 
 # Reopening a lost microphone: wait this long between tries, growing to the last value.
@@ -77,10 +77,12 @@ class Pipeline:
     def __init__(self, cfg: Config, parts: Components, *,
                  conversation: Optional[Conversation] = None,
                  on_turn: Optional[Callable[[Turn], None]] = None,
-                 notify: Optional[Callable[[str], None]] = None):
+                 notify: Optional[Callable[[str], None]] = None,
+                 recorder=None):
         self.cfg = cfg
         self.parts = parts
         self.on_turn = on_turn
+        self.recorder = recorder      # assistant.debug_recording.DebugRecorder, or None
         self.notify = notify or (lambda status: None)
         self.intents = IntentClassifier(cfg.intent)
         self.endpointer = Endpointer(cfg.vad)
@@ -279,6 +281,10 @@ class Pipeline:
     # ------------------------------------------------------------------ one turn
 
     async def _turn(self, utt: Utterance, turn: Turn, snapshot: Optional[asyncio.Task]) -> None:
+        if self.recorder is not None:
+            # Before ASR, so a turn whose ASR fails is kept too. The picture: this speech's
+            # snapshot job (written once taken), else the newest snapshot.
+            self.recorder.save(turn, utt.pcm, snapshot or self.scene.latest)
         heard = await self._transcribe(utt, turn)
         intent = self.intents.classify(heard.text) if heard is not None else Intent.NOTHING
         if intent is not Intent.QUESTION:
@@ -321,8 +327,8 @@ class Pipeline:
         overran = False
         speaking = asyncio.create_task(self.voice.say(sentences, lang, turn))
         # Until the first sound, a long opening sentence is cut at its first comma past
-        # _FIRST_CUT_CHARS: the person hears something sooner; later sentences stay whole.
-        splitter = SentenceSplitter(max_chars=_FIRST_CUT_CHARS)
+        # tts.first_clause_chars: the person hears something sooner; later sentences stay whole.
+        splitter = SentenceSplitter(max_chars=self.cfg.tts.first_clause_chars or _RUN_ON_CHARS)
 
         def speak(s: str) -> None:
             turn.mark("first_sentence")
