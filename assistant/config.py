@@ -120,7 +120,7 @@ class AudioConfig:
     input: AudioInputConfig = _f(AudioInputConfig(), "Microphone settings.")
     output: AudioOutputConfig = _f(AudioOutputConfig(), "Speaker settings.")
     barge_in: bool = _f(False, "false: the microphone is ignored while the assistant speaks. true: speech during an answer cuts it short.")
-    echo_match: float = _f(0.5, "With barge_in: speech that the assistant's own audio of the last moments explains this well (normalised cross-correlation, 0 to 1) is its voice coming back from the speaker, not a person, and cuts nothing; 0 turns this guard off.", lo=0.0, hi=1.0)
+    echo_match: float = _f(0.7, "With barge_in: speech that the assistant's own audio of the last moments explains this well (normalised cross-correlation, 0 to 1) is its voice coming back from the speaker, not a person, and cuts nothing; 0 turns this guard off.", lo=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,8 @@ class VadConfig:
     pre_roll_ms: int = _f(300, "Audio kept from before speech was detected, so the first syllable is not cut.", lo=0, hi=2000)
     start_ms: int = _f(90, "Voiced audio needed to decide that speech started.", lo=10, hi=1000)
     end_silence_ms: int = _f(700, "Silence that ends an utterance.", lo=100, hi=5000)
+    transcribe_in_pause: bool = _f(True, "When the person pauses, whisper starts on the words so far (while no answer runs); if the pause turns out to end the utterance, that transcript is the turn's, so speech recognition overlaps the end-of-speech wait.")
+    quick_end_ms: int = _f(0, "Quick endpointing: when the transcript made in a pause reads as a finished sentence, end the utterance after this much silence instead of end_silence_ms. 0: off (measured: it cut 6 of 8 questions with a pause inside; see README).", lo=0, hi=5000)
     min_speech_ms: int = _f(300, "Utterances with less voiced audio than this (clicks, coughs) are dropped.", lo=0, hi=5000)
     max_utterance_s: float = _f(15.0, "An utterance is cut here even if the person keeps talking.", lo=1.0, hi=120.0)
 

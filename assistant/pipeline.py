@@ -23,6 +23,7 @@ from typing import Callable, Optional
 from assistant.audio.asr import Transcript
 from assistant.audio.base import AudioSink, AudioSource
 from assistant.audio.echo import EchoGuard
+from assistant.audio.quick_end import complete
 from assistant.audio.sentences import SentenceSplitter
 from assistant.audio.vad import Endpointer, SpeechDiscarded, SpeechStarted, Utterance
 from assistant.audio.voice_out import VoiceOut
@@ -43,6 +44,9 @@ _RUN_ON_CHARS = 100
 
 # Reopening a lost microphone: wait this long between tries, growing to the last value.
 _REOPEN_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+# Quick endpointing: a pause this long starts a partial transcription of the speech so far.
+_PARTIAL_AFTER_MS = 120
 
 # Turns kept in memory for `ask` and the tests; the transcript keeps all of them.
 _TURNS_KEPT = 200
@@ -99,6 +103,10 @@ class Pipeline:
         # Image prefills started for a speech's new scene, by its scene job: (task, dropped).
         self._prefills: dict[asyncio.Task, tuple[asyncio.Task, asyncio.Event]] = {}
         self._cuts: set[asyncio.Task] = set()       # prefills being cut away
+        # vad.transcribe_in_pause: the pass over the speech so far, with the stream time of
+        # the last voiced frame it covers.
+        self._partial: Optional[tuple[float, asyncio.Task]] = None
+        self._pass: Optional[asyncio.Task] = None      # the one pass allowed at a time
         self._in_turn = False
         self._barged_in = False
         self._exit_code: Optional[int] = None
@@ -210,6 +218,34 @@ class Pipeline:
             return
         for ev in self.endpointer.process(frame):
             self._on_vad(ev)
+        vad = self.cfg.vad
+        if (vad.transcribe_in_pause or vad.quick_end_ms) and self.endpointer.in_speech:
+            self._in_pause()
+
+    def _in_pause(self) -> None:
+        """While the person pauses: transcribe what they said so far (once per pause, never
+        while a turn runs); with quick endpointing, end the utterance early when that
+        transcript is a finished sentence."""
+        ep = self.endpointer
+        silence = ep.silence_ms
+        if silence < _PARTIAL_AFTER_MS:
+            return
+        partial = self._partial
+        if partial is not None and partial[0] != ep.speech_end_s:
+            partial = self._partial = None        # they spoke on: that pass is stale
+        if partial is None:
+            if not self._in_turn and not (self._pass is not None and not self._pass.done()):
+                self._pass = asyncio.create_task(
+                    asyncio.to_thread(self.parts.asr.transcribe, ep.speech_so_far()))
+                self._partial = (ep.speech_end_s, self._pass)
+            return
+        task = partial[1]
+        if (self.cfg.vad.quick_end_ms and silence >= self.cfg.vad.quick_end_ms and task.done()
+                and not task.cancelled() and task.exception() is None
+                and complete(task.result().text)):
+            log.debug("quick end after %d ms of silence: %r", silence, task.result().text)
+            for ev in ep.cut_now():
+                self._on_vad(ev)
 
     def _on_vad(self, ev) -> None:
         if isinstance(ev, SpeechStarted):
@@ -227,8 +263,11 @@ class Pipeline:
             self._forget_early(self._snapshot)
             self._snapshot = None
         elif isinstance(ev, Utterance):
-            # The snapshot travels with its utterance: never another question's picture.
-            self._utterances.put_nowait((ev, time.monotonic(), self._snapshot))
+            # The snapshot travels with its utterance: never another question's picture. A
+            # partial transcript of exactly this speech saves the turn its own ASR pass.
+            partial, self._partial = self._partial, None
+            heard = partial[1] if partial is not None and partial[0] == ev.end_s else None
+            self._utterances.put_nowait((ev, time.monotonic(), self._snapshot, heard))
             self._snapshot = None
 
     def _barge_in(self) -> None:
@@ -244,12 +283,12 @@ class Pipeline:
             item = await self._utterances.get()
             if item is None:
                 return
-            utt, cut_at, snapshot = item
+            utt, cut_at, snapshot, heard = item
             turn = Turn(speech_end=cut_at, last_word=cut_at - utt.silence_ms / 1000.0)
             self._barged_in = False
             self._in_turn = True
             try:
-                await self._turn(utt, turn, snapshot)
+                await self._turn(utt, turn, snapshot, heard)
             except StageOverrun as e:
                 # A stuck stage (not the LLM's: _answer says sorry for that): say sorry.
                 log.error("turn %d: %s", turn.id, e)
@@ -280,12 +319,13 @@ class Pipeline:
 
     # ------------------------------------------------------------------ one turn
 
-    async def _turn(self, utt: Utterance, turn: Turn, snapshot: Optional[asyncio.Task]) -> None:
+    async def _turn(self, utt: Utterance, turn: Turn, snapshot: Optional[asyncio.Task],
+                    partial: Optional[asyncio.Task] = None) -> None:
         if self.recorder is not None:
             # Before ASR, so a turn whose ASR fails is kept too. The picture: this speech's
             # snapshot job (written once taken), else the newest snapshot.
             self.recorder.save(turn, utt.pcm, snapshot or self.scene.latest)
-        heard = await self._transcribe(utt, turn)
+        heard = await self._transcribe(utt, turn, partial)
         intent = self.intents.classify(heard.text) if heard is not None else Intent.NOTHING
         if intent is not Intent.QUESTION:
             self._forget_early(snapshot)
@@ -303,11 +343,24 @@ class Pipeline:
         if intent is Intent.EXIT and self.cfg.intent.exit_action == "stop":
             self._exit_code = 0
 
-    async def _transcribe(self, utt: Utterance, turn: Turn) -> Optional[Transcript]:
-        t0 = time.monotonic()
-        heard: Transcript = await HEALTH.call("asr", self.parts.asr.transcribe, utt.pcm,
-                                              limit_s=self.cfg.deadlines.asr_s)
-        turn.took("asr", time.monotonic() - t0)
+    async def _transcribe(self, utt: Utterance, turn: Turn,
+                          partial: Optional[asyncio.Task] = None) -> Optional[Transcript]:
+        heard = None
+        if partial is not None:
+            # Started in the pause that turned out to end the utterance: the same speech.
+            t0 = time.monotonic()
+            try:
+                heard = await asyncio.wait_for(asyncio.shield(partial), self.cfg.deadlines.asr_s)
+                turn.took("asr", time.monotonic() - t0)     # what was left to wait for
+                turn.counts["asr_in_pause_ms"] = round(heard.elapsed_s * 1000)
+            except Exception as e:    # failed or overran: the watched pass below decides
+                log.debug("the pass made in the pause did not finish (%r); transcribing "
+                          "again", e)
+        if heard is None:
+            t0 = time.monotonic()
+            heard = await HEALTH.call("asr", self.parts.asr.transcribe, utt.pcm,
+                                      limit_s=self.cfg.deadlines.asr_s)
+            turn.took("asr", time.monotonic() - t0)
         turn.transcript, turn.language = heard.text, heard.language
         if not heard.accepted:
             turn.intent = Intent.NOTHING.value

@@ -102,7 +102,7 @@ def voices():
     return v
 
 
-def run_room(spoken, whisper, voices, models, *, stop_at_s=None, echo_match=0.5, gain=0.5):
+def run_room(spoken, whisper, voices, models, *, stop_at_s=None, echo_match=0.7, gain=0.5):
     q = spoken.pcm("What do you see on the table?")
     parts = [np.zeros(SAMPLE_RATE // 2, np.int16), q, np.zeros(int(12 * SAMPLE_RATE), np.int16)]
     person = np.concatenate(parts)
@@ -137,10 +137,10 @@ def test_without_the_guard_the_echo_would_cut_the_answer(spoken, whisper_tiny, v
 
 
 def test_a_person_talking_over_the_echo_still_cuts_it(spoken, whisper_tiny, voices, models):
-    pipe, room = run_room(spoken, whisper_tiny, voices, models, stop_at_s=3.5)
+    pipe, _ = run_room(spoken, whisper_tiny, voices, models, stop_at_s=3.5)
     first = pipe.turns[0]
-    assert first.interrupted and len(first.answer) < len(LONG)
-    assert room.speaker.seconds < 8
+    # Cut where the person spoke: the history keeps only the part played before it.
+    assert first.interrupted and len(first.answer) < len(LONG) and LONG.startswith(first.answer)
 
 
 def test_the_match_tells_echo_from_a_person(spoken):

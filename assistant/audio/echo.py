@@ -24,7 +24,7 @@ _KEEP_S = 4.0
 
 
 class EchoGuard:
-    def __init__(self, threshold: float = 0.5, window_s: float = 0.5, max_delay_s: float = 0.5):
+    def __init__(self, threshold: float = 0.7, window_s: float = 0.25, max_delay_s: float = 0.5):
         self.threshold = threshold
         self.window = int(window_s * SAMPLE_RATE)
         self.max_delay = int(max_delay_s * SAMPLE_RATE)

@@ -124,6 +124,31 @@ class Endpointer:
             return [self._finish(truncated=True)]
         return []
 
+    # What quick endpointing needs to know about the speech in progress.
+
+    @property
+    def silence_ms(self) -> int:
+        """Silence since the last voiced frame of the speech in progress (0 outside speech)."""
+        return self._silence_run * self.frame_ms if self._triggered else 0
+
+    @property
+    def voiced_frames(self) -> int:
+        return self._voiced if self._triggered else 0
+
+    @property
+    def speech_end_s(self) -> float:
+        """Stream time of the last voiced frame so far: an Utterance cut later without more
+        speech has exactly this ``end_s``."""
+        return self._t(self._n - self._silence_run)
+
+    def speech_so_far(self) -> np.ndarray:
+        """The speech in progress as PCM (pre-roll included), for a partial transcription."""
+        return np.frombuffer(b"".join(self._frames), dtype=np.int16).copy()
+
+    def cut_now(self) -> list[VadEvent]:
+        """End the speech in progress here (quick endpointing decided it is complete)."""
+        return [self._finish(truncated=False)] if self._triggered else []
+
     def flush(self) -> list[VadEvent]:
         """End of stream: an utterance in progress ends here."""
         if self._triggered:
