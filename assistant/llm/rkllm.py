@@ -498,15 +498,8 @@ class RkllmBackend(LLMBackend):
             # 1.2.x takes the answer limit only at init: a lower one is enforced here.
             turn = _Turn(on_piece, max_new if max_new < self._llm.max_new_tokens and
                          abi.tags_in_param else None)
-            with self._state_lock:
-                self._abort.clear()
-                self._turn = turn
             t0 = time.monotonic()
-            try:
-                ret = self._lib.rkllm_run(c_void_p(self._handle), byref(inp), byref(infer), None)
-            finally:
-                with self._state_lock:
-                    self._turn = None
+            ret = self._run(inp, infer, turn)
             wall_ms = (time.monotonic() - t0) * 1000
             aborted = self._abort.is_set() and not turn.cut_at_limit
             self._refresh_tokens(after_turn=(turn, keep_history))
@@ -583,15 +576,8 @@ class RkllmBackend(LLMBackend):
                 infer.lora_params = ctypes.pointer(lora)
             turn = _Turn(lambda piece: None)
             turn.release = not self._abi.tags_in_param
-            with self._state_lock:
-                self._abort.clear()
-                self._turn = turn
             t0 = time.monotonic()
-            try:
-                ret = self._lib.rkllm_run(c_void_p(self._handle), byref(inp), byref(infer), None)
-            finally:
-                with self._state_lock:
-                    self._turn = None
+            ret = self._run(inp, infer, turn)
             self._refresh_tokens()
             if ret != 0 or turn.error is not None:
                 log.warning("rkllm: the prefill-only run failed (%s); the image goes with the "
@@ -618,6 +604,17 @@ class RkllmBackend(LLMBackend):
                     "%d image tokens): it does not reuse the early prefill, so "
                     "llm.rkllm.prefill_early is switched off", self.runtime_version,
                     stats.prompt_tokens, n_image_tokens)
+
+    def _run(self, inp: Any, infer: Any, turn: "_Turn") -> int:
+        """rkllm_run with ``turn`` receiving the callbacks (blocking; under self._lock)."""
+        with self._state_lock:
+            self._abort.clear()
+            self._turn = turn
+        try:
+            return self._lib.rkllm_run(c_void_p(self._handle), byref(inp), byref(infer), None)
+        finally:
+            with self._state_lock:
+                self._turn = None
 
     def _sampling(self, options: Optional[TurnOptions]) -> Optional[RKLLMSamplingParam13]:
         """1.3.0's per-run sampling from a turn's options; None keeps the init values."""
