@@ -29,7 +29,6 @@ assistant.bench_profiles).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 import json
 import math
 import statistics

@@ -30,9 +30,9 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
-from typing import AsyncIterator, Callable, Optional, Sequence
+from typing import AsyncIterator, Callable, Optional
 
 from assistant.config import Config
 from assistant.errors import AssistantError, BackendError, ContextFullError

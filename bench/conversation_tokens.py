@@ -15,7 +15,6 @@ import itertools
 import statistics
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,8 @@ from assistant.config import load  # noqa: E402
 from assistant.pipeline import Components, Pipeline  # noqa: E402
 from assistant.vision.file_camera import VideoCamera  # noqa: E402
 from speech_fixtures import synthesize_pcm, write_wav  # noqa: E402
-from test_conversation_long import QUESTIONS, SilentVoices, scene_video  # noqa: E402
+from doubles import SilentVoices  # noqa: E402
+from test_conversation_long import QUESTIONS, scene_video  # noqa: E402
 from tiny_models import write_mmproj, write_text_model  # noqa: E402
 from assistant.audio.asr import Transcriber  # noqa: E402
 from assistant.audio.model_paths import resolve_whisper  # noqa: E402

@@ -33,7 +33,7 @@ from assistant.audio.wav_source import WavSource  # noqa: E402
 from assistant.config import AsrConfig, Config  # noqa: E402
 from assistant.pipeline import Components, Pipeline  # noqa: E402
 from speech_fixtures import synthesize_pcm, write_wav  # noqa: E402
-from test_conversation_long import SilentVoices  # noqa: E402
+from doubles import SilentVoices  # noqa: E402
 
 RATE = 16000
 PAUSING = [("What colour is", "the car on the left?"), ("Can you tell me", "what is on the table?"),

@@ -7,11 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +23,7 @@ from assistant.llm.llamacpp import LlamaCppBackend
 from assistant.pipeline import Components, Pipeline, make_conversation
 from assistant.transcript import TranscriptWriter, read_rows
 from assistant.turn import Turn
+from doubles import SilentVoices as Voices
 from speech_fixtures import write_wav
 from tiny_models import write_mmproj, write_text_model
 
@@ -106,24 +102,6 @@ class ChineseEar:
         text, lang = self.texts.pop(0)
         return Transcript(text=text, language=lang, accepted=True, reason="", no_speech_prob=0.0,
                           avg_logprob=-0.1, audio_s=len(pcm) / RATE, elapsed_s=0.0)
-
-
-class Voices:
-    sample_rate = RATE
-
-    def __init__(self):
-        self.said: list[tuple[str, str]] = []
-
-    def for_language(self, lang):
-        outer = self
-
-        class V:
-            sample_rate = RATE
-
-            def synthesize(self, text):
-                outer.said.append((lang, text))
-                return np.zeros(len(text) * 40, np.int16)
-        return V()
 
 
 def test_the_persons_language_goes_to_the_model_and_the_voice(tmp_path, spoken, models):

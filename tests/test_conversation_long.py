@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -23,11 +22,11 @@ import pytest
 from assistant import components
 from assistant.audio.null_sink import NullSink
 from assistant.audio.wav_source import WavSource
-from assistant.config import parse
 from assistant.pipeline import Components, Pipeline, make_conversation
 from assistant.transcript import TranscriptWriter, read_rows
 from assistant.vision.file_camera import VideoCamera
 from rkllm_fake import build_fake_rkllm, write_fake_model
+from doubles import SilentVoices
 from speech_fixtures import write_wav
 from tiny_models import write_mmproj, write_text_model
 
@@ -37,26 +36,6 @@ QUESTIONS = ["What do you see on the table?", "What color is the cup?",
              "What is on the left?", "Is there a book?"]
 SCENE_EVERY = 10
 CLEAR_AT = 50            # utterance index of "Clear."
-
-
-class SilentVoices:
-    """Speech of the right length, made of silence; remembers which voice said what."""
-
-    sample_rate = RATE
-
-    def __init__(self):
-        self.said: list[tuple[str, str]] = []
-
-    def for_language(self, lang):
-        outer = self
-
-        class Voice:
-            sample_rate = RATE
-
-            def synthesize(self, text):
-                outer.said.append((lang, text))
-                return np.zeros(len(text) * 40, np.int16)
-        return Voice()
 
 
 def scene_video(path: Path, frames: int) -> Path:

@@ -7,7 +7,6 @@ fill its context, answer slowly) while everything that hears and speaks is real.
 from __future__ import annotations
 
 import asyncio
-import threading
 from dataclasses import replace
 
 import numpy as np
@@ -18,10 +17,10 @@ from assistant.audio.wav_sink import WavSink
 from assistant.audio.wav_source import WavSource, read_wav
 from assistant.config import Config, IntentConfig, LlmConfig, TtsConfig
 from assistant.errors import DeviceError
-from assistant.llm.base import ImageEmbedding
 from assistant.pipeline import Components, Pipeline
-from assistant.vision.base import Camera, VisionEncoder
+from assistant.vision.base import Camera
 from scripted_llm import ScriptedLLM
+from doubles import CountingEncoder
 from speech_fixtures import write_wav
 
 RATE = 16000
@@ -58,22 +57,6 @@ class StillCamera(Camera):
         if self.fail:
             raise DeviceError("camera /dev/video9 stopped answering: is it still plugged in?")
         return np.full((48, 64, 3), 128, np.uint8)
-
-
-class CountingEncoder(VisionEncoder):
-    name = "counting"
-
-    def __init__(self):
-        self.calls = 0
-        self.threads = set()
-
-    def load(self):
-        pass
-
-    def encode(self, rgb):
-        self.calls += 1
-        self.threads.add(threading.current_thread().name)
-        return ImageEmbedding(np.full((16, 8), 0.5, np.float32), 32, 32)
 
 
 def make(tmp_path, wav, asr, voices, llm, cfg=None, camera=None, encoder=None, realtime=False,

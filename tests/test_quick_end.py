@@ -17,7 +17,7 @@ from assistant.audio.wav_source import WavSource
 from assistant.config import Config
 from assistant.pipeline import Components, Pipeline
 from speech_fixtures import write_wav
-from test_conversation_long import SilentVoices
+from doubles import SilentVoices
 
 RATE = 16000
 

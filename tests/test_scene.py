@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import numpy as np
 
 from assistant.config import VisionConfig
-from assistant.llm.base import ImageEmbedding
-from assistant.vision.base import Camera, VisionEncoder
+from assistant.vision.base import Camera
 from assistant.vision.scene import Scene, difference, thumbnail
+from doubles import CountingEncoder
 
 
 class SwitchCamera(Camera):
@@ -29,22 +28,6 @@ class SwitchCamera(Camera):
         self.shots += 1
         noise = np.random.default_rng(self.shots).integers(-3, 4, self.picture.shape)
         return np.clip(self.picture.astype(int) + noise, 0, 255).astype(np.uint8)
-
-
-class CountingEncoder(VisionEncoder):
-    name = "counting"
-
-    def __init__(self):
-        self.calls = 0
-        self.threads = set()
-
-    def load(self):
-        pass
-
-    def encode(self, rgb):
-        self.calls += 1
-        self.threads.add(threading.current_thread().name)
-        return ImageEmbedding(np.full((16, 8), rgb.mean(), np.float32), 32, 32)
 
 
 def scene_picture(k: int) -> np.ndarray:
