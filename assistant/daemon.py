@@ -27,6 +27,7 @@ from assistant import components
 from assistant import config as config_mod
 from assistant.config import Config, ConfigError, check_files
 from assistant.conversation import Conversation, Priority
+from assistant.debug_recording import recorder_for
 from assistant.health import EX_SOFTWARE, HEALTH, STAGES, Health, Watch
 from assistant.intent import IntentClassifier
 from assistant.pipeline import Pipeline, make_conversation
@@ -48,12 +49,14 @@ _CLOSE_TIMEOUT_S = 3.0
 
 # --------------------------------------------------------------------------- STATUS
 
-class SpeakerStatus:
-    """STATUS= for the speaker: "speaker unavailable: <why>" while it is down, back to
-    "listening" once it plays again (``SpeakerSink.state`` / ``.problem``)."""
+class DeviceStatus:
+    """STATUS= for a device that recovers by itself (the speaker, the camera): "<what>
+    unavailable: <why>" while it is down, back to "listening" once it works again (its
+    ``state`` / ``problem``)."""
 
-    def __init__(self, sink: object, notify: Callable[[str], None]):
+    def __init__(self, sink: object, notify: Callable[[str], None], what: str = "speaker"):
         self.sink = sink
+        self.what = what
         self.notify = notify
         self.reported = ""          # the problem last put in STATUS; "" while it is fine
 
@@ -63,7 +66,7 @@ class SpeakerStatus:
             problem = getattr(self.sink, "problem", "") or "it stopped working"
             if problem != self.reported:
                 self.reported = problem
-                self.notify(f"STATUS=speaker unavailable: {problem}")
+                self.notify(f"STATUS={self.what} unavailable: {problem}")
         elif state == "ready" and self.reported:
             self.reported = ""
             self.notify("STATUS=listening")
@@ -73,7 +76,8 @@ class SpeakerStatus:
 
 async def supervise(notify: Notifier, health: Health,
                     on_stuck: Callable[[Watch], Awaitable[None]],
-                    speaker: Optional[SpeakerStatus] = None, tick: float = _TICK_S) -> None:
+                    speaker: Optional["DeviceStatus"] = None, tick: float = _TICK_S,
+                    devices: tuple = ()) -> None:
     """Ping the watchdog from the loop (a blocked loop stops the pings), and stop pinging
     for good once a native call is stuck: ``on_stuck`` then ends the process."""
     interval = notify.watchdog_interval() if notify.enabled else None
@@ -87,8 +91,9 @@ async def supervise(notify: Notifier, health: Health,
         if interval is not None and now >= next_ping:
             notify("WATCHDOG=1")
             next_ping = now + interval
-        if speaker is not None:
-            speaker.poll()
+        for device in (speaker, *devices):
+            if device is not None:
+                device.poll()
         await asyncio.sleep(tick if interval is None else min(tick, interval))
 
 
@@ -208,7 +213,8 @@ async def run_daemon(cfg: Config) -> int:
         log.info("transcript: %s", transcript.path)
     conversation = make_conversation(cfg, parts, transcript,
                                      gate=make_gate(cfg) if cfg.http.enabled else None)
-    pipeline = Pipeline(cfg, parts, conversation=conversation, notify=notify)
+    recorder = recorder_for(cfg)       # logging.debug_recording / run --debug-recording
+    pipeline = Pipeline(cfg, parts, conversation=conversation, notify=notify, recorder=recorder)
     # The HTTP API and page on this loop; if it cannot listen, the voice loop goes on.
     http = (await start_server(cfg, conversation, parts, voice=pipeline.voice, has_mic=True,
                                required=False) if cfg.http.enabled else None)
@@ -261,8 +267,11 @@ async def run_daemon(cfg: Config) -> int:
 
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {sig: signal.signal(sig, on_signal) for sig in signals}
+    camera = (DeviceStatus(conversation.scene, notify, "camera")
+              if conversation.scene.camera is not None else None)
     watchdog = asyncio.create_task(supervise(notify, HEALTH, stuck,
-                                             SpeakerStatus(parts.sink, notify)))
+                                             DeviceStatus(parts.sink, notify),
+                                             devices=(camera,)))
     notify("READY=1")
     log.info("listening (llm %s, vision %s, asr %s)", cfg.llm.backend, cfg.vision.encoder, cfg.asr.model)
     code = 0
@@ -285,6 +294,8 @@ async def run_daemon(cfg: Config) -> int:
             await http.stop()
         if transcript is not None:
             await asyncio.to_thread(transcript.close)   # every queued turn reaches the disk
+        if recorder is not None:
+            await asyncio.to_thread(recorder.close, 2.0)
         conversation.scene.close()
         try:
             await asyncio.wait_for(components.close(parts), _CLOSE_TIMEOUT_S)

@@ -16,7 +16,7 @@ import pytest
 
 from assistant.config import DeadlinesConfig, parse
 from assistant.conversation import Conversation, Request
-from assistant.daemon import Reloader, SpeakerStatus, plan_reload, supervise
+from assistant.daemon import Reloader, DeviceStatus, plan_reload, supervise
 from assistant.health import Health, StageOverrun
 from assistant.llm.base import stream_turn
 from assistant.turn import Turn
@@ -235,7 +235,7 @@ def test_the_watchdog_pings_until_a_call_is_stuck():
 def test_speaker_status_goes_down_and_comes_back():
     sink = SimpleNamespace(state="ready", problem="")
     sent = []
-    st = SpeakerStatus(sink, sent.append)
+    st = DeviceStatus(sink, sent.append)
     st.poll()
     assert sent == []
     sink.state, sink.problem = "down", "cannot write to the speaker 'usb': device unplugged"
@@ -261,7 +261,7 @@ def test_the_watchdog_loop_reports_the_speaker():
     sink = SimpleNamespace(state="down", problem="speaker gone")
 
     async def main():
-        task = asyncio.create_task(supervise(notify, h, None, SpeakerStatus(sink, notify),
+        task = asyncio.create_task(supervise(notify, h, None, DeviceStatus(sink, notify),
                                              tick=0.02))
         await asyncio.sleep(0.2)
         sink.state = "ready"

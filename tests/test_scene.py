@@ -109,3 +109,46 @@ def test_idle_watching_encodes_a_settled_change_once_and_yields_to_a_turn():
     assert scene.idle_encodes == 1
     assert shots_busy == 0
     assert res.changed and res.reused and res.encode_s == 0 and enc.calls == 2
+
+
+def test_a_lost_camera_is_found_again_while_idle_and_status_says_so():
+    from assistant.daemon import DeviceStatus
+    from assistant.errors import DeviceError
+
+    class Flaky(SwitchCamera):
+        gone = False
+        opens = 0
+
+        def open(self):
+            self.opens += 1
+            if self.gone:
+                raise DeviceError("camera /dev/video0 not found: is it plugged in?")
+
+        def snapshot(self):
+            if self.gone:
+                raise DeviceError("camera /dev/video0 stopped answering")
+            return super().snapshot()
+
+    cam = Flaky()
+    scene = Scene(cam, CountingEncoder(), VisionConfig(watch_interval_s=0.02))
+    sent: list[str] = []
+    status = DeviceStatus(scene, sent.append, "camera")
+
+    async def go():
+        watch = asyncio.create_task(scene.watch(lambda: True, lambda: None))
+        await asyncio.sleep(0.1)
+        cam.gone = True                                # unplugged
+        await asyncio.sleep(0.3)
+        status.poll()
+        down = scene.state
+        cam.gone = False                               # plugged back
+        await asyncio.sleep(1.5)                       # the next retry, after its back-off
+        status.poll()
+        watch.cancel()
+        return down
+
+    down = asyncio.run(go())
+    scene.close()
+    assert down == "down" and scene.state == "ready"
+    assert sent[0].startswith("STATUS=camera unavailable:") and sent[-1] == "STATUS=listening"
+    assert cam.opens >= 1                              # reopened, not retried every look

@@ -33,6 +33,8 @@ from assistant.vision.base import Camera, VisionEncoder
 
 log = logging.getLogger(__name__)
 
+# Reopening a lost camera: wait this long between tries, growing to the last value.
+_REOPEN_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)   # the first retry at once
 THUMB_SIZE = (32, 24)   # width, height: enough to see that a scene changed, cheap to compare
 _ids = itertools.count(1)
 
@@ -89,6 +91,10 @@ class Scene:
         self.ready: Optional[Shot] = None       # a settled new scene, encoded while idle
         self.idle_encodes = 0
         self._camera_broken = camera_down        # reopened before the next snapshot
+        # The camera's state for STATUS ("ready" / "down" and why), and when to try again.
+        self.state, self.problem = ("down", "it did not open at start") if camera_down else ("ready", "")
+        self._retry_at = 0.0
+        self._failures = 0
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="scene")
 
     @property
@@ -148,8 +154,12 @@ class Scene:
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
 
-    def _snapshot_and_encode(self, reference: Optional[Shot]) -> SceneResult:
-        res = SceneResult(shot=None, changed=True)
+    def _snapshot(self, res: SceneResult, quiet: bool = False) -> Optional[Shot]:
+        """One snapshot into ``res`` (worker thread). A camera that failed is reopened first,
+        no more often than the back-off allows; errors become res.error and the state."""
+        if self._camera_broken and time.monotonic() < self._retry_at:
+            res.error = f"camera {self.camera.name} unavailable: {self.problem}"  # not yet
+            return None
         try:
             if self._camera_broken:
                 self.camera.close()
@@ -159,17 +169,34 @@ class Scene:
             t0 = time.monotonic()
             frame = self.camera.snapshot()
             res.snapshot_s = time.monotonic() - t0
-            shot = Shot(next(_ids), thumbnail(frame), frame, t0)
-            res.shot = self.latest = shot
-        except AssistantError as e:
-            res.error = str(e)
-            # A device error means the camera went away: reopen it before the next snapshot.
-            self._camera_broken = self._camera_broken or isinstance(e, DeviceError)
-            log.warning("no image for this question: %s", e)
-            return res
-        except Exception as e:  # a native library failing must not end the turn
-            res.error = f"{type(e).__name__}: {e}"
-            log.exception("camera snapshot failed")
+            res.shot = self.latest = Shot(next(_ids), thumbnail(frame), frame, t0)
+            self.state, self.problem, self._failures = "ready", "", 0
+            return res.shot
+        except Exception as e:  # a camera or native library failing must not end a turn
+            res.error = str(e) if isinstance(e, AssistantError) else f"{type(e).__name__}: {e}"
+            if isinstance(e, DeviceError) and not self._camera_broken:
+                # The camera went away: reopen it before a later snapshot, with back-off.
+                self._camera_broken = True
+                self._failures += 1
+                self._retry_at = time.monotonic() + _REOPEN_BACKOFF_S[
+                    min(self._failures - 1, len(_REOPEN_BACKOFF_S) - 1)]
+                self.state, self.problem = "down", str(e)
+            elif isinstance(e, DeviceError):
+                self._failures += 1
+                self._retry_at = time.monotonic() + _REOPEN_BACKOFF_S[
+                    min(self._failures - 1, len(_REOPEN_BACKOFF_S) - 1)]
+            if quiet:
+                log.debug("snapshot failed: %s", res.error)
+            elif isinstance(e, AssistantError):
+                log.warning("no image for this question: %s", e)
+            else:
+                log.exception("camera snapshot failed")
+            return None
+
+    def _snapshot_and_encode(self, reference: Optional[Shot]) -> SceneResult:
+        res = SceneResult(shot=None, changed=True)
+        shot = self._snapshot(res)
+        if shot is None:
             return res
         same, res.difference = self.is_same(shot, reference)
         res.changed = not same
@@ -231,16 +258,7 @@ class Scene:
         if encode:
             return self._snapshot_and_encode(reference)
         res = SceneResult(shot=None, changed=True)
-        try:
-            if self._camera_broken:
-                return res
-            t0 = time.monotonic()
-            frame = self.camera.snapshot()
-            res.snapshot_s = time.monotonic() - t0
-            res.shot = self.latest = Shot(next(_ids), thumbnail(frame), frame, t0)
-        except Exception as e:   # the next question's snapshot reports camera trouble
-            res.error = f"{type(e).__name__}: {e}"
-            log.debug("idle snapshot failed: %s", res.error)
+        self._snapshot(res, quiet=True)    # also how a lost camera is found back while idle
         return res
 
     def _encode(self, res: SceneResult) -> None:
