@@ -49,8 +49,13 @@ def setup_logging(level: str) -> None:
 # ---------------------------------------------------------------------------- commands
 
 def cmd_run(args, cfg: Config) -> int:
+    import dataclasses
+
     from assistant.daemon import run_daemon
 
+    if args.debug_recording:
+        cfg = dataclasses.replace(cfg, logging=dataclasses.replace(
+            cfg.logging, debug_recording=str(Path(args.debug_recording).resolve())))
     return asyncio.run(run_daemon(cfg))
 
 
@@ -152,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("run", help="the daemon: listen on the microphone, answer on the speaker")
+    s.add_argument("--debug-recording", metavar="DIR",
+                   help="keep each utterance (WAV) and the snapshot its turn used (JPEG) in DIR, "
+                        "bounded by logging.debug_recording_max_files / _max_mb (overrides "
+                        "logging.debug_recording)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("serve", help="the HTTP API and web page alone (no microphone or speaker)")
