@@ -34,6 +34,15 @@ def run_check(cfg: Config) -> int:
     for e in check_files(cfg):
         print(f"  FAIL {e}")
         failures.append("model")
+    if cfg.http.enabled:
+        from assistant.config import ConfigError
+        from assistant.http.server import check_listen
+        try:
+            host, port = check_listen(cfg)
+            print(f"  ok   http API and page on {host}:{port}")
+        except ConfigError as e:
+            print(f"  FAIL {e}")
+            failures.append("model")       # a configuration problem: exit 78
 
     def asr():
         from assistant.audio.model_paths import resolve_whisper

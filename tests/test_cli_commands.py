@@ -43,6 +43,19 @@ llm: {{llamacpp: {{model: {models / 'tiny.gguf'}, mmproj: {models / 'tiny-mmproj
     assert "fakemic" in r.stdout and "fakespeaker" in r.stdout and "640x480" in r.stdout
 
 
+def test_check_says_the_lan_needs_an_api_key(tmp_path, models):
+    fake = make_fake_alsa(tmp_path)
+    (tmp_path / "c.yaml").write_text(f"""
+audio: {{input: {{device: fakemic}}, output: {{device: fakespeaker}}}}
+camera: {{source: {models / 'scene.jpg'}}}
+llm: {{llamacpp: {{model: {models / 'tiny.gguf'}, mmproj: {models / 'tiny-mmproj.gguf'}}}}}
+http: {{listen: "0.0.0.0:8088"}}
+""")
+    r = cli("--config", "c.yaml", "check", cwd=tmp_path, env=fake.env())
+    assert r.returncode == 78, r.stdout + r.stderr
+    assert "http.api_key: required" in r.stdout
+
+
 def test_check_reports_every_problem_at_once(tmp_path):
     (tmp_path / "c.yaml").write_text("""
 audio: {input: {device: no-such-mic}, output: {device: no-such-speaker}}
