@@ -19,10 +19,11 @@ class ScriptedLLM(LLMBackend):
     name = "scripted"
 
     def __init__(self, answers: Optional[list[str]] = None, context: int = 4096,
-                 piece_delay: float = 0.0, system_tokens: int = 10):
+                 piece_delay: float = 0.0, system_tokens: int = 10, think_s: float = 0.0):
         self.answers = list(answers or ["The answer is forty two."])
         self.ctx = context
         self.piece_delay = piece_delay
+        self.think_s = think_s          # before the first piece, like a slow prefill
         self.system_tokens = system_tokens
         self.used = system_tokens
         self.calls: list[dict] = []
@@ -60,6 +61,8 @@ class ScriptedLLM(LLMBackend):
                 raise ContextFullError(f"context full: {self.used} + {prompt} > {self.ctx}")
             self.used += prompt
             st = TurnStats(prompt_tokens=prompt)
+            if self.think_s:
+                self._abort.wait(self.think_s)
             for i, w in enumerate(words):
                 if self._abort.is_set():
                     st.aborted = True

@@ -249,6 +249,43 @@ def test_barge_in_cuts_the_answer(tmp_path, spoken, whisper_tiny, voices):
     assert llm.histories == [[(first.transcript, first.answer)]]
 
 
+def test_barge_in_leaves_no_task_behind(tmp_path, spoken, whisper_tiny, voices):
+    q = spoken.pcm("What do you see on the table?")
+    pcm = np.concatenate([np.zeros(RATE // 2, np.int16), q, np.zeros(int(3.5 * RATE), np.int16),
+                          spoken.pcm("Stop."), np.zeros(int(1.5 * RATE), np.int16)])
+    wav = write_wav(tmp_path / "barge2.wav", pcm, RATE)
+    cfg = Config(audio=replace(Config().audio, barge_in=True))
+    llm = ScriptedLLM(["Let me describe everything I can see in front of me in great detail. " * 4,
+                       "Okay."], piece_delay=0.02)
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm, cfg=cfg, realtime=True,
+                       sink_realtime=True)
+
+    async def go():
+        await drive(pipe, parts)
+        await asyncio.sleep(0.1)
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    left = asyncio.run(go())
+    assert pipe.turns[0].interrupted
+    assert left == []                  # the cut answer's speaking and synthesis are gone
+
+
+def test_a_cough_while_it_thinks_cuts_nothing(tmp_path, spoken, whisper_tiny, voices):
+    """With barge-in, only speech over the answer's sound interrupts it: a person speaking
+    while the model is still thinking (3 s before its first word here) does not."""
+    q = spoken.pcm("What do you see on the table?")
+    pcm = np.concatenate([np.zeros(RATE // 2, np.int16), q, np.zeros(int(1.2 * RATE), np.int16),
+                          spoken.pcm("Stop."), np.zeros(int(8 * RATE), np.int16)])
+    wav = write_wav(tmp_path / "think.wav", pcm, RATE)
+    cfg = Config(audio=replace(Config().audio, barge_in=True))
+    llm = ScriptedLLM(["I see a red apple.", "Okay."], think_s=3.0)
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm, cfg=cfg, realtime=True,
+                       sink_realtime=True)
+    asyncio.run(drive(pipe, parts))
+    first = pipe.turns[0]
+    assert not first.interrupted and first.answer == "I see a red apple."
+
+
 class FlakyAsr:
     """Real whisper that fails once, like a native library hitting a bad moment."""
 
