@@ -234,3 +234,123 @@ def plug_device(devices_conf: str | os.PathLike, name: str) -> None:
     """Bring the PCM ``name`` back."""
     conf = Path(devices_conf)
     _replace(conf, conf.read_text().replace(f"pcm.{_unplugged_name(name)} {{", f"pcm.{name} {{"))
+
+
+# ============================================================================ real-time pace
+
+# The fake microphone above hands over its whole file at once. For a microphone that keeps
+# time (a person speaking), the capture ``infile`` is a named pipe that a writer thread fills
+# at real-time pace (``make_paced_alsa``, ``PacedMic``). Measured with alsa-lib 1.2.8 and
+# PortAudio 19.6 (a counting signal written at 16 kHz, read by a sounddevice InputStream of
+# 480-frame blocks): the plugin's read blocks on the empty pipe, so capture runs at the
+# writer's pace, and the samples arrive exactly once and in order, provided every write is
+# a whole number of the plugin's reads (PortAudio reads periods of 960 frames here) and
+# atomic (at most PIPE_BUF, 4096 bytes). A short read is NOT waited out: the plugin fills the
+# rest of the period with stale samples (writes of 320 frames gave a period of 960 frames
+# every 20 ms, three times real time, two thirds of it stale), hence the fixed chunk below.
+
+PACED_CHUNK_FRAMES = 1920   # 120 ms at 16 kHz, 3840 bytes of S16 mono: two 960-frame periods
+
+
+@dataclass
+class PacedAlsa(FakeAlsa):
+    """FakeAlsa whose microphone reads a named pipe (``capture_file`` is the FIFO)."""
+
+    def paced_mic(self) -> "PacedMic":
+        return PacedMic(self.capture_file, self.capture_rate)
+
+
+def make_paced_alsa(tmp_path: Path, capture_rate: int = 16000, playback_rate: int = 22050,
+                    playback_file: Path | None = Path("/dev/null"),
+                    mic: str = "fakemic", speaker: str = "fakespeaker") -> PacedAlsa:
+    """A mono microphone that reads ``tmp_path/mic.fifo`` (fill it with ``paced_mic()``) and a
+    speaker that writes ``playback_file`` (/dev/null by default: a long run plays a lot)."""
+    home = tmp_path / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    fifo = tmp_path / "mic.fifo"
+    if fifo.exists():
+        fifo.unlink()
+    os.mkfifo(fifo)
+    playback = playback_file or tmp_path / "playback.raw"
+    (home / ".asoundrc").write_text(_asoundrc(mic, speaker, fifo, playback, capture_rate, 1,
+                                              playback_rate, 1))
+    return PacedAlsa(home=home, capture_file=fifo, playback_file=playback,
+                     capture_rate=capture_rate, capture_channels=1, playback_rate=playback_rate,
+                     playback_channels=1, mic=mic, speaker=speaker)
+
+
+class PacedMic:
+    """Writes into the microphone's FIFO at real-time pace: silence, and speech when asked.
+
+    The pipe is opened read-write, so opening it never blocks and it never breaks while
+    PortAudio opens and closes the device (it probes every device when it starts). While
+    nobody reads (the program is loading), writes block once the pipe is full (about 2 s of
+    audio); the writer then carries on at real-time pace from where it is rather than
+    catching up in a burst (``resyncs`` counts those)."""
+
+    def __init__(self, fifo: Path, rate: int, chunk_frames: int = PACED_CHUNK_FRAMES):
+        import queue
+        import threading
+
+        self.rate = rate
+        self.chunk = chunk_frames
+        self.fd = os.open(fifo, os.O_RDWR)
+        self.frames_written = 0
+        self.resyncs = 0
+        self._q: "queue.Queue" = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="paced-mic", daemon=True)
+        self._thread.start()
+
+    def say(self, pcm: np.ndarray):
+        """Queue int16 mono speech at the mic's rate; returns a threading.Event set once its
+        last sample has been written (real time: its duration after it started)."""
+        import threading
+
+        done = threading.Event()
+        self._q.put((np.asarray(pcm, np.int16), done))
+        return done
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        os.close(self.fd)
+
+    def _run(self) -> None:
+        import queue
+        import select
+        import time
+
+        silence = np.zeros(self.chunk, "<i2").tobytes()
+        pending = b""           # the speech being said, as bytes
+        done = None
+        t0 = time.monotonic()
+        n = 0                   # frames written since t0
+        while not self._stop.is_set():
+            if not pending:
+                if done is not None:
+                    done.set()
+                    done = None
+                try:
+                    pcm, done = self._q.get_nowait()
+                    pad = (-len(pcm)) % self.chunk          # whole chunks only
+                    pending = np.concatenate([pcm, np.zeros(pad, np.int16)]).astype("<i2").tobytes()
+                except queue.Empty:
+                    pass
+            size = self.chunk * 2
+            data, pending = (pending[:size], pending[size:]) if pending else (silence, b"")
+            due = t0 + n / self.rate
+            now = time.monotonic()
+            if due > now:
+                time.sleep(due - now)
+            elif now - due > 0.5:
+                self.resyncs += 1           # the reader stalled: no catching up in a burst
+                t0, n = now, 0
+            while not self._stop.is_set():
+                if select.select([], [self.fd], [], 0.25)[1]:
+                    os.write(self.fd, data)
+                    break
+            n += self.chunk
+            self.frames_written += self.chunk
+        if done is not None:
+            done.set()
