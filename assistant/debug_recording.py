@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import re
-import threading
 import time
 import wave
 from pathlib import Path
@@ -32,10 +30,10 @@ from typing import Any, Optional
 import numpy as np
 
 from assistant.config import Config
+from assistant.writer_thread import WriterThread
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
 _NAME = re.compile(r"^(\d{8}-\d{6})-turn(\d+)\.(wav|jpg)$")
 SAMPLE_RATE = 16000
 # Recordings that never reach the disk are dropped past this many waiting (a stuck disk must
@@ -64,7 +62,7 @@ def _frame_of(snap: Any) -> Optional[np.ndarray]:
     return frame if isinstance(frame, np.ndarray) else None
 
 
-class DebugRecorder:
+class DebugRecorder(WriterThread):
     """``save`` from the loop (never blocks); a worker thread writes and prunes."""
 
     def __init__(self, directory: Path, max_files: int = 200, max_mb: float = 200.0):
@@ -73,10 +71,8 @@ class DebugRecorder:
         self.max_bytes = int(max_mb * 2**20)
         self.saved = 0                 # turns written
         self.dropped = 0               # turns not written (queue full, disk trouble)
-        self._q: queue.Queue = queue.Queue()
         self._failing = False
-        self._thread = threading.Thread(target=self._run, name="debug-recording", daemon=True)
-        self._thread.start()
+        super().__init__("debug-recording")
 
     def save(self, turn: Any, pcm: np.ndarray, snapshot: Any = None) -> None:
         """Queue one utterance and its picture. ``turn`` has ``.id`` (and ``.wall_time``);
@@ -93,17 +89,6 @@ class DebugRecorder:
         else:
             self._put((name, pcm, _frame_of(snapshot)))
 
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every queued recording is written (or failed); False on timeout."""
-        done = threading.Event()
-        self._q.put(done)
-        return done.wait(timeout)
-
-    def close(self, timeout: float = 5.0) -> None:
-        if self._thread.is_alive():
-            self._q.put(_STOP)
-            self._thread.join(timeout)
-
     # ------------------------------------------------------------------ the thread
 
     def _put(self, item: tuple) -> None:
@@ -112,15 +97,8 @@ class DebugRecorder:
             return
         self._q.put(item)
 
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is _STOP:
-                return
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
-            self._write(*item)
+    def _handle(self, item: tuple) -> None:
+        self._write(*item)
 
     def _write(self, name: str, pcm: Optional[np.ndarray], frame: Optional[np.ndarray]) -> None:
         try:

@@ -12,17 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import threading
 from pathlib import Path
 from typing import Iterator, Optional
 
 from assistant.config import Config, TranscriptConfig
+from assistant.writer_thread import WriterThread
 
 log = logging.getLogger(__name__)
-
-_STOP = object()
-
 
 def default_path() -> Path:
     state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
@@ -33,44 +29,22 @@ def transcript_path(cfg: Config) -> Path:
     return cfg.path(cfg.transcript.path) or default_path()
 
 
-class TranscriptWriter:
+class TranscriptWriter(WriterThread):
     """Appends rows from any thread or the loop; a worker thread does the writing."""
 
     def __init__(self, path: Path, cfg: TranscriptConfig = TranscriptConfig()):
         self.path = Path(path)
         self.max_bytes = cfg.max_bytes
         self.keep = cfg.keep
-        self._q: queue.Queue = queue.Queue()
         self._failing = False
-        self._thread = threading.Thread(target=self._run, name="transcript", daemon=True)
-        self._thread.start()
+        super().__init__("transcript")
 
     def write(self, row: dict) -> None:
         """Queue one row (never blocks)."""
         self._q.put(row)
 
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every queued row is on disk (or failed); False on timeout."""
-        done = threading.Event()
-        self._q.put(done)
-        return done.wait(timeout)
-
-    def close(self, timeout: float = 5.0) -> None:
-        if self._thread.is_alive():
-            self._q.put(_STOP)
-            self._thread.join(timeout)
-
-    # ------------------------------------------------------------------ the thread
-
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is _STOP:
-                return
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
-            self._append(item)
+    def _handle(self, row: dict) -> None:
+        self._append(row)
 
     def _append(self, row: dict) -> None:
         line = json.dumps(row, ensure_ascii=False, default=str) + "\n"
