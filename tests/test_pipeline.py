@@ -343,3 +343,30 @@ def test_a_long_first_sentence_is_spoken_from_its_first_clause(tmp_path, spoken,
     assert rec.said == ["On the wooden table there is a red apple,",
                         "a blue mug and a small plate.",
                         "Behind them, through the window, the sky is clear."]
+
+
+class ComingBackMic(WavSource):
+    """A microphone that is unplugged at first and plugged back a moment later."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.tries = 0
+
+    async def open(self):
+        self.tries += 1
+        if self.tries == 1:
+            raise DeviceError("microphone 'usb mic' not found: is it plugged in?")
+        await super().open()
+
+
+def test_status_says_the_microphone_is_back(tmp_path, spoken, whisper_tiny, voices):
+    wav = conversation_wav(tmp_path, spoken, "What do you see on the table?")
+    llm = ScriptedLLM(["I see a red apple."])
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm)
+    parts.source = ComingBackMic(wav, frame_ms=30)
+    sent: list[str] = []
+    pipe.notify = sent.append
+    asyncio.run(drive(pipe, parts))
+    assert pipe.turns[0].answer == "I see a red apple."
+    down = next(i for i, m in enumerate(sent) if m.startswith("STATUS=microphone unavailable"))
+    assert "STATUS=listening" in sent[down + 1:]       # back to listening once it works
