@@ -1,6 +1,8 @@
 """The voice front-end: one spoken question, as data, through every stage.
 
-    mic frames -> VAD -> SpeechStarted -> scene snapshot (+ encode when the scene is new)
+    mic frames -> VAD -> SpeechStarted -> onset work: scene snapshot (+ encode and prefill
+                                         when the scene is new)
+                      -> a pause -> ASR of the speech so far (used if the pause ends it)
                       -> Utterance -> ASR -> intent -> clear | exit | question
     question -> conversation (budget, scene memory, the LLM) -> pieces -> sentences
              -> TTS -> speaker
@@ -23,7 +25,7 @@ from typing import Callable, Optional
 from assistant.audio.asr import Transcript
 from assistant.audio.base import AudioSink, AudioSource
 from assistant.audio.echo import EchoGuard
-from assistant.audio.quick_end import complete
+from assistant.audio.pause_asr import PauseTranscriber
 from assistant.audio.sentences import SentenceSplitter
 from assistant.audio.vad import Endpointer, SpeechDiscarded, SpeechStarted, Utterance
 from assistant.audio.voice_out import VoiceOut
@@ -33,6 +35,7 @@ from assistant.errors import AssistantError, BackendError, ContextFullError, Dev
 from assistant.health import HEALTH, StageOverrun
 from assistant.intent import Intent, IntentClassifier
 from assistant.llm.base import LLMBackend
+from assistant.onset import OnsetWork
 from assistant.turn import Turn
 from assistant.vision.scene import Scene
 
@@ -44,9 +47,6 @@ _RUN_ON_CHARS = 100
 
 # Reopening a lost microphone: wait this long between tries, growing to the last value.
 _REOPEN_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
-
-# Quick endpointing: a pause this long starts a partial transcription of the speech so far.
-_PARTIAL_AFTER_MS = 120
 
 # Turns kept in memory for `ask` and the tests; the transcript keeps all of them.
 _TURNS_KEPT = 200
@@ -100,13 +100,8 @@ class Pipeline:
         self.turns: collections.deque[Turn] = collections.deque(maxlen=_TURNS_KEPT)
         self._utterances: asyncio.Queue = asyncio.Queue()
         self._snapshot: Optional[asyncio.Task] = None   # the scene job of the speech now
-        # Image prefills started for a speech's new scene, by its scene job: (task, dropped).
-        self._prefills: dict[asyncio.Task, tuple[asyncio.Task, asyncio.Event]] = {}
-        self._cuts: set[asyncio.Task] = set()       # prefills being cut away
-        # vad.transcribe_in_pause: the pass over the speech so far, with the stream time of
-        # the last voiced frame it covers.
-        self._partial: Optional[tuple[float, asyncio.Task]] = None
-        self._pass: Optional[asyncio.Task] = None      # the one pass allowed at a time
+        self.onset = OnsetWork(cfg, self.conversation)
+        self.pause_asr = PauseTranscriber(cfg.vad, lambda pcm: self.parts.asr.transcribe(pcm))
         self._in_turn = False
         self._barged_in = False
         self._exit_code: Optional[int] = None
@@ -136,11 +131,7 @@ class Pipeline:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            # Prefills under way finish (or cut themselves) before the model is closed.
-            for _, dropped in self._prefills.values():
-                dropped.set()
-            await asyncio.gather(*(t for t, _ in self._prefills.values()), *self._cuts,
-                                 return_exceptions=True)
+            await self.onset.finish()
         return self._exit_code or 0
 
     def _idle(self) -> bool:
@@ -181,33 +172,9 @@ class Pipeline:
         question with it)."""
         if self.endpointer.in_speech:
             self.endpointer.reset()
-        self._forget_early(self._snapshot)
+        self.onset.drop(self._snapshot)
         self._snapshot = None
 
-    def _start_early(self) -> None:
-        """Speech started: snapshot (and encode a new scene), and put a new scene's image
-        into the model's context while the person is still talking."""
-        self._forget_early(self._snapshot)
-        self._snapshot = self.scene.start(self.conversation.scene_reference())
-        if self._snapshot is not None and self.cfg.llm.prefill_early:
-            dropped = asyncio.Event()
-            task = asyncio.create_task(self.conversation.prefill(self._snapshot, dropped),
-                                       name="prefill")
-            self._prefills[self._snapshot] = (task, dropped)
-
-    def _forget_early(self, snapshot: Optional[asyncio.Task]) -> None:
-        """The speech came to nothing (noise, a cut, a command): drop its snapshot and cut
-        its image prefill away."""
-        self.scene.discard(snapshot)
-        entry = self._prefills.pop(snapshot, None) if snapshot is not None else None
-        if entry is None:
-            return
-        task, dropped = entry
-        dropped.set()            # a prefill still on its way stops, or cuts itself
-        if task.done() and not task.cancelled() and task.exception() is None and task.result():
-            cut = asyncio.create_task(self.conversation.cancel_prefill())
-            self._cuts.add(cut)
-            cut.add_done_callback(self._cuts.discard)
     def _on_frame(self, frame: bytes) -> None:
         if self.echo is not None:
             self.echo.heard(frame)
@@ -218,33 +185,8 @@ class Pipeline:
             return
         for ev in self.endpointer.process(frame):
             self._on_vad(ev)
-        vad = self.cfg.vad
-        if (vad.transcribe_in_pause or vad.quick_end_ms) and self.endpointer.in_speech:
-            self._in_pause()
-
-    def _in_pause(self) -> None:
-        """While the person pauses: transcribe what they said so far (once per pause, never
-        while a turn runs); with quick endpointing, end the utterance early when that
-        transcript is a finished sentence."""
-        ep = self.endpointer
-        silence = ep.silence_ms
-        if silence < _PARTIAL_AFTER_MS:
-            return
-        partial = self._partial
-        if partial is not None and partial[0] != ep.speech_end_s:
-            partial = self._partial = None        # they spoke on: that pass is stale
-        if partial is None:
-            if not self._in_turn and not (self._pass is not None and not self._pass.done()):
-                self._pass = asyncio.create_task(
-                    asyncio.to_thread(self.parts.asr.transcribe, ep.speech_so_far()))
-                self._partial = (ep.speech_end_s, self._pass)
-            return
-        task = partial[1]
-        if (self.cfg.vad.quick_end_ms and silence >= self.cfg.vad.quick_end_ms and task.done()
-                and not task.cancelled() and task.exception() is None
-                and complete(task.result().text)):
-            log.debug("quick end after %d ms of silence: %r", silence, task.result().text)
-            for ev in ep.cut_now():
+        if self.pause_asr.enabled and self.endpointer.in_speech:
+            for ev in self.pause_asr.after_frame(self.endpointer, busy=self._in_turn):
                 self._on_vad(ev)
 
     def _on_vad(self, ev) -> None:
@@ -258,15 +200,15 @@ class Pipeline:
                     return
                 self._barge_in()
             if self.cfg.vision.on_speech_start:
-                self._start_early()
+                self.onset.drop(self._snapshot)
+                self._snapshot = self.onset.start()
         elif isinstance(ev, SpeechDiscarded):
-            self._forget_early(self._snapshot)
+            self.onset.drop(self._snapshot)
             self._snapshot = None
         elif isinstance(ev, Utterance):
             # The snapshot travels with its utterance: never another question's picture. A
-            # partial transcript of exactly this speech saves the turn its own ASR pass.
-            partial, self._partial = self._partial, None
-            heard = partial[1] if partial is not None and partial[0] == ev.end_s else None
+            # pass made in the pause over exactly this speech saves the turn its own.
+            heard = self.pause_asr.take(ev)
             self._utterances.put_nowait((ev, time.monotonic(), self._snapshot, heard))
             self._snapshot = None
 
@@ -293,7 +235,7 @@ class Pipeline:
                 # A stuck stage (not the LLM's: _answer says sorry for that): say sorry.
                 log.error("turn %d: %s", turn.id, e)
                 turn.note = str(e)
-                self._forget_early(snapshot)
+                self.onset.drop(snapshot)
                 lang = self._reply_language(None)
                 turn.answer = (await self.voice.say([self.cfg.persona.lines(lang).error],
                                                     lang, turn)).text
@@ -312,7 +254,7 @@ class Pipeline:
                 turn.note = f"internal error: {type(e).__name__}: {e}"
             finally:
                 self._in_turn = False
-                self._prefills.pop(snapshot, None)   # used by the turn, or cut by it
+                self.onset.used(snapshot)
             self._finish(turn)
             if self._exit_code is not None:
                 return
@@ -328,7 +270,7 @@ class Pipeline:
         heard = await self._transcribe(utt, turn, partial)
         intent = self.intents.classify(heard.text) if heard is not None else Intent.NOTHING
         if intent is not Intent.QUESTION:
-            self._forget_early(snapshot)
+            self.onset.drop(snapshot)
         if heard is None:
             return
         turn.intent = intent.value
@@ -372,7 +314,7 @@ class Pipeline:
                       snapshot: Optional[asyncio.Task] = None) -> None:
         lines = self.cfg.persona.lines(lang)
         if self.conversation.backend is None:
-            self._forget_early(snapshot)
+            self.onset.drop(snapshot)
             turn.note = self.parts.llm_problem
             await self.voice.say([lines.no_model], lang, turn)
             return
