@@ -375,6 +375,7 @@ class Pipeline:
 
     def _finish(self, turn: Turn) -> None:
         turn.mark("done")
+        turn.conversation = turn.conversation or self.conversation.id
         self.turns.append(turn)
         turn.log_line()
         self.conversation.record(turn)
