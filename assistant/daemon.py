@@ -97,6 +97,23 @@ async def supervise(notify: Notifier, health: Health,
         await asyncio.sleep(tick if interval is None else min(tick, interval))
 
 
+async def exit_stuck(w: Watch, notify: Callable[[str], None], transcript=None) -> None:
+    """A native call is stuck past its deadline and grace: say which, flush the transcript
+    and exit 70. The pings have stopped (supervise returns after this); systemd would kill
+    the service at WatchdogSec, but exiting now is sooner and says why."""
+    what = STAGES.get(w.stage, (w.stage,))[0]
+    log.critical("%s stage stuck: %s has not returned after %.0f s (deadline %g s, "
+                 "deadlines.%s, plus %g s grace); exiting so systemd restarts the service",
+                 w.stage, what, w.elapsed(), w.limit_s, w.key, HEALTH.grace_s)
+    notify(f"STATUS=stuck in {w.stage} for {w.elapsed():.0f} s; restarting")
+    if transcript is not None:
+        try:
+            await asyncio.wait_for(asyncio.to_thread(transcript.close), _CLOSE_TIMEOUT_S)
+        except Exception as e:
+            log.error("the transcript could not be flushed: %s", e)
+    _hard_exit(EX_SOFTWARE)
+
+
 def _flush_logs() -> None:
     for h in logging.getLogger().handlers:
         try:
@@ -251,19 +268,7 @@ async def run_daemon(cfg: Config) -> int:
             loop.call_soon_threadsafe(stop, signal.Signals(signum).name)
 
     async def stuck(w: Watch) -> None:
-        # The pings have stopped (supervise returns after this); systemd would kill us at
-        # WatchdogSec, but exiting now is sooner and says why.
-        what = STAGES.get(w.stage, (w.stage,))[0]
-        log.critical("%s stage stuck: %s has not returned after %.0f s (deadline %g s, "
-                     "deadlines.%s, plus %g s grace); exiting so systemd restarts the service",
-                     w.stage, what, w.elapsed(), w.limit_s, w.key, HEALTH.grace_s)
-        notify(f"STATUS=stuck in {w.stage} for {w.elapsed():.0f} s; restarting")
-        if transcript is not None:
-            try:
-                await asyncio.wait_for(asyncio.to_thread(transcript.close), _CLOSE_TIMEOUT_S)
-            except Exception as e:
-                log.error("the transcript could not be flushed: %s", e)
-        _hard_exit(EX_SOFTWARE)
+        await exit_stuck(w, notify, transcript)
 
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {sig: signal.signal(sig, on_signal) for sig in signals}

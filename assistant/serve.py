@@ -73,7 +73,16 @@ async def run_serve(cfg: Config) -> int:
         loop.call_soon_threadsafe(stop, signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    watchdog = asyncio.create_task(notify.watchdog())
+    # The same watchdog as `run`: pings from the loop, and a native call stuck past its
+    # deadline (an HTTP turn's LLM, an encode) ends the process so systemd restarts it.
+    from assistant.daemon import exit_stuck, supervise
+    from assistant.health import HEALTH
+
+    async def stuck(w) -> None:
+        await exit_stuck(w, notify, transcript)
+
+    HEALTH.configure(cfg.deadlines)
+    watchdog = asyncio.create_task(supervise(notify, HEALTH, stuck))
     try:
         conversation = make_conversation(cfg, parts, transcript, gate=make_gate(cfg))
         server = await start_server(cfg, conversation, parts, required=True)
