@@ -473,7 +473,12 @@ class Conversation:
                     or (self.image is not None and self.scene.is_same(res.shot, self.image)[0])):
                 return False
             t0 = time.monotonic()
-            ok = await self._locked(self.backend.prefill, res.embedding)
+            try:
+                ok = await self._locked(self.backend.prefill, res.embedding)
+            except AssistantError as e:
+                # Only a head start was lost: the question's turn feeds the image itself.
+                log.warning("the image could not be evaluated ahead of the question: %s", e)
+                return False
             if ok and dropped is not None and dropped.is_set():
                 await self._locked(self.backend.cancel_prefill)   # dropped meanwhile
                 return False
