@@ -226,17 +226,23 @@ def test_mic_is_gated_while_speaking(tmp_path, spoken, whisper_tiny, voices):
     assert [t.intent for t in pipe.turns] == ["question"]
 
 
-def test_barge_in_cuts_the_answer(tmp_path, spoken, whisper_tiny, voices):
+def barged_in_pipeline(tmp_path, spoken, whisper_tiny, voices):
+    """A long answer and "Stop." 3.5 s after the question: well into the answer's speech
+    (which starts after ASR and the first sentence's synthesis, later on a loaded machine)."""
     q = spoken.pcm("What do you see on the table?")
-    # "Stop." comes 3.5 s after the question: well into the answer's speech (which starts
-    # after ASR and the first sentence's synthesis, later on a loaded machine).
     pcm = np.concatenate([np.zeros(RATE // 2, np.int16), q, np.zeros(int(3.5 * RATE), np.int16),
                           spoken.pcm("Stop."), np.zeros(int(1.5 * RATE), np.int16)])
     wav = write_wav(tmp_path / "barge.wav", pcm, RATE)
     cfg = Config(audio=replace(Config().audio, barge_in=True))
     llm = ScriptedLLM(["Let me describe everything I can see in front of me in great detail. " * 4,
                        "Okay."], piece_delay=0.02)
-    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm, cfg=cfg, realtime=True, sink_realtime=True)
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm, cfg=cfg, realtime=True,
+                       sink_realtime=True)
+    return pipe, parts, llm
+
+
+def test_barge_in_cuts_the_answer(tmp_path, spoken, whisper_tiny, voices):
+    pipe, parts, llm = barged_in_pipeline(tmp_path, spoken, whisper_tiny, voices)
     asyncio.run(drive(pipe, parts))
     assert len(pipe.turns) == 2
     first = pipe.turns[0]
@@ -250,15 +256,7 @@ def test_barge_in_cuts_the_answer(tmp_path, spoken, whisper_tiny, voices):
 
 
 def test_barge_in_leaves_no_task_behind(tmp_path, spoken, whisper_tiny, voices):
-    q = spoken.pcm("What do you see on the table?")
-    pcm = np.concatenate([np.zeros(RATE // 2, np.int16), q, np.zeros(int(3.5 * RATE), np.int16),
-                          spoken.pcm("Stop."), np.zeros(int(1.5 * RATE), np.int16)])
-    wav = write_wav(tmp_path / "barge2.wav", pcm, RATE)
-    cfg = Config(audio=replace(Config().audio, barge_in=True))
-    llm = ScriptedLLM(["Let me describe everything I can see in front of me in great detail. " * 4,
-                       "Okay."], piece_delay=0.02)
-    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm, cfg=cfg, realtime=True,
-                       sink_realtime=True)
+    pipe, parts, _ = barged_in_pipeline(tmp_path, spoken, whisper_tiny, voices)
 
     async def go():
         await drive(pipe, parts)
