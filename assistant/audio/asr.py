@@ -17,7 +17,10 @@ whisper's own confidence figures, not only the text:
 from __future__ import annotations
 
 import logging
+import contextlib
+import math
 import re
+import threading
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -59,6 +62,14 @@ HALLUCINATION_MIN_LOGPROB = -0.5
 # Whisper's own fallback threshold: text that compresses better than this is a loop.
 MAX_COMPRESSION_RATIO = 2.4
 
+# The encoder window (asr.window_s): whisper reads 30 s windows, so a 3 s question costs the
+# encoder as much as 30 s of speech. A window cut to the utterance keeps what whisper needs
+# to end its text, at least this much padding after the speech (with less, the decoder does
+# not see the end and repeats itself; measured in bench/asr_window.py).
+WINDOW_MARGIN_S = 2.0
+FULL_WINDOW_S = 30.0
+FRAMES_PER_S = 100            # whisper's log-mel frames: 10 ms hop
+
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
 
@@ -83,6 +94,7 @@ class Transcript:
     audio_s: float
     elapsed_s: float
     language_prob: float = 1.0
+    window_s: float = FULL_WINDOW_S   # the encoder window it was read in
 
 
 def judge(text: str, no_speech_prob: float, avg_logprob: float, compression_ratio: float,
@@ -127,6 +139,36 @@ def _as_float32(pcm: np.ndarray) -> np.ndarray:
     raise AssistantError(f"ASR input must be int16 PCM at {SAMPLE_RATE} Hz, got {a.dtype}")
 
 
+def window_frames(audio_s: float, floor_s: float) -> Optional[int]:
+    """Encoder frames for an utterance of ``audio_s``: its length plus the margin, at least
+    ``floor_s``; None (whisper's own 30 s) when that is no shorter."""
+    frames = math.ceil(max(floor_s, audio_s + WINDOW_MARGIN_S) * FRAMES_PER_S)
+    return None if frames >= FULL_WINDOW_S * FRAMES_PER_S else frames
+
+
+def _windowed_model_class():
+    """faster-whisper's WhisperModel whose encoder reads only the current call's window.
+
+    faster-whisper pads every window to 30 s before ``encode``; CTranslate2's encoder takes
+    any shorter input, so trimming the padding here keeps all of faster-whisper's decoding
+    (prompts, no-speech probability, log-probabilities) and language detection as they are.
+    The window is per thread: the pause pass and an HTTP transcription may overlap."""
+    from faster_whisper import WhisperModel
+
+    class WindowedWhisperModel(WhisperModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.window = threading.local()
+
+        def encode(self, features):
+            frames = getattr(self.window, "frames", None)
+            if frames is not None and features.shape[-1] > frames:
+                features = features[..., :frames]
+            return super().encode(features)
+
+    return WindowedWhisperModel
+
+
 class Transcriber:
     """faster-whisper on the CPU; plain and blocking (the pipeline calls it in a thread)."""
 
@@ -153,11 +195,9 @@ class Transcriber:
             raise ModelMissingError(
                 f"asr.model: no whisper model.bin in {self.model_path}; put a CTranslate2 "
                 f"whisper model there or set asr.model to a model name such as tiny.en")
-        from faster_whisper import WhisperModel
-
         t0 = time.monotonic()
         try:
-            model = WhisperModel(str(self.model_path), device="cpu", compute_type="int8",
+            model = _windowed_model_class()(str(self.model_path), device="cpu", compute_type="int8",
                                  cpu_threads=self.cfg.cpu_threads, num_workers=1)
         except Exception as e:  # CTranslate2 reports a bad file as RuntimeError/ValueError
             raise ModelMissingError(
@@ -189,18 +229,55 @@ class Transcriber:
         best = max(scores, key=scores.get)
         return best, scores[best]
 
-    def transcribe(self, pcm: np.ndarray, language: Optional[str] = None) -> Transcript:
+    def transcribe(self, pcm: np.ndarray, language: Optional[str] = None,
+                   window_s: Optional[float] = None) -> Transcript:
         """Transcribe one utterance (int16, 16 kHz, mono) and judge whether it is speech.
 
         ``language`` (a whisper code) overrides asr.language for this call (multilingual
-        models only)."""
+        models only); ``window_s`` overrides asr.window_s (30: whisper's own window)."""
         self._require()
         audio = _as_float32(pcm)
+        audio_s = len(audio) / SAMPLE_RATE
+        frames = window_frames(audio_s, self.cfg.window_s if window_s is None else window_s)
         t0 = time.monotonic()
         if language and self._model.model.is_multilingual:
             language_prob = 1.0
         else:
-            language, language_prob = self._language(audio)
+            with self._window(frames):
+                language, language_prob = self._language(audio)
+        # A cut window's decode that runs on is a loop: bound it (speech is well under 15
+        # tokens a second) so the retry below starts soon.
+        limit = int(audio_s * 15) + 16 if frames is not None else None
+        with self._window(frames):
+            heard = self._decode(audio, language, limit)
+        if frames is not None and _looped(heard, limit):
+            log.info("asr: whisper repeated itself in a %.1f s window (%r); again in its own "
+                     "30 s window", frames / FRAMES_PER_S, heard[0][:80])
+            frames = None
+            heard = self._decode(audio, language, None)
+        text, avg_logprob, no_speech, compression, _tokens = heard
+        elapsed = time.monotonic() - t0
+        reason = judge(text, no_speech, avg_logprob, compression, self.cfg)
+        result = Transcript(text=text, language=language, accepted=reason == "ok",
+                            reason=reason, no_speech_prob=no_speech, avg_logprob=avg_logprob,
+                            audio_s=audio_s, elapsed_s=elapsed, language_prob=language_prob,
+                            window_s=(frames or FULL_WINDOW_S * FRAMES_PER_S) / FRAMES_PER_S)
+        log.info("asr %s %r lang=%s(%.2f) no_speech=%.2f logprob=%.2f audio=%.2fs window=%.1fs "
+                 "took=%.2fs", reason, text, language, language_prob, no_speech, avg_logprob,
+                 audio_s, result.window_s, elapsed)
+        return result
+
+    @contextlib.contextmanager
+    def _window(self, frames: Optional[int]):
+        self._model.window.frames = frames
+        try:
+            yield
+        finally:
+            self._model.window.frames = None
+
+    def _decode(self, audio: np.ndarray, language: str,
+                max_new_tokens: Optional[int]) -> tuple[str, float, float, float, int]:
+        """(text, avg_logprob, no_speech_prob, compression_ratio, tokens) of one decode."""
         segments, _info = self._model.transcribe(
             audio,
             language=language,
@@ -216,26 +293,27 @@ class Transcriber:
             without_timestamps=True,
             vad_filter=False,  # our VAD already cut the utterance
             initial_prompt=ZH_PROMPT if language == "zh" else None,
+            max_new_tokens=max_new_tokens,
         )
         segments = list(segments)  # decoding happens while iterating
-        elapsed = time.monotonic() - t0
         text = "".join(s.text for s in segments).strip()
-        if segments:
-            weights = np.array([len(s.tokens) + 1 for s in segments], dtype=np.float64)
-            avg_logprob = float(np.average([s.avg_logprob for s in segments], weights=weights))
-            no_speech = float(min(s.no_speech_prob for s in segments))
-            compression = float(max(s.compression_ratio for s in segments))
-        else:
-            avg_logprob, no_speech, compression = -np.inf, 1.0, 0.0
-        reason = judge(text, no_speech, avg_logprob, compression, self.cfg)
-        result = Transcript(text=text, language=language, accepted=reason == "ok",
-                            reason=reason, no_speech_prob=no_speech, avg_logprob=avg_logprob,
-                            audio_s=len(audio) / SAMPLE_RATE, elapsed_s=elapsed,
-                            language_prob=language_prob)
-        log.info("asr %s %r lang=%s(%.2f) no_speech=%.2f logprob=%.2f audio=%.2fs took=%.2fs",
-                 reason, text, language, language_prob, no_speech, avg_logprob,
-                 result.audio_s, elapsed)
-        return result
+        if not segments:
+            return text, -np.inf, 1.0, 0.0, 0
+        weights = np.array([len(s.tokens) + 1 for s in segments], dtype=np.float64)
+        return (text, float(np.average([s.avg_logprob for s in segments], weights=weights)),
+                float(min(s.no_speech_prob for s in segments)),
+                float(max(s.compression_ratio for s in segments)),
+                sum(len(s.tokens) for s in segments))
+
+
+def _looped(heard: tuple, limit: Optional[int]) -> bool:
+    """Whether a decode went round in circles: it ran to the token limit, compresses like a
+    loop, or is one phrase said over and over ("Goodbye Goodbye"). A person who really
+    said "bye bye" is heard again in the full window, which only costs time."""
+    text, _lp, _ns, compression, tokens = heard
+    norm = normalise(text)
+    return ((limit is not None and tokens >= limit) or compression > MAX_COMPRESSION_RATIO
+            or (len(norm) >= 2 and (norm + norm).find(norm, 1) < len(norm)))
 
 
 def load_transcriber(cfg: AsrConfig,
