@@ -114,11 +114,11 @@ class FirstSoundSink:
     async def open(self) -> None:
         await self.inner.open()
 
-    async def play(self, pcm):
+    async def play(self, pcm, more=False):
         if self.on_sound is not None and len(pcm):
             cb, self.on_sound = self.on_sound, None
             cb()
-        return await self.inner.play(pcm)
+        return await self.inner.play(pcm, more)
 
     def stop(self) -> None:
         self.inner.stop()

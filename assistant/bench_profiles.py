@@ -366,6 +366,17 @@ class ScaledSynthesizer:
         self.slow.after(time.monotonic() - t0)
         return out
 
+    def stream(self, text: str):
+        """Each chunk as late as the board would make it (the first one included)."""
+        chunks = self.inner.stream(text)
+        while True:
+            t0 = time.monotonic()
+            chunk = next(chunks, None)
+            self.slow.after(time.monotonic() - t0)
+            if chunk is None:
+                return
+            yield chunk
+
     def __getattr__(self, name):
         return getattr(self.inner, name)
 

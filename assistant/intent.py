@@ -26,9 +26,19 @@ _PUNCT = re.compile(r"[\W_]+", re.UNICODE)
 _FILLERS = ("please", "okay", "ok", "now", "thanks", "thank you", "好的", "请", "吧", "了")
 
 
+# Whisper writes the same words with or without a contraction ("That's it." / "That is it."):
+# both sides of a match are spelt out.
+_CONTRACTIONS = {"that's": "that is", "it's": "it is", "what's": "what is", "let's": "let us",
+                 "i'm": "i am", "i've": "i have", "don't": "do not", "we're": "we are",
+                 "you're": "you are", "that'll": "that will", "we'll": "we will"}
+_CONTRACTION = re.compile(r"\b(" + "|".join(re.escape(c) for c in _CONTRACTIONS) + r")\b")
+
+
 def normalise(text: str) -> str:
-    """Lower case, NFKC (full-width -> ASCII), punctuation to spaces, spaces collapsed."""
-    t = unicodedata.normalize("NFKC", text).lower()
+    """Lower case, NFKC (full-width -> ASCII), contractions spelt out, punctuation to
+    spaces, spaces collapsed."""
+    t = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'")
+    t = _CONTRACTION.sub(lambda m: _CONTRACTIONS[m.group(1)], t)
     t = _PUNCT.sub(" ", t)
     return " ".join(t.split())
 

@@ -116,7 +116,7 @@ class Pipeline:
         self.notify("STATUS=listening")
         listen = asyncio.create_task(self._listen(), name="listen")
         converse = asyncio.create_task(self._converse(), name="converse")
-        watch = (asyncio.create_task(self.scene.watch(self._idle, self.conversation.scene_reference),
+        watch = (asyncio.create_task(self.scene.watch(self.idle, self.conversation.scene_reference),
                                      name="scene-watch")
                  if self.cfg.vision.watch and self.scene.enabled else None)
         try:
@@ -134,8 +134,9 @@ class Pipeline:
             await self.onset.finish()
         return self._exit_code or 0
 
-    def _idle(self) -> bool:
-        """Nobody speaks and nothing is being answered: the scene may be watched."""
+    def idle(self) -> bool:
+        """Nobody speaks and nothing is being answered or queued: the scene may be watched
+        (and a person waiting for the answer would speak again)."""
         return not (self._in_turn or self.voice.busy or self.voice.speaking
                     or self.endpointer.in_speech or not self._utterances.empty())
 

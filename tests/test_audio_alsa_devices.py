@@ -470,6 +470,24 @@ def test_speaker_stop_cuts_the_chunk_and_later_chunks_play(sd):
     assert stream.events[-2:] == ["stop", "close"]  # drained when idle, closed
 
 
+def test_speaker_keeps_playing_between_the_chunks_of_a_sentence(sd):
+    # A sentence spoken as it is synthesised comes in chunks with more to follow: the stream
+    # runs on between them (draining would put a gap inside the sentence) and is drained
+    # once, after the last chunk.
+    async def run():
+        sink = SpeakerSink(AudioOutputConfig(device="speaker"), piece_ms=50)
+        await sink.open()
+        chunk = np.full(1600, 1000, np.int16)
+        secs = [await sink.play(chunk, more=True), await sink.play(chunk, more=True),
+                await sink.play(chunk)]
+        events = list(sd.streams[0].events)
+        await sink.close()
+        return secs, events
+    secs, events = asyncio.run(run())
+    assert secs == [pytest.approx(0.1)] * 3
+    assert events == ["start", "stop"]
+
+
 def test_speaker_cancelled_play_cuts_its_chunk(sd):
     sd.gate = threading.Semaphore(0)
 

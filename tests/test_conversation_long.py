@@ -4,7 +4,8 @@ Real whisper hears every question; the real tiny llama.cpp model (and, for the b
 real ctypes binding over the compiled RKLLM runtime with the RKNNLite double) answers; the
 camera is a video file whose scene changes every ten utterances. Speech synthesis is the one
 double here (silence of the sentence's length): these tests are about what the context
-holds, and a hundred answers through piper would only add minutes.
+holds, and a hundred answers through piper would only add minutes. The person waits for each
+answer before asking again, without the real-time wait (``TurnTakingSource``).
 """
 
 from __future__ import annotations
@@ -21,13 +22,11 @@ import pytest
 
 from assistant import components
 from assistant.audio.null_sink import NullSink
-from assistant.audio.wav_source import WavSource
 from assistant.pipeline import Components, Pipeline, make_conversation
 from assistant.transcript import TranscriptWriter, read_rows
 from assistant.vision.file_camera import VideoCamera
 from rkllm_fake import build_fake_rkllm, write_fake_model
-from doubles import SilentVoices
-from speech_fixtures import write_wav
+from doubles import SilentVoices, TurnTakingSource
 from tiny_models import write_mmproj, write_text_model
 
 RATE = 16000
@@ -53,14 +52,12 @@ def scene_video(path: Path, frames: int) -> Path:
     return path
 
 
-def talk(spoken, tmp_path: Path) -> tuple[Path, list[str]]:
-    said, parts = [], [np.zeros(RATE // 2, np.int16)]
+def talk(spoken) -> tuple[list[np.ndarray], list[str]]:
+    said = []
     questions = itertools.cycle(QUESTIONS)
     for u in range(101):
-        phrase = "Clear." if u == CLEAR_AT else next(questions)
-        said.append(phrase)
-        parts += [spoken.pcm(phrase), np.zeros(int(1.0 * RATE), np.int16)]
-    return write_wav(tmp_path / "talk.wav", np.concatenate(parts), RATE), said
+        said.append("Clear." if u == CLEAR_AT else next(questions))
+    return [spoken.pcm(p) for p in said], said
 
 
 def backend_config(kind: str, tmp_path: Path, tmp_path_factory) -> str:
@@ -105,7 +102,7 @@ def rknnlite_on_path():
 @pytest.mark.parametrize("kind", ["llamacpp", "rkllm"])
 def test_a_hundred_questions_on_a_small_context(kind, tmp_path, tmp_path_factory, spoken,
                                                 whisper_tiny, rknnlite_on_path):
-    wav, said = talk(spoken, tmp_path)
+    speech, said = talk(spoken)
     video = scene_video(tmp_path / "scene.avi", len(said) + 2)
     (tmp_path / "config.yaml").write_text(backend_config(kind, tmp_path, tmp_path_factory))
     from assistant.config import load
@@ -119,7 +116,9 @@ def test_a_hundred_questions_on_a_small_context(kind, tmp_path, tmp_path_factory
     camera = VideoCamera(video, clock=lambda: float(next(ticks)))
     camera.open()
     voices = SilentVoices()
-    parts = Components(source=WavSource(wav, frame_ms=cfg.vad.frame_ms), sink=NullSink(RATE),
+    # The person asks, then waits for the answer (at full speed, not in real time).
+    source = TurnTakingSource(speech, ready=lambda: pipe.idle(), frame_ms=cfg.vad.frame_ms)
+    parts = Components(source=source, sink=NullSink(RATE),
                        asr=whisper_tiny, voices=voices, llm=llm, camera=camera, encoder=encoder)
     writer = TranscriptWriter(tmp_path / "transcript.jsonl")
     conv = make_conversation(cfg, parts, writer)

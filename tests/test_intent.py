@@ -17,6 +17,8 @@ C = IntentClassifier(IntentConfig())
     ("Goodbye!", Intent.EXIT),
     ("Okay, goodbye.", Intent.EXIT),
     ("That's it.", Intent.EXIT),        # how whisper often hears a lone "exit"
+    ("That is it.", Intent.EXIT),       # ... also spelt out
+    ("That’s all!", Intent.EXIT),
     ("Is that it?", Intent.QUESTION),
     ("退出", Intent.EXIT),
     ("再见。", Intent.EXIT),
@@ -38,6 +40,11 @@ def test_default_phrases(text, intent):
 def test_full_width_and_case_fold():
     assert normalise("ＣＬＥＡＲ！") == "clear"
     assert normalise("Hello,   World?") == "hello world"
+
+
+def test_contractions_are_spelt_out():
+    assert normalise("That's it, let's go") == normalise("That is it. Let us go!") == \
+        "that is it let us go"
 
 
 def test_configured_phrases_replace_defaults():

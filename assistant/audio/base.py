@@ -48,9 +48,13 @@ class AudioSink(ABC):
         """Open the device or file; sets sample_rate."""
 
     @abstractmethod
-    async def play(self, pcm: np.ndarray) -> float:
+    async def play(self, pcm: np.ndarray, more: bool = False) -> float:
         """Play one chunk (int16, mono, at sample_rate); returns when it has been played,
-        or early when stop() is called. Returns the seconds actually played."""
+        or early when stop() is called. Returns the seconds actually played.
+
+        ``more``: the caller has the next chunk coming at once (a sentence spoken as it is
+        synthesised). A device may then return as soon as the chunk is queued, without
+        draining, so the next one follows with no gap; the seconds are those handed over."""
 
     @abstractmethod
     def stop(self) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from assistant.audio.base import SAMPLE_RATE
 
 _KEEP_S = 4.0
+_SILENT_RMS = 1.0      # int16 units
 
 
 class EchoGuard:
@@ -81,8 +82,14 @@ class EchoGuard:
         lags = len(ref) - n + 1
         corr = corr[:lags]
         energy = np.concatenate([[0.0], np.cumsum(ref.astype(np.float64) ** 2)])
-        window_energy = np.sqrt(np.maximum(energy[n:n + lags] - energy[:lags], 1e-9))
-        return float(np.max(np.abs(corr) / (window_energy * mic_norm)))
+        window_energy = energy[n:n + lags] - energy[:lags]
+        # A lag where nothing was played (below one LSB RMS) explains nothing: dividing the
+        # FFT's rounding noise by its near-zero energy would score a person as an echo.
+        audible = window_energy > n * _SILENT_RMS ** 2
+        if not audible.any():
+            return 0.0
+        scores = np.abs(corr[audible]) / (np.sqrt(window_energy[audible]) * mic_norm)
+        return float(min(1.0, np.max(scores)))
 
     def is_echo(self) -> bool:
         return self.match() >= self.threshold

@@ -17,7 +17,7 @@ class NullSink(AudioSink):
     async def open(self) -> None:
         pass
 
-    async def play(self, pcm: np.ndarray) -> float:
+    async def play(self, pcm: np.ndarray, more: bool = False) -> float:
         s = len(pcm) / self.sample_rate
         self.seconds += s
         return s

@@ -52,6 +52,7 @@ class _Chunk:
     pcm: np.ndarray  # (frames, channels) int16, volume applied
     generation: int  # stop() calls before it was queued
     future: asyncio.Future
+    more: bool = False  # the next chunk follows at once: keep the stream running
     cancelled: bool = field(default=False)
 
 
@@ -131,7 +132,7 @@ class SpeakerSink(AudioSink):
         log.info("speaker %r: %d Hz, %d channel(s), volume %.2f", device_name, rate,
                  self.channels, self.cfg.volume)
 
-    async def play(self, pcm: np.ndarray) -> float:
+    async def play(self, pcm: np.ndarray, more: bool = False) -> float:
         await self.recover()
         data = apply_gain(pcm, self.cfg.volume)
         if len(data) == 0:
@@ -142,7 +143,8 @@ class SpeakerSink(AudioSink):
             data = data[:, None]
         assert self._loop is not None
         with self._gen_lock:
-            chunk = _Chunk(np.ascontiguousarray(data), self._generation, self._loop.create_future())
+            chunk = _Chunk(np.ascontiguousarray(data), self._generation,
+                           self._loop.create_future(), more)
         self._queue.put(chunk)
         try:
             return await chunk.future
@@ -236,7 +238,7 @@ class SpeakerSink(AudioSink):
                     if self._is_cut(chunk):
                         if stream.active:
                             stream.abort()  # drop what the device still holds: barge-in is now
-                    elif chunks.empty() and stream.active:
+                    elif chunks.empty() and stream.active and not chunk.more:
                         stream.stop()  # returns once the buffered audio has been heard
                 except Exception as e:  # PortAudioError mostly; the caller must hear of any
                     error = self._broken = DeviceError(

@@ -2,7 +2,15 @@
 
 The pipeline hands over one sentence at a time (see sentences.py) and plays each result as
 soon as it is ready, so the first sentence is heard while the LLM is still writing the rest.
-Audio comes back at the voice's own rate; the pipeline resamples it to the speaker's.
+``stream`` gives a sentence's audio a chunk at a time, the first one after a fraction of the
+sentence's synthesis (see piper_stream.py). Audio comes back at the voice's own rate; the
+pipeline resamples it to the speaker's.
+
+Loudness: piper scales each sentence to full scale, so its level varies with the sentence
+(peak-to-RMS 6 to 12 on the en_US voice). A streamed sentence's first chunk is played before
+its peak is known, so a split voice gets one gain for all its sentences instead: the one that
+brings a check sentence, measured at load, to ``TARGET_RMS``; the rare peak above ``KNEE``
+is rounded off (``soft_limit``) rather than clipped.
 """
 
 from __future__ import annotations
@@ -10,15 +18,22 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 
+from assistant.audio import piper_stream
 from assistant.config import TtsConfig
 from assistant.errors import AssistantError, ModelMissingError
 
 log = logging.getLogger(__name__)
+
+TARGET_RMS = 0.1
+KNEE = 0.8
+# What a voice says at load to check its split and measure its level, by its language.
+CHECK_TEXT = {"zh": "你好，今天有什么可以帮你的吗？", "": "Hello, how can I help you today?"}
 
 
 class Synthesizer:
@@ -33,6 +48,8 @@ class Synthesizer:
         self._voice = None  # piper.PiperVoice once loaded
         self._meta: Optional[dict] = None
         self._syn_config = None
+        self._split: Optional[piper_stream.SplitVoice] = None
+        self._gain = 1.0
         self.load_s = 0.0
 
     @property
@@ -101,9 +118,49 @@ class Synthesizer:
         self._syn_config = SynthesisConfig(speaker_id=speaker,
                                            length_scale=base_scale * self.cfg.length_scale)
         self._voice = voice
+        self._split_voice()
         self.load_s = time.monotonic() - t0
         log.info("piper voice %s loaded in %.2f s (%d Hz)", self.name, self.load_s,
                  self.sample_rate)
+
+    def _split_voice(self) -> None:
+        """Cut the voice before its decoder to speak a chunk at a time (piper_stream)."""
+        text = CHECK_TEXT["zh" if self.language.lower().startswith("zh") else ""]
+        ids = next((p for p in self._voice.phonemize(text) if p), None)
+        if ids is None:
+            log.info("piper voice %s: spoken a sentence at a time (it says nothing of %r)",
+                     self.name, text)
+            return
+        feeds = self._feeds(self._voice.phonemes_to_ids(ids))
+        split, why = piper_stream.split(self.voice_onnx, self._voice.config.hop_length, feeds)
+        if split is None:
+            log.info("piper voice %s: spoken a sentence at a time: %s", self.name, why)
+            return
+        check = split.decode(split.latent(feeds), feeds)
+        rms = float(np.sqrt(np.mean(np.square(check)))) if check.size else 0.0
+        self._gain = TARGET_RMS / rms if rms > 1e-4 else 1.0
+        self._split = split
+        self._voice.session = None      # its two halves replace it (and its memory)
+        log.info("piper voice %s: %s", self.name, why)
+
+    def _feeds(self, phoneme_ids: list[int]) -> dict:
+        """The voice's inputs for one sentence, as piper makes them."""
+        cfg, syn = self._voice.config, self._syn_config
+        scales = [cfg.noise_scale if syn.noise_scale is None else syn.noise_scale,
+                  cfg.length_scale if syn.length_scale is None else syn.length_scale,
+                  cfg.noise_w_scale if syn.noise_w_scale is None else syn.noise_w_scale]
+        feeds = {"input": np.array([phoneme_ids], dtype=np.int64),
+                 "input_lengths": np.array([len(phoneme_ids)], dtype=np.int64),
+                 "scales": np.array(scales, dtype=np.float32)}
+        if cfg.num_speakers > 1:
+            speaker = cfg.default_speaker_id if syn.speaker_id is None else syn.speaker_id
+            feeds["sid"] = np.array([speaker], dtype=np.int64)
+        return feeds
+
+    @property
+    def streams(self) -> bool:
+        """Whether ``stream`` gives a sentence in chunks (else in one piece)."""
+        return self._split is not None
 
     def silence(self, ms: Optional[int] = None) -> np.ndarray:
         """``ms`` of silence (default ``tts.sentence_pause_ms``) at the voice's rate."""
@@ -118,28 +175,80 @@ class Synthesizer:
         ``pause_after`` (the pipeline's speaking stage puts its own gap between sentences).
         Text with nothing to say gives an empty array.
         """
+        # Whole sentences: nobody listens before the end, so no chunking overhead.
+        pieces = [c.pcm for c in self._speech(text, chunked=False)]
+        if pieces and pause_after:
+            pieces.append(self.silence())
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int16)
+
+    def stream(self, text: str) -> Iterator["Chunk"]:
+        """``text`` spoken a chunk at a time (int16 at ``sample_rate``), each chunk with the
+        share of the text's speech it ends at. With a split voice the first chunk comes
+        after a fraction of the synthesis; otherwise the text comes in one piece. Piper's
+        sentences are joined by ``tts.sentence_pause_ms``."""
+        return self._speech(text, chunked=True)
+
+    def _speech(self, text: str, chunked: bool) -> Iterator["Chunk"]:
         if self._voice is None:
             raise AssistantError("Synthesizer used before load(); call load() first")
         text = text.strip()
         if not text:
-            return np.zeros(0, dtype=np.int16)
+            return
         t0 = time.monotonic()
         pause = self.silence()
-        pieces: list[np.ndarray] = []
-        for chunk in self._voice.synthesize(text, syn_config=self._syn_config):
-            if pieces:
-                pieces.append(pause)
-            pieces.append(chunk.audio_int16_array)
-        if not pieces:
-            return np.zeros(0, dtype=np.int16)
-        if pause_after:
-            pieces.append(pause)
-        audio = np.concatenate(pieces)
+        if self._split is None:
+            joined: list[np.ndarray] = []
+            for chunk in self._voice.synthesize(text, syn_config=self._syn_config):
+                joined += [pause, chunk.audio_int16_array] if joined else [chunk.audio_int16_array]
+            total = sum(len(a) for a in joined)
+            pcm_chunks: Iterator[np.ndarray] = iter([np.concatenate(joined)] if joined else [])
+        else:
+            # The cheap half for every sentence first: the whole length is then known, so
+            # each chunk can say how much of the text it ends at (barge-in keeps that much).
+            feeds = [self._feeds(self._voice.phonemes_to_ids(p))
+                     for p in self._voice.phonemize(text) if p]
+            latents = [self._split.latent(f) for f in feeds]
+            total = (sum(z.shape[-1] for z in latents) * self._split.hop
+                     + len(pause) * max(0, len(latents) - 1))
+            pcm_chunks = self._split_chunks(latents, feeds, pause, chunked)
+        first, done = None, 0
+        for pcm in pcm_chunks:
+            first = time.monotonic() - t0 if first is None else first
+            done += len(pcm)
+            yield Chunk(pcm, done / total if total else 1.0)
         elapsed = time.monotonic() - t0
-        seconds = len(audio) / self.sample_rate
-        log.info("tts %s %.2f s of speech in %.2f s (rtf %.2f): %r", self.name, seconds,
-                 elapsed, elapsed / seconds if seconds else 0.0, text[:60])
-        return audio
+        seconds = done / self.sample_rate
+        log.info("tts %s %.2f s of speech in %.2f s (rtf %.2f, first sound after %.2f s): %r",
+                 self.name, seconds, elapsed, elapsed / seconds if seconds else 0.0,
+                 first or 0.0, text[:60])
+
+    def _split_chunks(self, latents: list, feeds: list, pause: np.ndarray,
+                      chunked: bool) -> Iterator[np.ndarray]:
+        for i, (z, f) in enumerate(zip(latents, feeds)):
+            if i:
+                yield pause
+            for audio in self._split.chunks(z, f) if chunked else [self._split.decode(z, f)]:
+                yield np.round(soft_limit(audio * self._gain) * 32767.0).astype(np.int16)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a text's speech: int16 PCM, and the share of the text's speech (0 to 1)
+    that has been given once this piece is played."""
+
+    pcm: np.ndarray
+    end: float
+
+
+def soft_limit(x: np.ndarray) -> np.ndarray:
+    """Unchanged up to KNEE; above it, bent smoothly towards full scale, never past it."""
+    over = np.abs(x) > KNEE
+    if not over.any():
+        return x
+    y = x.copy()
+    room = 1.0 - KNEE
+    y[over] = np.sign(x[over]) * (KNEE + room * np.tanh((np.abs(x[over]) - KNEE) / room))
+    return y
 
 
 class VoiceSet:
@@ -194,4 +303,4 @@ class VoiceSet:
         return self.default
 
 
-__all__ = ["Synthesizer", "VoiceSet"]
+__all__ = ["Chunk", "Synthesizer", "VoiceSet", "soft_limit"]

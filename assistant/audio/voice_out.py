@@ -1,7 +1,8 @@
 """The speaking stage: sentences -> piper (worker thread) -> resample -> sink.
 
 Synthesis of the next sentence overlaps playback of the current one, so the first sentence
-is heard while the LLM is still writing the rest. ``speaking`` is true from the first sound
+is heard while the LLM is still writing the rest; a voice that streams (tts.py) is played a
+chunk at a time, from its first chunk. ``speaking`` is true from the first sound
 to a short echo tail after the last one: the listener gates the microphone then (no
 barge-in) or watches for the person talking over it (barge-in). A thinking assistant is not
 speaking, so a cough while it thinks cuts nothing.
@@ -19,13 +20,13 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterable, Optional, Union
+from typing import AsyncIterator, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
 from assistant.audio.base import SAMPLE_RATE, AudioSink
 from assistant.audio.echo import EchoGuard
-from assistant.audio.resample import resample
+from assistant.audio.resample import StreamResampler, resample
 from assistant.errors import AssistantError
 from assistant.turn import Turn
 
@@ -121,59 +122,80 @@ class VoiceOut:
             for s in sentences:
                 yield s
 
-    def _render(self, sentence: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """Synthesise and resample to the sink's rate, and to 16 kHz for the echo guard
-        (worker thread)."""
-        tts = self.voices.for_language(script_language(sentence))
-        speech = tts.synthesize(sentence)
-        pcm = speech
-        if len(pcm) and tts.sample_rate != self.sink.sample_rate:
-            pcm = resample(speech, tts.sample_rate, self.sink.sample_rate)
+    def _next_chunk(self, chunks, rate: int, to_sink: "_Resampler"
+                    ) -> Optional[tuple[np.ndarray, Optional[np.ndarray], float]]:
+        """The sentence's next chunk, synthesised and resampled to the sink's rate (and to
+        16 kHz for the echo guard), with the share of the sentence it ends at (worker
+        thread); None after the last."""
+        chunk = next(chunks, None)
+        if chunk is None:
+            return None
         ref = None
-        if self.echo is not None and len(speech):
-            ref = (speech if tts.sample_rate == SAMPLE_RATE
-                   else resample(speech, tts.sample_rate, SAMPLE_RATE))
-        return pcm, ref
+        if self.echo is not None and len(chunk.pcm):
+            # Each chunk whole, so the reference starts exactly when the chunk does (a stream
+            # resampler would shift every chunk by its filter delay and blur the match).
+            ref = chunk.pcm if rate == SAMPLE_RATE else resample(chunk.pcm, rate, SAMPLE_RATE)
+        return to_sink(chunk.pcm, chunk.end >= 1.0), ref, chunk.end
 
     async def _synthesize(self, sentences: Sentences, language: str, audio: asyncio.Queue,
                           turn: Optional[Turn]) -> None:
+        from assistant.health import HEALTH  # deadlines.tts_s; stuck: a restart
+
         async for sentence in self._iterate(sentences):
             if not sentence.strip() or self._interrupted:
                 continue
-            t0 = time.monotonic()
-            try:
-                from assistant.health import HEALTH  # deadlines.tts_s; stuck: a restart
-                pcm, ref = await HEALTH.call("tts", self._render, sentence)
-            except AssistantError as e:
-                log.error("speech synthesis failed: %s", e)
-                continue
-            if turn is not None:
-                turn.add("tts", time.monotonic() - t0)
-            await audio.put((sentence, pcm, ref))
+            tts = self.voices.for_language(script_language(sentence))
+            stream = getattr(tts, "stream", None)
+            chunks = stream(sentence) if stream is not None else _whole(tts, sentence)
+            to_sink = _Resampler(tts.sample_rate, self.sink.sample_rate)
+            start = 0.0
+            while not self._interrupted:
+                t0 = time.monotonic()
+                try:
+                    item = await HEALTH.call("tts", self._next_chunk, chunks,
+                                             tts.sample_rate, to_sink)
+                except AssistantError as e:
+                    log.error("speech synthesis failed: %s", e)
+                    break
+                if turn is not None:
+                    turn.add("tts", time.monotonic() - t0)
+                if item is None:
+                    break
+                pcm, ref, end = item
+                await audio.put((sentence, pcm, ref, start, end))
+                start = end
         # Only on a normal end: a cancelled producer has no consumer left to wait for.
         await audio.put(None)
 
     async def _play(self, audio: asyncio.Queue, turn: Optional[Turn]) -> Spoken:
         out = Spoken()
         heard: list[str] = []
+        partial: Optional[tuple[str, float]] = None   # a sentence begun, and the share played
         gap = np.zeros(int(self.sink.sample_rate * self.pause_ms / 1000), dtype=np.int16)
         first = True
+        # When a chunk is handed over with more to follow, the device plays the next one
+        # right after it: that is when the next one starts (for the echo guard's timeline).
+        follows_at = 0.0
         try:
             while (item := await audio.get()) is not None:
-                sentence, pcm, ref = item
+                sentence, pcm, ref, start, end = item
                 if self._interrupted:
                     continue
                 if turn is not None:
                     turn.mark("first_audio")
                 if not self._playing:
                     self._playing += 1
+                more = end < 1.0      # the sentence goes on: no gap, no draining in between
                 try:
-                    if not first and len(gap):
-                        await self.sink.play(gap)
+                    if start == 0.0 and not first and len(gap):
+                        began = max(time.monotonic(), follows_at)
+                        follows_at = began + await self.sink.play(gap, more=True)
                     first = False
+                    began = max(time.monotonic(), follows_at)
                     if self.echo is not None and ref is not None:
-                        self.echo.played(ref)
-                    played = await self.sink.play(pcm)
+                        self.echo.played(ref, started=began)
+                    played = await self.sink.play(pcm, more=more)
+                    follows_at = began + played if more else 0.0
                 except AssistantError as e:
                     # A speaker that went away must not end the conversation: the answer is
                     # still in the log and the transcript.
@@ -181,15 +203,41 @@ class VoiceOut:
                     self._interrupted = True
                     continue
                 out.seconds += played
-                total = len(pcm) / self.sink.sample_rate if len(pcm) else 0.0
-                share = played / total if total else 1.0
-                part = spoken_part(sentence, share) if self._interrupted else sentence
-                if part:
-                    heard.append(part)
+                seconds = len(pcm) / self.sink.sample_rate
+                share = start + (end - start) * (min(1.0, played / seconds) if seconds else 1.0)
+                if share >= 0.999:
+                    heard.append(sentence)
+                    partial = None
+                else:
+                    partial = (sentence, share)
         finally:
             if self._playing:
                 self._playing -= 1
                 self._speaking_until = time.monotonic() + _ECHO_HOLD_S
+        if partial is not None:
+            part = spoken_part(*partial)
+            if part:
+                heard.append(part)
         out.interrupted = self._interrupted
         out.text = " ".join(heard)
         return out
+
+
+class _Resampler:
+    """One sentence's chunks to another rate, block by block: no clicks at chunk edges."""
+
+    def __init__(self, src: int, dst: int):
+        self.stream = None if src == dst else StreamResampler(src, dst)
+
+    def __call__(self, pcm: np.ndarray, last: bool) -> np.ndarray:
+        if self.stream is None:
+            return pcm
+        out = self.stream.process(pcm, np.int16)
+        return np.concatenate([out, self.stream.flush(np.int16)]) if last else out
+
+
+def _whole(tts, sentence: str) -> Iterator:
+    """A synthesizer without ``stream``: the sentence in one chunk (made on first next())."""
+    from assistant.audio.tts import Chunk
+
+    yield Chunk(tts.synthesize(sentence), 1.0)

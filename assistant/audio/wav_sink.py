@@ -75,7 +75,7 @@ class WavSink(AudioSink):
             self._w = await asyncio.to_thread(_open_for_writing, self.path, self.sample_rate)
             log.info("audio sink %s: %d Hz", self.name, self.sample_rate)
 
-    async def play(self, pcm: np.ndarray) -> float:
+    async def play(self, pcm: np.ndarray, more: bool = False) -> float:
         await self.open()
         pcm = _as_mono_int16(pcm)
         async with self._lock:  # overlapping calls play one after the other, in call order
