@@ -149,6 +149,16 @@ def spoken(tmp_path_factory) -> Spoken:
     return Spoken(tmp_path_factory.mktemp("speech"))
 
 
+def hear(whisper, pcm16k: np.ndarray) -> str:
+    """What the tests' ear makes of audio the assistant produced (lower case): whisper in
+    its own 30 s window, not the product's cut one (asr.window_s), so a check of what was
+    said does not depend on the window, whose decode of a long multi-sentence recording can
+    stop a sentence early where the full window does not."""
+    from assistant.audio.asr import FULL_WINDOW_S
+
+    return whisper.transcribe(pcm16k, window_s=FULL_WINDOW_S).text.lower()
+
+
 def _transcriber(model: str, download_root: Optional[Path] = None, **kw):
     from assistant.audio.asr import Transcriber
     from assistant.audio.model_paths import resolve_whisper

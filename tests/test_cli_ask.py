@@ -15,7 +15,7 @@ import pytest
 from assistant.audio.resample import resample
 from assistant.audio.wav_source import read_wav
 from assistant.demo import draw_scene
-from speech_fixtures import write_wav
+from speech_fixtures import hear, write_wav
 from tiny_models import write_mmproj, write_text_model
 
 REPLY = "I see a red apple on the wooden table."
@@ -41,7 +41,7 @@ def ask(workdir, *args, config="config.yaml"):
 
 def said(whisper, path: Path) -> str:
     pcm, rate = read_wav(path)
-    return whisper.transcribe(resample(pcm, rate, 16000)).text.lower()
+    return hear(whisper, resample(pcm, rate, 16000))
 
 
 def test_a_spoken_question_about_an_image(workdir, spoken, whisper_tiny):

@@ -25,6 +25,7 @@ import pytest
 from alsa_support import make_fake_alsa, portaudio_available
 from assistant.audio.resample import resample
 from assistant.demo import draw_scene
+from speech_fixtures import hear
 from tiny_models import write_mmproj, write_text_model
 
 pytestmark = pytest.mark.skipif(not portaudio_available(), reason="needs libportaudio2")
@@ -97,7 +98,7 @@ def start_daemon(tmp_path, fake, config_text, extra_path=None):
 
 def heard(whisper, fake) -> str:
     played = fake.read_playback()[:, 0]
-    return whisper.transcribe(resample(played, fake.playback_rate, 16000)).text.lower()
+    return hear(whisper, resample(played, fake.playback_rate, 16000))
 
 
 BASE_CONFIG = f"""

@@ -21,7 +21,7 @@ from assistant.pipeline import Components, Pipeline
 from assistant.vision.base import Camera
 from scripted_llm import ScriptedLLM
 from doubles import CountingEncoder
-from speech_fixtures import write_wav
+from speech_fixtures import hear, write_wav
 
 RATE = 16000
 
@@ -79,7 +79,7 @@ async def drive(pipe, parts, greet=False):
 def heard_back(asr, path):
     pcm, rate = read_wav(path)
     from assistant.audio.resample import resample
-    return asr.transcribe(resample(pcm, rate, RATE)).text.lower()
+    return hear(asr, resample(pcm, rate, RATE))
 
 
 def test_question_clear_question_exit(tmp_path, spoken, whisper_tiny, voices):
