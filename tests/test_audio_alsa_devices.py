@@ -488,6 +488,27 @@ def test_speaker_keeps_playing_between_the_chunks_of_a_sentence(sd):
     assert events == ["start", "stop"]
 
 
+def test_speaker_cut_between_chunks_drops_what_the_device_still_holds(sd):
+    # Talked over after a chunk with more to follow: the stream was left running, and the
+    # tail of that chunk still in the device is dropped at once, not played out.
+    async def run():
+        sink = SpeakerSink(AudioOutputConfig(device="speaker"), piece_ms=50)
+        await sink.open()
+        await sink.play(np.full(1600, 1000, np.int16), more=True)
+        sink.stop()
+        for _ in range(100):
+            if "abort" in sd.streams[0].events:
+                break
+            await asyncio.sleep(0.01)
+        events = list(sd.streams[0].events)
+        after = await sink.play(np.full(800, 1000, np.int16))
+        await sink.close()
+        return events, after
+    events, after = asyncio.run(run())
+    assert events == ["start", "abort"]
+    assert after == pytest.approx(0.05)       # and the next answer plays
+
+
 def test_speaker_cancelled_play_cuts_its_chunk(sd):
     sd.gate = threading.Semaphore(0)
 

@@ -39,6 +39,9 @@ from assistant.errors import DeviceError
 log = logging.getLogger(__name__)
 
 _CLOSE = object()  # queued by close(): the writer thread ends
+# Queued by stop(): a stream left running after a chunk with more to follow still holds that
+# chunk's tail in the device; a barge-in drops it too.
+_CUT = object()
 
 # Seconds between attempts to reopen a speaker that went away (the last one repeats).
 REOPEN_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
@@ -219,6 +222,7 @@ class SpeakerSink(AudioSink):
     def stop(self) -> None:
         with self._gen_lock:
             self._generation += 1
+        self._queue.put(_CUT)
 
     def _is_cut(self, chunk: _Chunk) -> bool:
         return chunk.cancelled or chunk.generation != self._generation
@@ -231,6 +235,13 @@ class SpeakerSink(AudioSink):
             chunk = chunks.get()
             if chunk is _CLOSE:
                 return
+            if chunk is _CUT:
+                if stream.active and self._broken is None:
+                    try:
+                        stream.abort()
+                    except Exception as e:  # the next chunk's write reports a dead device
+                        log.debug("%s: abort after a cut failed: %s", self.name, e)
+                continue
             played, error = 0, self._broken
             if error is None:
                 try:
