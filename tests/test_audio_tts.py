@@ -209,3 +209,17 @@ def test_every_sentence_of_a_voice_gets_the_same_gain(joe):
     for text in ("Sure.", "I see a wooden table.", "No, I don't think so, the cup is blue."):
         pcm = joe.synthesize(text)
         assert 2000 < np.abs(pcm).max() < 32767
+
+
+def test_a_voice_whose_split_check_fails_still_loads_and_speaks(monkeypatch, caplog):
+    from assistant.audio import tts as tts_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("onnxruntime refused the graph")
+
+    monkeypatch.setattr(tts_module.piper_stream, "split", broken)
+    s = Synthesizer(*resolve_voice(CFG, CFG.voice), CFG)
+    s.load()
+    assert not s.streams and "split check failed" in caplog.text
+    chunks = list(s.stream("Yes, I can."))
+    assert len(chunks) == 1 and chunks[0].end == 1.0 and np.abs(chunks[0].pcm).max() > 3000

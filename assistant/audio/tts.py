@@ -118,7 +118,12 @@ class Synthesizer:
         self._syn_config = SynthesisConfig(speaker_id=speaker,
                                            length_scale=base_scale * self.cfg.length_scale)
         self._voice = voice
-        self._split_voice()
+        try:
+            self._split_voice()
+        except Exception as e:  # speaking whole sentences still works: never a failed load
+            self._split = None
+            log.warning("piper voice %s: spoken a sentence at a time (its split check failed: "
+                        "%s: %s)", self.name, type(e).__name__, e)
         self.load_s = time.monotonic() - t0
         log.info("piper voice %s loaded in %.2f s (%d Hz)", self.name, self.load_s,
                  self.sample_rate)
