@@ -17,21 +17,25 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from assistant import __version__
+from assistant import __version__, paths
 from assistant.config import EX_CONFIG, Config, ConfigError, load
 from assistant.errors import AssistantError
 
 log = logging.getLogger("assistant")
 
-SYSTEM_CONFIG = Path("/etc/rkvlm-assistant/config.yaml")
+# Commands that act on the installed service's files when root runs them (assistant.paths).
+SERVICE_COMMANDS = ("models", "history", "check", "doctor")
 
 
-def find_config(arg: Optional[str]) -> Config:
-    """--config, else $RKVLM_CONFIG, else ./config.yaml, else /etc/rkvlm-assistant/config.yaml."""
+def find_config(arg: Optional[str], layout: paths.Layout = paths.Layout(service=False)) -> Config:
+    """--config, else $RKVLM_CONFIG, else the layout's search: ./config.yaml,
+    $XDG_CONFIG_HOME/rkvlm-assistant/config.yaml, /etc/rkvlm-assistant/config.yaml for a
+    person; only the system config for root on an installed machine (a checkout's own
+    ./config.yaml is not what the service reads)."""
     if arg or os.environ.get("RKVLM_CONFIG"):
         return load(arg or os.environ["RKVLM_CONFIG"])
-    for p in (Path("config.yaml"), SYSTEM_CONFIG):
-        if p.is_file():
+    for p in layout.config_search():
+        if p.is_file() and os.access(p, os.R_OK):
             return load(p)
     return Config()
 
@@ -94,16 +98,16 @@ def cmd_models(args, cfg: Config) -> int:
     config_path = Path(args.config) if args.config else None
     if args.models_cmd == "pull":
         return models_cli.cli_pull(cfg, args.name, models_dir, configure=args.configure,
-                                   config_path=config_path)
+                                   config_path=config_path, layout=args.layout)
     if args.models_cmd == "use":
-        return models_cli.cli_use(cfg, args.name, models_dir, config_path)
+        return models_cli.cli_use(cfg, args.name, models_dir, config_path, layout=args.layout)
     return models_cli.cli_list(cfg, models_dir)
 
 
 def cmd_doctor(args, cfg: Config) -> int:
     from assistant.doctor import run_doctor
 
-    return run_doctor(cfg, Path(args.root))
+    return run_doctor(cfg, Path(args.root or "/"))
 
 
 def cmd_bench(args, cfg: Config) -> int:
@@ -146,6 +150,23 @@ def cmd_demo(args, cfg: Config) -> int:
     return run_demo(cfg, Path(args.out_dir))
 
 
+def _service_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", metavar="DIR",
+                        help="act on the installation in this directory tree (its "
+                             "etc/rkvlm-assistant/config.yaml and the service's directories)")
+
+
+def _layout(args) -> paths.Layout:
+    """The service's files for root on an installed machine, or under --root (see
+    assistant.paths); a person's otherwise. run/serve/ask always use their own environment."""
+    if args.cmd not in SERVICE_COMMANDS:
+        return paths.Layout(service=False)
+    root = getattr(args, "root", None)
+    if args.cmd == "doctor" and root and not paths.system_config(Path(root)).is_file():
+        return paths.Layout(service=False)   # a copy of a board's /proc and /sys alone
+    return paths.choose(root)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rkvlm-assistant",
                                 description="Offline voice-and-vision assistant for RK3576 / RK3588 boards.")
@@ -175,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_ask)
 
     s = sub.add_parser("check", help="validate the config; report every missing model and device")
+    _service_root(s)
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("devices", help="list microphones, speakers and cameras")
@@ -182,17 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("models", help="language and speech models: list, download, select")
     msub = s.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
-    msub.add_parser("list", help="every model, and which are installed where")
+    _service_root(msub.add_parser("list", help="every model, and which are installed where"))
     m = msub.add_parser("pull", help="download a model through the hub cache (resumes, verifies)")
     m.add_argument("name")
     m.add_argument("--configure", action="store_true",
                    help="then write the keys that select it into the config file")
+    _service_root(m)
     m = msub.add_parser("use", help="write the keys that select a catalogue model into the config file")
     m.add_argument("name")
+    _service_root(m)
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("doctor", help="check the board (SoC, memory, NPU driver, runtimes) and recommend a model")
-    s.add_argument("--root", default="/", help="read /proc, /sys and libraries under this directory")
+    s.add_argument("--root", metavar="DIR", help="read /proc, /sys and libraries under this "
+                   "directory (and the installation's config there, if it has one)")
     s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("bench", help="what the person waits for, from the last word to the first "
@@ -214,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", type=int, default=20, help="how many turns (default 20; 0: all)")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.add_argument("--conversation", help="only the turns of this conversation id")
+    _service_root(s)
     s.set_defaults(func=cmd_history)
 
     s = sub.add_parser("demo", help="speak a sample question about a sample image through the whole loop")
@@ -236,7 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = find_config(args.config)
+        args.layout = _layout(args)
+    except ValueError as e:
+        print(f"rkvlm-assistant {args.cmd}: {e}", file=sys.stderr)
+        return EX_CONFIG
+    saved = paths.enter(args.layout)
+    try:
+        return _main(args)
+    finally:
+        paths.hand_over(args.layout)
+        paths.leave(saved)
+
+
+def _main(args) -> int:
+    try:
+        cfg = find_config(args.config, args.layout)
     except ConfigError as e:
         setup_logging("INFO")
         print(f"rkvlm-assistant: {e}", file=sys.stderr)

@@ -4,13 +4,12 @@
 models (whisper sizes, piper voices) with where each is installed. ``pull NAME`` downloads
 one of them; ``use NAME`` (or ``pull NAME --configure``) writes the keys that select it into
 the config file, changing nothing else in it: comments, order and the person's other settings
-stay as they were (a ruamel.yaml round trip), and the result must load before it replaces
+stay byte for byte (assistant.config_edit), and the result must load before it replaces
 the file.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import sys
@@ -18,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from assistant import paths
 from assistant.config import EX_CONFIG, Config, ConfigError, load
 from assistant.errors import AssistantError, ModelMissingError
 from assistant.llm import catalog
@@ -68,17 +68,17 @@ def cli_list(cfg: Config, models_dir: Path) -> int:
 # --------------------------------------------------------------------------- pull
 
 def cli_pull(cfg: Config, name: str, models_dir: Path, configure: bool = False,
-             config_path: Optional[Path] = None) -> int:
+             config_path: Optional[Path] = None, layout: Optional[paths.Layout] = None) -> int:
     from assistant.audio import model_paths
 
     try:
         if catalog.lookup(name) is not None:
-            paths = catalog.pull(name, models_dir, progress=True)
+            files = catalog.pull(name, models_dir, progress=True)
             print(f"{name} is installed:")
-            for p in paths:
+            for p in files:
                 print(f"  {p}")
             if configure:
-                return cli_use(cfg, name, models_dir, config_path)
+                return cli_use(cfg, name, models_dir, config_path, layout)
             print(f"use it: rkvlm-assistant models use {name}")
             return 0
         if model_paths.is_whisper_name(name):
@@ -100,11 +100,11 @@ def cli_pull(cfg: Config, name: str, models_dir: Path, configure: bool = False,
 
 # --------------------------------------------------------------------------- use
 
-def settings_for(entry: Union[CatalogEntry, BoardEntry], paths: list[Path],
+def settings_for(entry: Union[CatalogEntry, BoardEntry], files: list[Path],
                  cfg: Config) -> dict[str, Any]:
     """The config keys (dotted) that select this entry."""
     if isinstance(entry, BoardEntry):
-        llm, enc = paths
+        llm, enc = files
         keys: dict[str, Any] = {
             "llm.backend": "rkllm",
             "llm.rkllm.model": str(llm),
@@ -125,7 +125,8 @@ def settings_for(entry: Union[CatalogEntry, BoardEntry], paths: list[Path],
     return keys
 
 
-def cli_use(cfg: Config, name: str, models_dir: Path, config_path: Optional[Path] = None) -> int:
+def cli_use(cfg: Config, name: str, models_dir: Path, config_path: Optional[Path] = None,
+            layout: Optional[paths.Layout] = None) -> int:
     entry = catalog.lookup(name)
     if entry is None:
         _err(f"no catalogue model named {name!r}; known models: {catalog.names()}")
@@ -136,11 +137,12 @@ def cli_use(cfg: Config, name: str, models_dir: Path, config_path: Optional[Path
              "example a copy of the project's config.yaml, or /etc/rkvlm-assistant/config.yaml)")
         return EX_CONFIG
     try:
-        paths = catalog.resolve_files(entry, models_dir)
+        files = catalog.resolve_files(entry, models_dir)
     except ModelMissingError as e:
         _err(f"{e} (`rkvlm-assistant models pull {name} --configure` downloads and sets it)")
         return e.exit_code
-    keys = settings_for(entry, paths, cfg)
+    # Under --root the files are written as the installed system will see them.
+    keys = settings_for(entry, [(layout or paths.Layout(False)).target(p) for p in files], cfg)
     try:
         set_keys(path, keys)
     except ConfigError as e:
@@ -160,16 +162,15 @@ def cli_use(cfg: Config, name: str, models_dir: Path, config_path: Optional[Path
 
 
 def set_keys(path: Path, keys: dict[str, Any]) -> None:
-    """Set dotted keys in a YAML config file, keeping its comments and everything else.
+    """Set dotted keys in a YAML config file; every other line stays byte for byte
+    (assistant.config_edit). The file keeps its mode and owner (the service's group reads
+    /etc/rkvlm-assistant/config.yaml).
 
     The new text must load with assistant.config.load; otherwise the file is left as it
     was and ConfigError names the problem.
     """
-    from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedMap
+    from assistant import config_edit
 
-    yaml = YAML()  # round trip: comments, order, quoting and key style are kept
-    yaml.preserve_quotes = True
     try:
         original = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -177,34 +178,23 @@ def set_keys(path: Path, keys: dict[str, Any]) -> None:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e}", source=str(path)) from None
     try:
-        data = yaml.load(original) if original.strip() else None
+        top = config_edit._plain(original)
     except Exception as e:  # ruamel's parser errors have no common public base
         raise ConfigError(f"{path}: not valid YAML, nothing was changed: {e}", source=str(path)) from None
-    if data is None:
-        data = CommentedMap()
-    if not isinstance(data, dict):
+    if not isinstance(top, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top, nothing was changed",
                           source=str(path))
-    for dotted, value in keys.items():
-        node = data
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = CommentedMap()
-                node[part] = child
-            node = child
-        node[parts[-1]] = value
-    buf = io.StringIO()
-    yaml.dump(data, buf)
-    text = buf.getvalue()
+    text = config_edit.edit(original, keys)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
             out.write(text)
         load(tmp)  # the new file must be a valid config before it replaces the old one
         if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
+            st = path.stat()
+            os.chmod(tmp, st.st_mode & 0o7777)
+            if os.geteuid() == 0:
+                os.chown(tmp, st.st_uid, st.st_gid)
         os.replace(tmp, path)
     except ConfigError as e:
         raise ConfigError(f"{path}: the change would make the config invalid, nothing was "

@@ -21,8 +21,11 @@ from assistant.writer_thread import WriterThread
 log = logging.getLogger(__name__)
 
 def default_path() -> Path:
-    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(state) / "rkvlm-assistant" / "transcript.jsonl"
+    """$XDG_STATE_HOME/rkvlm-assistant/transcript.jsonl; the service's is in its
+    StateDirectory, /var/lib/rkvlm-assistant (assistant.paths)."""
+    from assistant import paths
+
+    return paths.transcript_file()
 
 
 def transcript_path(cfg: Config) -> Path:

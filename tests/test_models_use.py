@@ -200,11 +200,12 @@ def test_pull_a_whisper_size_through_faster_whisper(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(fwu, "download_model", fake_download_model)
     conf = _write(tmp_path)
     assert main(["--config", str(conf), "models", "pull", "small"]) == 0
-    assert ("small", False, None) in calls            # the hub cache, no folder of our own
+    hub = str(tmp_path / "hf" / "hub")
+    assert ("small", False, hub) in calls             # the hub cache, no folder of our own
     assert "whisper small is installed" in capsys.readouterr().out
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["--config", str(conf), "models", "pull", "medium"]) == 69
-    assert ("medium", True, None) in calls
+    assert ("medium", True, hub) in calls
 
 
 def test_packaged_whisper_is_reported_as_installed():

