@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv system-deps clean install uninstall
+.PHONY: demo test venv system-deps board-deps clean install uninstall
 
 # Debian's PortAudio for sounddevice, and the ALSA file plugin the device tests use; Chromium
 # and its WebDriver for the web page's browser test.
@@ -33,9 +33,20 @@ demo: venv
 	$(BIN)/python -m assistant demo
 
 # On a board: `sudo make install` (EXTRAS=board,portable for the llama.cpp backend): the venv
-# with the board's extras, then the service (user, unit, config, state dirs; see README.md).
+# with the board's extras, then the service (user, unit, config, state dirs, the command in
+# /usr/local/bin; see README.md). An upgrade is `git pull && sudo make install`: config,
+# models and transcript are kept, a running service restarts once.
 EXTRAS ?= board
-install: system-deps
+# What the service needs at run time (PortAudio); the test tools (a browser) are not.
+board-deps:
+	@if ! ldconfig -p | grep -q libportaudio.so.2; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -qq libportaudio2 >/dev/null 2>&1 || \
+	    (apt-get update -qq && apt-get install -y -qq libportaudio2); \
+	  else echo "note: install libportaudio2 (sudo apt-get install libportaudio2) for real audio devices"; fi; \
+	fi
+
+install: board-deps
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	$(BIN)/rkvlm-assistant install

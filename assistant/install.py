@@ -2,13 +2,15 @@
 
 install: the system user ``rkvlm`` (home /var/lib/rkvlm-assistant, no login shell) in the
 audio, video and render groups; the unit in /etc/systemd/system with ExecStart= pointing at
-the running installation; /etc/rkvlm-assistant/config.yaml only when there is none; the
-state directories; ``check``; then daemon-reload, enable and start. Running it again
-changes nothing that is already right (an upgraded checkout gets its unit rewritten and the
-service restarted).
+the running installation and the path variables of assistant.paths; the command on root's
+PATH (/usr/local/bin/rkvlm-assistant, a wrapper into this installation);
+/etc/rkvlm-assistant/config.yaml only when there is none; the directories the service looks
+in (assistant.paths.service_dirs); ``check``; then daemon-reload, enable, and start (or
+restart once when it is running: an upgrade, ``git pull && sudo make install``). Running it
+again changes nothing that is already right.
 
-uninstall: stop, disable, remove the unit. The config, the state (transcript, models,
-prompt cache), the logs and the user are kept.
+uninstall: stop, disable, remove the unit and the command on root's PATH. The config, the
+state (transcript, models, prompt cache), the logs and the user are kept.
 
 ``--root DIR`` acts on a directory tree instead of ``/`` (a board image, or a test): users
 and groups are written into DIR/etc/passwd and DIR/etc/group directly, systemctl only
@@ -26,10 +28,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
+
+from assistant import paths
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +43,16 @@ EX_CONFIG = 78  # what `check` returns for a missing model or a bad config
 UNIT_NAME = "rkvlm-assistant.service"
 USER = "rkvlm"
 GROUPS = ("audio", "video", "render")
-HOME = "/var/lib/rkvlm-assistant"
-CONFIG = "/etc/rkvlm-assistant/config.yaml"
+HOME = paths.SERVICE_ENV["HOME"]
+CONFIG = paths.SYSTEM_CONFIG
 UNIT_DIR = "/etc/systemd/system"
+COMMAND = "/usr/local/bin/rkvlm-assistant"   # sudo's secure_path has /usr/local/bin
+_WRAPPER_MARK = "# written by `rkvlm-assistant install`"
 # (path, mode); all owned by the service user. StateDirectory= etc. in the unit match them.
-STATE_DIRS = ((HOME, 0o750), (HOME + "/models", 0o750), ("/var/cache/rkvlm-assistant", 0o750),
-              ("/var/log/rkvlm-assistant", 0o750))
+STATE_DIRS = tuple((d, 0o750) for d in paths.service_dirs())
+# Where a checkout is invisible to the service, and the unit setting that hides it.
+HIDDEN = (("/tmp", "PrivateTmp=yes"), ("/var/tmp", "PrivateTmp=yes"), ("/home", "ProtectHome=yes"),
+          ("/root", "ProtectHome=yes"), ("/run/user", "ProtectHome=yes"))
 _SYS_ID_MAX, _SYS_ID_MIN = 999, 100  # the system id range useradd/groupadd allocate from
 _NOLOGIN = ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false")
 
@@ -73,9 +82,17 @@ def _unit_quote(word: str) -> str:
 
 
 def render_unit(text: str, exec_start: str, workdir: Path) -> str:
-    """The shipped unit with ExecStart=, WorkingDirectory= and Documentation= rewritten."""
-    out = []
+    """The shipped unit with ExecStart=, WorkingDirectory= and Documentation= rewritten, and
+    its path variables (Environment=XDG_DATA_HOME=... HOME=...) from assistant.paths."""
+    table = [f"Environment={k}={v}" for k, v in paths.SERVICE_ENV.items()]
+    out: list[str] = []
     for line in text.splitlines():
+        key = line[len("Environment="):].split("=", 1)[0] if line.startswith("Environment=") else ""
+        if key in paths.SERVICE_ENV:
+            if table:
+                out.extend(table)   # the whole table where its first line stood
+                table = []
+            continue
         if line.startswith("ExecStart="):
             line = f"ExecStart={exec_start} run --config {CONFIG}"
         elif line.startswith("WorkingDirectory="):
@@ -83,6 +100,11 @@ def render_unit(text: str, exec_start: str, workdir: Path) -> str:
         elif line.startswith("Documentation=file://"):
             line = f"Documentation=file://{workdir}/README.md"
         out.append(line)
+        if line.startswith("WorkingDirectory=") and table and not any(
+                l[len("Environment="):].split("=", 1)[0] in paths.SERVICE_ENV
+                for l in text.splitlines() if l.startswith("Environment=")):
+            out.extend(table)       # a unit without them: right after WorkingDirectory=
+            table = []
     return "\n".join(out) + "\n"
 
 
@@ -94,9 +116,14 @@ class Accounts:
 
     def __init__(self, inst: "Installer"):
         self.inst = inst
+        # Ids given in this run but not written (a dry run): later choices and the output
+        # see them, so each group gets its own id and the printed ids are the real ones.
+        self.pending: dict[str, dict[str, int]] = {"group": {}, "passwd": {}}
 
     # --- queries
     def gid(self, name: str) -> Optional[int]:
+        if name in self.pending["group"]:
+            return self.pending["group"][name]
         if self.inst.is_host:
             try:
                 return grp.getgrnam(name).gr_gid
@@ -106,6 +133,8 @@ class Accounts:
         return int(row[2]) if row else None
 
     def uid(self, name: str) -> Optional[int]:
+        if name in self.pending["passwd"]:
+            return self.pending["passwd"][name]
         if self.inst.is_host:
             try:
                 return pwd.getpwnam(name).pw_uid
@@ -128,14 +157,16 @@ class Accounts:
     # --- changes
     def ensure_group(self, name: str) -> None:
         if self.gid(name) is not None:
-            self.inst.note(f"group {name}: exists")
-            return
-        if self.inst.is_host:
-            self.inst.run(["groupadd", "--system", name])
+            self.inst.note(f"group {name}: exists (gid {self.gid(name)})")
             return
         gid = self._free_id("group")
+        if self.inst.is_host:
+            self.inst.run(["groupadd", "--system", name])
+            self._settle("group", name, gid)
+            return
         self.inst.act(f"add group {name} (gid {gid}) to {self._db('group')}",
                       lambda: self._append("group", f"{name}:x:{gid}:", shadow=f"{name}:!::"))
+        self._settle("group", name, gid)
 
     def ensure_user(self) -> None:
         missing = [g for g in GROUPS if USER not in self.members(g)]
@@ -148,23 +179,37 @@ class Accounts:
             return
         shell = next((s for s in _NOLOGIN if self.inst.path(s).exists()), _NOLOGIN[0])
         if self.inst.is_host:
+            gid = self.gid(USER) or self._free_id("group")
+            uid = self._free_id("passwd", prefer=gid)
             self.inst.run(["useradd", "--system", "--user-group", "--home-dir", HOME,
                            "--no-create-home", "--shell", shell, "--comment",
                            "rkvlm-assistant daemon", "--groups", ",".join(GROUPS), USER])
+            self._settle("group", USER, gid)
+            self._settle("passwd", USER, uid)
             return
         gid = self.gid(USER)
         if gid is None:  # the user's own group, as useradd --user-group makes it
             gid = self._free_id("group")
             self.inst.act(f"add group {USER} (gid {gid}) to {self._db('group')}",
                           lambda: self._append("group", f"{USER}:x:{gid}:", shadow=f"{USER}:!::"))
+            self._settle("group", USER, gid)
         uid = self._free_id("passwd", prefer=gid)
         days = int(time.time() // 86400)
         entry = f"{USER}:x:{uid}:{gid}:rkvlm-assistant daemon:{HOME}:{shell}"
         self.inst.act(f"add user {USER} (uid {uid}, home {HOME}, shell {shell}) to "
                       f"{self._db('passwd')}",
                       lambda: self._append("passwd", entry, shadow=f"{USER}:!*:{days}::::::"))
+        self._settle("passwd", USER, uid)
         for g in missing:
             self.inst.act(f"add {USER} to group {g}", lambda g=g: self._add_member(g, USER))
+
+    def _settle(self, db: str, name: str, expected: int) -> None:
+        """After adding an account: a dry run remembers the id it would have; on the host the
+        shadow tools chose it, and a dry run says what they are expected to choose."""
+        if self.inst.dry_run:
+            self.pending[db][name] = expected
+            if self.inst.is_host:
+                self.inst.note(f"{'gid' if db == 'group' else 'uid'} {expected} expected for {name}")
 
     # --- a tree's files
     def _db(self, name: str) -> Path:
@@ -180,9 +225,17 @@ class Accounts:
     def _find(self, name: str, key: str) -> Optional[list[str]]:
         return next((r for r in self._rows(name) if r[0] == key), None)
 
+    def _used(self, name: str) -> set[int]:
+        if self.inst.is_host:
+            ids = ({g.gr_gid for g in grp.getgrall()} if name == "group"
+                   else {p.pw_uid for p in pwd.getpwall()})
+        else:
+            ids = {int(r[2]) for r in self._rows(name) if len(r) > 2 and r[2].isdigit()}
+        return ids | set(self.pending[name].values())
+
     def _free_id(self, name: str, prefer: Optional[int] = None) -> int:
         # Like useradd --system: the highest free id of the system range.
-        used = {int(r[2]) for r in self._rows(name) if len(r) > 2 and r[2].isdigit()}
+        used = self._used(name)
         if prefer is not None and prefer not in used and _SYS_ID_MIN <= prefer <= _SYS_ID_MAX:
             return prefer
         for i in range(_SYS_ID_MAX, _SYS_ID_MIN - 1, -1):
@@ -341,21 +394,33 @@ class Installer:
         self._file(CONFIG, config_src.read_text(), 0o640, 0, gid, keep_existing=True)
         for d, mode in STATE_DIRS:
             self._dir(d, mode, uid, gid)
+        self._command()
 
         check_ok = self._check(unit)
-        self._enable_and_start(start=check_ok, restart=unit_changed)
+        self._enable_and_start(start=check_ok)
         return 0
 
     def _warn_hidden_checkout(self) -> None:
-        # ProtectHome=yes in the unit hides /home, /root and /run/user from the service.
-        program = self.exec_start.split('" ')[0].strip('"').split(" -m ")[0]
+        # PrivateTmp=yes and ProtectHome=yes give the service its own /tmp and no /home,
+        # /root or /run/user: a program there does not exist for it.
+        program = shlex.split(self.exec_start)[0]
         for path in dict.fromkeys((str(self.checkout), program)):
-            hidden = next((h for h in ("/home", "/root", "/run/user") if path.startswith(h + "/")),
-                          None)
+            hidden = next(((h, why) for h, why in HIDDEN if path.startswith(h + "/")), None)
             if hidden:
-                self.out(f"  ! warning: {path} is under {hidden}, which the unit hides from the "
-                         "service (ProtectHome=yes): clone into /opt/rkvlm-assistant and make its "
-                         "venv there")
+                self.out(f"  ! warning: {path} is under {hidden[0]}, which the unit hides from "
+                         f"the service ({hidden[1]}): it will not start from there. Clone into "
+                         "/opt/rkvlm-assistant, make its venv there and install from it")
+
+    def _command(self) -> None:
+        """/usr/local/bin/rkvlm-assistant: sudo's PATH, a wrapper into this installation."""
+        p = self.path(COMMAND)
+        if (p.exists() or p.is_symlink()) and not _is_our_wrapper(p):
+            self.out(f"  ! {COMMAND} exists and was not written by install: kept (run this "
+                     f"installation's command as {shlex.split(self.exec_start)[0]})")
+            return
+        text = (f"#!/bin/sh\n{_WRAPPER_MARK} from {self.checkout}; `rkvlm-assistant uninstall` "
+                f"removes it.\nexec {shlex.join(shlex.split(self.exec_start))} \"$@\"\n")
+        self._file(COMMAND, text, 0o755, 0, 0)
 
     def _service_env(self, unit: str) -> dict[str, str]:
         """The unit's Environment= (HOME, XDG_*...), paths under the root: check then looks
@@ -378,6 +443,13 @@ class Installer:
         from assistant.config import ConfigError, load
         saved = dict(os.environ)
         os.environ.update(self._service_env(unit))
+        scratch = None
+        if self.dry_run:
+            # Probing sound devices makes the audio libraries write their client config under
+            # HOME, and assembling a packaged model writes the cache: into a scratch
+            # directory, removed after, so the dry run leaves no trace.
+            scratch = tempfile.mkdtemp(prefix="rkvlm-install-dry-run-")
+            os.environ.update(HOME=scratch, XDG_CACHE_HOME=scratch, XDG_CONFIG_HOME=scratch)
         try:
             rc = self.check(load(config))
         except ConfigError as e:
@@ -386,6 +458,12 @@ class Installer:
         finally:
             os.environ.clear()
             os.environ.update(saved)
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
+        if not self.dry_run:
+            # What the check wrote as root (the audio client's config in the service's home,
+            # an assembled model) becomes the service user's.
+            paths.hand_over(paths.Layout(service=True, root=self.root))
         if rc == 0:
             return True
         if rc != EX_CONFIG:
@@ -400,10 +478,13 @@ class Installer:
                  f"`sudo systemctl start rkvlm-assistant`")
         return False
 
-    def _enable_and_start(self, start: bool, restart: bool) -> None:
+    def _enable_and_start(self, start: bool) -> None:
         if not self.is_host:
             self._enable_offline()
-            self.note("not started: the tree is not the running system")
+            self.note("not started: the tree is not the running system. On a running system "
+                      f"this step is `systemctl daemon-reload`, `systemctl enable {UNIT_NAME}`, "
+                      f"then `systemctl restart {UNIT_NAME}` when it runs (an upgrade: the new "
+                      f"code and unit take over, once) or `systemctl start {UNIT_NAME}`")
             return
         if not RUN_SYSTEMD.exists():
             # A container or chroot: systemctl can still enable, not start.
@@ -412,11 +493,25 @@ class Installer:
             return
         self.run(["systemctl", "daemon-reload"])
         self.run(["systemctl", "enable", UNIT_NAME])
-        if start:
-            # restart: an upgraded unit or checkout takes effect; start when it was stopped.
-            self.run(["systemctl", "restart" if restart else "start", UNIT_NAME])
-            self.out("started: `systemctl status rkvlm-assistant`, "
-                     "`journalctl -u rkvlm-assistant -f`")
+        running = self.is_active()
+        if not start:
+            if running:
+                self.out("  ! the running service was not restarted: it keeps the previous "
+                         "version until the problems above are fixed and it is restarted")
+            return
+        # An upgrade (`git pull && sudo make install`): the running service restarts once
+        # into the new code and unit; a stopped one starts.
+        self.run(["systemctl", "restart" if running else "start", UNIT_NAME])
+        self.out(("restarted" if running else "started") + ": `systemctl status "
+                 "rkvlm-assistant`, `journalctl -u rkvlm-assistant -f`")
+
+    def is_active(self) -> bool:
+        """Whether the service runs now (a query: also asked in a dry run)."""
+        try:
+            return subprocess.run(["systemctl", "is-active", "--quiet", UNIT_NAME],
+                                  timeout=60).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
 
     def _enable_offline(self) -> None:
         if shutil.which("systemctl"):
@@ -452,7 +547,12 @@ class Installer:
                 else:
                     self._remove(self.path(f"{UNIT_DIR}/multi-user.target.wants/{UNIT_NAME}"))
             self._remove(unit)
-        kept = [CONFIG] + [d for d, _ in STATE_DIRS if d != HOME + "/models"]
+        command = self.path(COMMAND)
+        if _is_our_wrapper(command):
+            self._remove(command)
+        tops = [d for d, _ in STATE_DIRS
+                if not any(d.startswith(o + "/") for o, _ in STATE_DIRS)]
+        kept = [CONFIG] + tops
         self.out("kept: " + ", ".join(p for p in kept if self.path(p).exists())
                  + f" (the config, the transcript and state, the models, the logs) and the user "
                  f"{USER}; remove them by hand if you want them gone "
@@ -464,6 +564,13 @@ class Installer:
             self.note(f"/{path.relative_to(self.root)} is not there")
             return
         self.act(f"remove /{path.relative_to(self.root)}", path.unlink)
+
+
+def _is_our_wrapper(path: Path) -> bool:
+    try:
+        return not path.is_symlink() and _WRAPPER_MARK in path.read_text(errors="replace")[:400]
+    except OSError:
+        return False
 
 
 def _who(uid: int, gid: int) -> str:

@@ -13,12 +13,12 @@ import pytest
 
 from assistant import install
 from assistant.cli import build_parser
-from assistant.install import CONFIG, HOME, UNIT_NAME, Installer
+from assistant.install import COMMAND, CONFIG, HOME, STATE_DIRS, UNIT_NAME, Installer
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = f"/etc/systemd/system/{UNIT_NAME}"
 WANTS = f"/etc/systemd/system/multi-user.target.wants/{UNIT_NAME}"
-STATE = [HOME, HOME + "/models", "/var/cache/rkvlm-assistant", "/var/log/rkvlm-assistant"]
+STATE = [d for d, _ in STATE_DIRS]
 AS_ROOT = os.geteuid() == 0
 EXEC = "/opt/venv/bin/rkvlm-assistant"
 
@@ -95,7 +95,9 @@ def test_install_writes_users_unit_config_and_state(tmp_path, checkout):
     checked: list = []
 
     def check(cfg) -> int:  # stands in for assistant.check.run_check
-        checked.append((cfg.source, os.environ.get("XDG_DATA_HOME")))
+        from assistant import paths
+        checked.append((cfg.source, str(paths.models_dir()), str(paths.hub_cache()),
+                        str(paths.transcript_file())))
         return 78  # models missing: reported, the install goes on
     rc, out = run_install(root, check=check)
     assert rc == 0
@@ -124,10 +126,22 @@ def test_install_writes_users_unit_config_and_state(tmp_path, checkout):
     assert mode_owner(root, UNIT) == (0o644, 0, 0) if AS_ROOT else True
     assert os.readlink(root / WANTS.lstrip("/")) == UNIT  # enabled
 
+    # The command on root's PATH (sudo's secure_path): a wrapper into this installation.
+    wrapper = (root / COMMAND.lstrip("/")).read_text()
+    assert wrapper.startswith("#!/bin/sh\n") and f'exec {EXEC} "$@"' in wrapper
+    assert mode_owner(root, COMMAND)[0] == 0o755
+
     # The config: the repository's, readable by the service's group only.
     assert (root / CONFIG.lstrip("/")).read_text() == CONFIG_TEXT
     assert mode_owner(root, CONFIG)[0] == 0o640
     assert mode_owner(root, "/etc/rkvlm-assistant")[0] == 0o755
+    # Exactly the directories the service looks in, each once (no .../rkvlm-assistant/rkvlm-assistant).
+    assert set(STATE) == {HOME, HOME + "/models", HOME + "/voices", "/var/cache/rkvlm-assistant",
+                          "/var/cache/rkvlm-assistant/huggingface", "/var/log/rkvlm-assistant"}
+    made = {"/" + str(p.relative_to(root)) for p in root.rglob("*")
+            if p.is_dir() and "rkvlm-assistant" in p.name}
+    assert made == {"/etc/rkvlm-assistant", "/var/lib/rkvlm-assistant", "/var/cache/rkvlm-assistant",
+                    "/var/log/rkvlm-assistant"}
     for d in STATE:
         assert (root / d.lstrip("/")).is_dir()
         assert mode_owner(root, d)[0] == 0o750
@@ -137,7 +151,9 @@ def test_install_writes_users_unit_config_and_state(tmp_path, checkout):
 
     # check ran on the installed config, seeing the service's environment; its failure
     # is reported with what to do next, and the service is not started.
-    assert checked == [(str(root / CONFIG.lstrip("/")), str(root / HOME.lstrip("/")))]
+    assert checked == [(str(root / CONFIG.lstrip("/")), f"{root}{HOME}/models",
+                        f"{root}/var/cache/rkvlm-assistant/huggingface/hub",
+                        f"{root}{HOME}/transcript.jsonl")]
     text = "\n".join(out)
     assert "check found problems (exit 78)" in text and "sudo systemctl start" in text
 
@@ -173,21 +189,43 @@ def test_an_updated_unit_is_rewritten(tmp_path, checkout):
     assert any(l.startswith(f"  + write {UNIT}") for l in out)
 
 
+def _like_pulse(seen: list):
+    """A check that probes sound devices: the audio client writes its config under HOME."""
+    def check(cfg) -> int:
+        seen.append((cfg.source, os.environ["HOME"]))
+        cookie = Path(os.environ["HOME"]) / ".config" / "pulse" / "cookie"
+        cookie.parent.mkdir(parents=True, exist_ok=True)
+        cookie.write_bytes(b"x" * 256)
+        cookie.chmod(0o600)
+        return 0
+    return check
+
+
 def test_dry_run_writes_nothing(tmp_path, checkout):
     root = make_root(tmp_path)
     before = tree(root)
     checked: list = []
-    rc, out = run_install(root, check=lambda cfg: checked.append(cfg.source) or 0, dry_run=True)
+    rc, out = run_install(root, check=_like_pulse(checked), dry_run=True)
     assert rc == 0
     assert tree(root) == before
-    assert checked == [str(checkout / "config.yaml")]  # what it would install (check only reads)
+    assert [c[0] for c in checked] == [str(checkout / "config.yaml")]  # what it would install
+    assert not Path(checked[0][1]).exists()   # the check's scratch home is gone
     text = "\n".join(out)
     assert "dry run: nothing is changed" in text
     for action in ("add group video", "add user rkvlm", f"write {UNIT}", f"write {CONFIG}",
-                   f"directory {HOME}/", "systemctl --root="):
+                   f"write {COMMAND}", f"directory {HOME}/", "systemctl --root="):
         assert action in text, action
+    # The ids printed are the ones a real run gives: each group its own, as installed below.
+    import re
+    said = dict(re.findall(r"add group (\w+) \(gid (\d+)\)", text))
+    assert len(set(said.values())) == len(said) == 3, said
+    uid = re.search(r"add user rkvlm \(uid (\d+)", text).group(1)
+    assert f"({0o750:04o} {uid}:{said['rkvlm']})" in text  # the state dirs' owner
 
     run_install(root)
+    groups = db(root, "group")
+    assert {g: groups[g][2] for g in said} == said
+    assert db(root, "passwd")["rkvlm"][2] == uid
     installed = tree(root)
     rc, out = run_uninstall(root, dry_run=True)
     assert rc == 0 and tree(root) == installed
@@ -276,15 +314,86 @@ def test_on_a_running_systemd_it_reloads_enables_and_starts(monkeypatch, tmp_pat
     running = tmp_path / "run-systemd"
     running.mkdir()
     monkeypatch.setattr(install, "RUN_SYSTEMD", running)
-    for rc, started in ((0, True), (69, True), (78, False)):
-        lines: list[str] = []
-        Installer(dry_run=True, check=lambda cfg, rc=rc: rc, exec_start=EXEC, checkout=checkout,
-                  out=lines.append).install()
-        commands = [l[4:] for l in lines if l.startswith("  + systemctl")]
-        # A missing device does not stop the start (the daemon retries it); a missing model
-        # or a bad config does (it would only fail again and again).
-        assert commands == ["systemctl daemon-reload", f"systemctl enable {UNIT_NAME}"] + (
-            [f"systemctl restart {UNIT_NAME}"] if started else []), (rc, lines)
+    for active in (False, True):
+        monkeypatch.setattr(Installer, "is_active", lambda self, a=active: a)
+        for rc, started in ((0, True), (69, True), (78, False)):
+            lines: list[str] = []
+            Installer(dry_run=True, check=lambda cfg, rc=rc: rc, exec_start=EXEC,
+                      checkout=checkout, out=lines.append).install()
+            commands = [l[4:] for l in lines if l.startswith("  + systemctl")]
+            # A missing device does not stop the start (the daemon retries it); a missing
+            # model or a bad config does (it would only fail again and again). A running
+            # service (an upgrade) restarts once into the new code; with problems it keeps
+            # running the old one.
+            assert commands == ["systemctl daemon-reload", f"systemctl enable {UNIT_NAME}"] + (
+                [f"systemctl {'restart' if active else 'start'} {UNIT_NAME}"] if started else []
+            ), (active, rc, lines)
+            if active and not started:
+                assert any("keeps the previous version" in l for l in lines)
+
+
+def test_an_upgrade_keeps_config_models_and_transcript(tmp_path, checkout):
+    root = make_root(tmp_path)
+    run_install(root)
+    config = root / CONFIG.lstrip("/")
+    config.write_text(CONFIG_TEXT + "persona:\n  name: Ada\n")
+    kept = {root / HOME.lstrip("/") / "transcript.jsonl": b'{"turn": 1}\n',
+            root / HOME.lstrip("/") / "models" / "m" / "a.gguf": b"GGUF",
+            root / "var/cache/rkvlm-assistant/huggingface/hub/x": b"blob"}
+    for p, data in kept.items():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    # A newer checkout: its unit and config changed.
+    unit_src = checkout / "systemd" / UNIT_NAME
+    unit_src.write_text(unit_src.read_text().replace("RestartSec=5", "RestartSec=6"))
+    (checkout / "config.yaml").write_text(CONFIG_TEXT + "# new keys\n")
+    rc, out = run_install(root)
+    assert rc == 0
+    assert config.read_text() == CONFIG_TEXT + "persona:\n  name: Ada\n"
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    assert "RestartSec=6" in (root / UNIT.lstrip("/")).read_text()
+    # Under --root it says what a running system would do instead of doing it.
+    assert any(f"systemctl restart {UNIT_NAME}` when it runs" in l for l in out)
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="giving files to another user needs root")
+def test_what_the_check_writes_as_root_becomes_the_service_users(tmp_path, checkout):
+    root = make_root(tmp_path)
+    seen: list = []
+    run_install(root, check=_like_pulse(seen))
+    assert seen[0][1] == str(root / HOME.lstrip("/"))     # the service's home, under the root
+    user = db(root, "passwd")["rkvlm"]
+    cookie = root / HOME.lstrip("/") / ".config/pulse/cookie"
+    for p in (cookie, cookie.parent, cookie.parent.parent):
+        st = p.stat()
+        assert (st.st_uid, st.st_gid) == (int(user[2]), int(user[3])), p
+
+
+def test_uninstall_removes_the_command_and_leaves_a_foreign_one(tmp_path, checkout):
+    root = make_root(tmp_path)
+    run_install(root)
+    command = root / COMMAND.lstrip("/")
+    assert command.is_file()
+    run_uninstall(root)
+    assert not command.exists()
+    command.write_text("#!/bin/sh\necho someone else's\n")
+    _, out = run_install(root)
+    assert command.read_text() == "#!/bin/sh\necho someone else's\n"
+    assert any(f"{COMMAND} exists and was not written by install: kept" in l for l in out)
+    run_uninstall(root)
+    assert command.read_text() == "#!/bin/sh\necho someone else's\n"
+
+
+@pytest.mark.parametrize("where, why", [("/tmp/co", "PrivateTmp=yes"),
+                                        ("/home/ada/co", "ProtectHome=yes"),
+                                        ("/root/co", "ProtectHome=yes")])
+def test_a_checkout_the_service_cannot_see_is_named_with_the_reason(tmp_path, checkout, where, why):
+    root = make_root(tmp_path)
+    lines: list[str] = []
+    Installer(root=root, dry_run=True, exec_start=f"{where}/.venv/bin/rkvlm-assistant",
+              checkout=checkout, out=lines.append).install()
+    warning = [l for l in lines if l.startswith(f"  ! warning: {where}/.venv/bin")]
+    assert warning and why in warning[0] and "/opt/rkvlm-assistant" in warning[0], lines
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")

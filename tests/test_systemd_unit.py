@@ -1,6 +1,7 @@
 """The unit file, checked by systemd's own tools where they exist."""
 
 import configparser
+import os
 import re
 import shutil
 import subprocess
@@ -104,3 +105,53 @@ def test_security_exposure_is_low():
     assert float(m.group(1)) <= MAX_EXPOSURE, m.group(0)
     # No unknown or misspelt hardening key slipped through as an ignored line.
     assert "Unknown key" not in r.stderr and "Unknown lvalue" not in r.stderr, r.stderr
+
+
+def test_the_units_paths_are_the_tables_each_once():
+    from assistant import paths
+    from assistant.install import render_unit
+
+    env = dict(v.split("=", 1) for v in _all_values("Service", "Environment"))
+    assert {k: env[k] for k in paths.SERVICE_ENV} == paths.SERVICE_ENV
+    # What install writes is the shipped unit (no drift between the file and the table).
+    text = UNIT.read_text()
+    rendered = render_unit(text, "/opt/rkvlm-assistant/.venv/bin/rkvlm-assistant",
+                           Path("/opt/rkvlm-assistant"))
+    assert rendered == text
+    # The assistant's directories under that environment: the unit's own StateDirectory and
+    # CacheDirectory, each once.
+    svc = _unit()["Service"]
+    state, cache = f"/var/lib/{svc['StateDirectory']}", f"/var/cache/{svc['CacheDirectory']}"
+    saved = {k: os.environ.get(k) for k in (*paths.SERVICE_ENV, "HF_HUB_CACHE")}
+    try:
+        paths.enter(paths.Layout(service=True))
+        assert paths.data_dir() == paths.state_dir() == Path(state) == Path(env["HOME"])
+        assert paths.models_dir() == Path(state, "models")
+        assert paths.transcript_file() == Path(state, "transcript.jsonl")
+        assert paths.cache_dir() == Path(cache) and paths.hub_cache().parent.parent == Path(cache)
+    finally:
+        paths.leave(saved)
+    assert all("rkvlm-assistant/rkvlm-assistant" not in d for d in paths.service_dirs())
+
+
+def _bytes(value: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(float(value[:-1]) * units[value[-1]]) if value[-1] in units else int(value)
+
+
+def test_limits_fit_the_models_and_bound_the_service():
+    from assistant.doctor import PAIRS
+
+    svc = _unit()["Service"]
+    # MemoryMax holds the heaviest pair doctor knows (LLM + vision encoder, published MB; an
+    # encoder without a figure counted as the largest published one) with whisper small,
+    # two piper voices and the runtime (the unit's comment gives the sum), on a board of
+    # 8 GB, the README's minimum for such models, with room left for the system.
+    enc_max = max(p.encoder_mb for p in PAIRS if p.encoder_mb)
+    heaviest = max((f[5] or 0) + (p.encoder_mb or enc_max)
+                   for p in PAIRS for f in p.figures.values())
+    needed_mb = heaviest + 500 + 300 + 500
+    limit = _bytes(svc["MemoryMax"])
+    assert needed_mb * (1 << 20) <= limit <= 7 * (1 << 30), (needed_mb, svc["MemoryMax"])
+    assert 64 <= int(svc["TasksMax"]) <= 1024
+    assert 1024 <= int(svc["LimitNOFILE"]) <= 65536
