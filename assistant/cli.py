@@ -256,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "install":
             s.add_argument("--no-check", action="store_true", help="skip `check` of the installed config")
         s.set_defaults(func=func)
+    # --config after the command too (`rkvlm-assistant run --config FILE`, as the unit says).
+    parsers = list(sub.choices.values()) + list(msub.choices.values())
+    for s in parsers:
+        s.add_argument("--config", "-c", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 

@@ -404,7 +404,9 @@ class Installer:
         # PrivateTmp=yes and ProtectHome=yes give the service its own /tmp and no /home,
         # /root or /run/user: a program there does not exist for it.
         program = shlex.split(self.exec_start)[0]
-        for path in dict.fromkeys((str(self.checkout), program)):
+        for path in dict.fromkeys((str(self.checkout), program, _interpreter(program))):
+            if not path:
+                continue
             hidden = next(((h, why) for h, why in HIDDEN if path.startswith(h + "/")), None)
             if hidden:
                 self.out(f"  ! warning: {path} is under {hidden[0]}, which the unit hides from "
@@ -564,6 +566,20 @@ class Installer:
             self.note(f"/{path.relative_to(self.root)} is not there")
             return
         self.act(f"remove /{path.relative_to(self.root)}", path.unlink)
+
+
+def _interpreter(program: str) -> Optional[str]:
+    """The real file of the Python a program runs on (its #! line, links followed): a venv
+    made from a Python under /root is as hidden from the service as a checkout there."""
+    try:
+        with open(program, "rb") as f:
+            first = f.readline(512).decode(errors="replace")
+    except OSError:
+        return None
+    if not first.startswith("#!"):
+        return os.path.realpath(program) if os.path.basename(program).startswith("python") else None
+    words = first[2:].split()
+    return os.path.realpath(words[0]) if words else None
 
 
 def _is_our_wrapper(path: Path) -> bool:

@@ -415,3 +415,16 @@ def test_install_outside_a_checkout_fails_before_changing_anything(tmp_path):
     with pytest.raises(install.InstallError, match="run the install from a checkout"):
         inst.install()
     assert tree(root) == before
+
+
+def test_a_venv_made_from_a_python_under_root_is_named(tmp_path, checkout):
+    root = make_root(tmp_path)
+    program = tmp_path / "opt" / "rkvlm-assistant"
+    program.parent.mkdir()
+    program.write_text("#!/root/.pyenv/versions/3.11/bin/python3\nimport sys\n")
+    program.chmod(0o755)
+    lines: list[str] = []
+    Installer(root=root, dry_run=True, exec_start=str(program), checkout=checkout,
+              out=lines.append).install()
+    warning = [l for l in lines if "/root/.pyenv/versions/3.11/bin/python3 is under /root" in l]
+    assert warning and "ProtectHome=yes" in warning[0], lines

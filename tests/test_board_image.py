@@ -1,0 +1,226 @@
+"""Day one on a board, on a copy of its tree: the README's steps, then the service finds what
+they made.
+
+`rkvlm-assistant install --root R`, then `models pull NAME --configure --root R` as the
+installing user (root) against the local hub, both through the command install puts on
+root's PATH; then the daemon (`serve`: the same program and config as `run`, without the
+microphone this machine lacks) started the way systemd starts the INSTALLED unit: its
+Environment=, User=/Group=, UMask=, WorkingDirectory=, StateDirectory=/CacheDirectory= and
+ExecStart= read from R's unit file, every absolute path mapped under R. It must answer with
+the pulled model, offline (the unit's HF_HUB_OFFLINE), and `history` run as the README says
+must show its turn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from assistant.llm import catalog
+from hub_server import HubServer
+from test_http_support import free_port, wait_for_port
+from tiny_models import write_mmproj, write_text_model
+
+REPO = Path(__file__).resolve().parents[1]
+UNIT = "etc/systemd/system/rkvlm-assistant.service"
+CONFIG = "etc/rkvlm-assistant/config.yaml"
+NAME = "internvl3-1b"            # a catalogue entry without pinned hashes: the hub's are used
+REPLY = "I am listening from the board."
+AS_ROOT = os.geteuid() == 0
+
+
+@pytest.fixture
+def root():
+    """A board's tree, in a directory the service user can reach (pytest's own temporary
+    directories are private to the user running the tests)."""
+    r = Path(tempfile.mkdtemp(prefix="board-image-"))
+    r.chmod(0o755)
+    (r / "etc").mkdir()
+    (r / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (r / "etc/group").write_text("root:x:0:\naudio:x:29:\n")
+    (r / "usr/sbin").mkdir(parents=True)
+    (r / "usr/sbin/nologin").write_text("")
+    yield r
+    shutil.rmtree(r, ignore_errors=True)
+
+
+def _program() -> Path:
+    exe = Path(sys.executable).parent / "rkvlm-assistant"
+    if not exe.is_file():
+        pytest.skip("the rkvlm-assistant entry point is not installed in this Python")
+    return exe
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("XDG_", "HF_", "RKVLM_")) and k != "NOTIFY_SOCKET"}
+    env.update(extra)
+    return env
+
+
+def _sudo(argv: list, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    assert r.returncode == 0, f"{shlex.join(map(str, argv))}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """Every value of every key of [Service] (keys repeat: Environment=, DeviceAllow=)."""
+    values: dict[str, list[str]] = {}
+    section = None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif section == "Service" and "=" in line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            values.setdefault(k, []).append(v)
+    return values
+
+
+def _under(root: Path, value: str) -> str:
+    return str(root / value.lstrip("/")) if value.startswith("/") else value
+
+
+def _account(root: Path, db: str, name: str) -> list[str]:
+    return next(l.split(":") for l in (root / "etc" / db).read_text().splitlines()
+                if l.split(":")[0] == name)
+
+
+def _can_run(program: str, uid: int, gid: int) -> bool:
+    """Whether the service user can start this machine's Python at all (an interpreter
+    under a private /root cannot be: then the daemon runs as the test's user, and the
+    files' owners are checked instead)."""
+    try:
+        return subprocess.run([program, "--version"], user=uid, group=gid, extra_groups=[],
+                              capture_output=True, timeout=60).returncode == 0
+    except PermissionError:
+        return False
+
+
+def start_like_systemd(root: Path, port_env: dict) -> tuple[subprocess.Popen, dict]:
+    """The installed unit's process, as systemd would start it, paths under root."""
+    u = unit_settings(root / UNIT)
+    env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
+    for line in u.get("Environment", []):
+        k, v = line.split("=", 1)
+        env[k] = _under(root, v)
+    user = _account(root, "passwd", u["User"][0])
+    group = _account(root, "group", u["Group"][0])
+    env["USER"] = env["LOGNAME"] = user[0]
+    assert env["HOME"] == _under(root, user[5])         # the unit's HOME is the user's home
+    # systemd makes these directories, owned by the user, and names them in the environment.
+    for key, base, var in (("StateDirectory", "/var/lib", "STATE_DIRECTORY"),
+                           ("CacheDirectory", "/var/cache", "CACHE_DIRECTORY"),
+                           ("LogsDirectory", "/var/log", "LOGS_DIRECTORY")):
+        d = root / base.lstrip("/") / u[key][0]
+        d.mkdir(parents=True, exist_ok=True)
+        env[var] = str(d)
+    if os.environ.get("PYTHONPATH"):                     # the code under test, in CI unset
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    env.update(port_env)
+    # The program and the checkout are this machine's (not copied into the tree); the
+    # files they name (the config) are the tree's.
+    program, *args = shlex.split(u["ExecStart"][0])
+    argv = [program] + [_under(root, a) for a in args]
+    # `serve`: `run` with the HTTP front-end alone (this machine has no microphone).
+    argv[argv.index("run")] = "serve"
+    drop = {}
+    if AS_ROOT and _can_run(program, int(user[2]), int(group[2])):
+        drop = dict(user=int(user[2]), group=int(group[2]), extra_groups=[])
+    proc = subprocess.Popen(argv, cwd=u["WorkingDirectory"][0], env=env,
+                            umask=int(u["UMask"][0], 8), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **drop)
+    return proc, u
+
+
+def test_a_board_image_from_install_to_a_turn_in_history(root, tmp_path):
+    program = _program()
+    admin_home = tmp_path / "root-home"                  # root's own home: must stay empty
+    admin_home.mkdir()
+    sudo_env = _env(HOME=str(admin_home), HF_HUB_DISABLE_PROGRESS_BARS="1")
+
+    # 1. `sudo rkvlm-assistant install` (what `sudo make install` runs), into the tree.
+    out = _sudo([program, "install", "--root", root], sudo_env, REPO).stdout
+    assert f"+ rkvlm-assistant check --config {root}/{CONFIG}" in out
+    command = root / "usr/local/bin/rkvlm-assistant"     # on sudo's secure_path
+    assert os.access(command, os.X_OK)
+
+    # 2. `sudo rkvlm-assistant models pull NAME --configure`, through that command, with the
+    #    hub on this machine.
+    entry = catalog.CATALOG[NAME]
+    model, mmproj = tmp_path / "m.gguf", tmp_path / "p.gguf"
+    write_text_model(model, scripted_reply=REPLY)
+    write_mmproj(mmproj)
+    config = root / CONFIG
+    before = config.read_text()
+    with HubServer() as hub:
+        hub.add(entry.repo, entry.model.name, model.read_bytes())
+        hub.add(entry.repo, entry.mmproj.name, mmproj.read_bytes())
+        r = _sudo([command, "models", "pull", NAME, "--configure", "--root", root],
+                  dict(sudo_env, HF_ENDPOINT=hub.url), REPO)
+    assert f"{config}: now using {NAME}" in r.stdout, r.stdout
+    # Only the keys it sets changed; the file is still the service group's to read.
+    changed = [(a, b) for a, b in zip(before.splitlines(), config.read_text().splitlines()) if a != b]
+    assert changed == [("    model: smolvlm2-256m", f"    model: {NAME}")], changed
+    assert len(before.splitlines()) == len(config.read_text().splitlines())
+    st = config.stat()
+    assert st.st_mode & 0o777 == 0o640
+    service = _account(root, "passwd", "rkvlm")
+    if AS_ROOT:
+        assert (st.st_uid, st.st_gid) == (0, int(service[3]))
+    # The download is the service's, in its own hub cache; nothing went to root's home.
+    hub_dir = root / "var/cache/rkvlm-assistant/huggingface/hub"
+    blobs = list(hub_dir.glob("models--*/blobs/*"))
+    assert len(blobs) == 2, list(hub_dir.rglob("*"))
+    assert not list(admin_home.iterdir())
+    if AS_ROOT:
+        for p in [*hub_dir.rglob("*"), hub_dir]:
+            assert p.lstat().st_uid == int(service[2]), p
+
+    # 3. The service, started from the installed unit: it finds the model and answers.
+    port = free_port()
+    text = config.read_text()
+    assert "listen: 127.0.0.1:8088" in text                 # sudoedit: another port for the test
+    config.write_text(text.replace("listen: 127.0.0.1:8088", f"listen: 127.0.0.1:{port}"))
+    proc, u = start_like_systemd(root, {})
+    try:
+        wait_for_port(port, proc, timeout=180)
+        threads = int(next(l.split()[1] for l in Path(f"/proc/{proc.pid}/status").read_text()
+                           .splitlines() if l.startswith("Threads:")))
+        assert threads <= int(u["TasksMax"][0])
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=json.dumps({"model": "rkvlm", "messages": [
+                {"role": "user", "content": "Are you there?"}]}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            answer = json.loads(resp.read())["choices"][0]["message"]["content"]
+        assert answer == REPLY
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, err[-3000:]
+    # The pulled model (the scripted answer above is its own), from the service's cache.
+    assert f"llama.cpp model {entry.model.name} loaded" in err, err[-3000:]
+    transcript = root / "var/lib/rkvlm-assistant/transcript.jsonl"
+    assert transcript.is_file()
+
+    # 4. `sudo rkvlm-assistant history`: the service's transcript, not root's.
+    r = _sudo([command, "history", "--root", root], sudo_env, REPO)
+    assert "Are you there?" in r.stdout and REPLY in r.stdout, r.stdout
+    assert not list(admin_home.iterdir())
