@@ -281,6 +281,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _main(args) -> int:
     try:
         cfg = find_config(args.config, args.layout)
+        if args.layout.service:
+            cfg = paths.in_tree(cfg, args.layout.root)
     except ConfigError as e:
         setup_logging("INFO")
         print(f"rkvlm-assistant: {e}", file=sys.stderr)

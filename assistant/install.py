@@ -453,7 +453,7 @@ class Installer:
             scratch = tempfile.mkdtemp(prefix="rkvlm-install-dry-run-")
             os.environ.update(HOME=scratch, XDG_CACHE_HOME=scratch, XDG_CONFIG_HOME=scratch)
         try:
-            rc = self.check(load(config))
+            rc = self.check(paths.in_tree(load(config), self.root))
         except ConfigError as e:
             self.out(f"  ! {e}")
             rc = EX_CONFIG
@@ -558,7 +558,8 @@ class Installer:
         self.out("kept: " + ", ".join(p for p in kept if self.path(p).exists())
                  + f" (the config, the transcript and state, the models, the logs) and the user "
                  f"{USER}; remove them by hand if you want them gone "
-                 f"(`sudo rm -r /etc/rkvlm-assistant {HOME}; sudo userdel {USER}`)")
+                 f"(`sudo rm -r {' '.join([str(Path(CONFIG).parent)] + tops)}; "
+                 f"sudo userdel {USER}`)")
         return 0
 
     def _remove(self, path: Path) -> None:

@@ -21,6 +21,7 @@ The XDG variables name the parents (``/var/lib``), so each path appears once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pwd
@@ -145,6 +146,28 @@ class Layout:
             return Path("/") / Path(path).relative_to(self.root)
         except ValueError:
             return Path(path)
+
+
+def in_tree(cfg, root: Path):
+    """``cfg`` whose ``path()`` finds the absolute paths it names inside the tree at root (the
+    config of an installation under --root names the paths of the system it is for)."""
+    root = Path(root)
+    if root == Path("/"):
+        return cfg
+    base = type(cfg)
+
+    class InTree(base):  # type: ignore[misc, valid-type]
+        def path(self, value):
+            p = base.path(self, value)
+            if p is not None and p.is_absolute() and root not in p.parents:
+                p = under(root, str(p))
+            return p
+
+    InTree.__name__ = InTree.__qualname__ = base.__name__
+    new = object.__new__(InTree)
+    for f in dataclasses.fields(cfg):
+        object.__setattr__(new, f.name, getattr(cfg, f.name))
+    return new
 
 
 def choose(root: Optional[str]) -> Layout:

@@ -224,3 +224,56 @@ def test_a_board_image_from_install_to_a_turn_in_history(root, tmp_path):
     r = _sudo([command, "history", "--root", root], sudo_env, REPO)
     assert "Are you there?" in r.stdout and REPLY in r.stdout, r.stdout
     assert not list(admin_home.iterdir())
+
+
+# ---------------------------------------------------------------------------- root's commands
+
+def _installed(root: Path) -> Path:
+    from assistant.install import Installer
+
+    Installer(root=root, checkout=REPO, exec_start="/opt/venv/bin/rkvlm-assistant",
+              out=lambda line: None).install()
+    return root / CONFIG
+
+
+def test_root_in_a_checkout_edits_the_services_config_not_the_checkouts(root, tmp_path,
+                                                                          monkeypatch, capsys):
+    """`cd /opt/rkvlm-assistant && sudo rkvlm-assistant models use NAME`: the checkout's
+    ./config.yaml is not what the service reads."""
+    from assistant.cli import main
+
+    config = _installed(root)
+    checkout = tmp_path / "opt-rkvlm-assistant"
+    checkout.mkdir()
+    (checkout / "config.yaml").write_text("llm:\n  llamacpp:\n    model: smolvlm2-256m\n")
+    monkeypatch.chdir(checkout)
+    for k in ("XDG_DATA_HOME", "HF_HOME", "RKVLM_CONFIG"):
+        monkeypatch.delenv(k, raising=False)
+    folder = root / "var/lib/rkvlm-assistant/models" / NAME    # placed by hand, the service's
+    folder.mkdir(parents=True)
+    for f in catalog.CATALOG[NAME].files:
+        (folder / f.name).write_bytes(b"GGUF")
+    assert main(["models", "use", NAME, "--root", str(root)]) == 0
+    assert f"model: {NAME}" in config.read_text()
+    assert (checkout / "config.yaml").read_text() == "llm:\n  llamacpp:\n    model: smolvlm2-256m\n"
+    assert "XDG_DATA_HOME" not in os.environ            # the process's environment is restored
+    capsys.readouterr()
+    assert main(["history", "--root", str(root)]) == 0
+    assert f"{root}/var/lib/rkvlm-assistant/transcript.jsonl" in capsys.readouterr().out
+
+
+def test_root_on_an_installed_machine_takes_the_services_column(root, monkeypatch):
+    from assistant import paths
+
+    monkeypatch.setattr(paths, "SYSTEM_CONFIG", str(root / CONFIG))
+    monkeypatch.setattr(paths.os, "geteuid", lambda: 1000)
+    assert paths.choose(None) == paths.Layout(service=False)   # a person: no system config
+    (root / CONFIG).parent.mkdir(parents=True)
+    (root / CONFIG).write_text("{}\n")
+    assert paths.choose(None) == paths.Layout(service=False)   # a person, even so
+    monkeypatch.setattr(paths.os, "geteuid", lambda: 0)
+    layout = paths.choose(None)
+    assert layout == paths.Layout(service=True) and layout.config_search() == [root / CONFIG]
+    with pytest.raises(ValueError, match="no installation under"):
+        paths.choose(str(root / "elsewhere"))
+
