@@ -26,12 +26,12 @@ class _Unsupported(Exception):
 
 def edit(text: str, keys: dict[str, Any]) -> str:
     """``text`` with the dotted ``keys`` set. YAML errors propagate (ruamel's)."""
-    want = _with_keys(_plain(text), keys)
+    want = _with_keys(plain(text), keys)
     try:
         out = text
         for dotted, value in keys.items():
             out = _set(out, dotted.split("."), value)
-        if _plain(out) == want:
+        if plain(out) == want:
             return out
     except _Unsupported:
         pass
@@ -40,7 +40,8 @@ def edit(text: str, keys: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- meaning
 
-def _plain(text: str) -> dict:
+def plain(text: str) -> dict:
+    """What the text means (a safe load; an empty file is an empty mapping)."""
     from ruamel.yaml import YAML
 
     data = YAML(typ="safe", pure=True).load(text) if text.strip() else None
@@ -76,7 +77,7 @@ def scalar(value: Any, quote: Optional[str] = None) -> str:
         return "'" + text.replace("'", "''") + "'"
     if quote != '"' and "\n" not in text and text == text.strip() and text:
         try:
-            if _plain(f"k: {text}\n") == {"k": text}:
+            if plain(f"k: {text}\n") == {"k": text}:
                 return text
         except Exception:  # not valid plain: quote it
             pass

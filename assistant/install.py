@@ -100,11 +100,9 @@ def render_unit(text: str, exec_start: str, workdir: Path) -> str:
         elif line.startswith("Documentation=file://"):
             line = f"Documentation=file://{workdir}/README.md"
         out.append(line)
-        if line.startswith("WorkingDirectory=") and table and not any(
-                l[len("Environment="):].split("=", 1)[0] in paths.SERVICE_ENV
-                for l in text.splitlines() if l.startswith("Environment=")):
-            out.extend(table)       # a unit without them: right after WorkingDirectory=
-            table = []
+    if table:  # a unit without them: right after WorkingDirectory=
+        at = next(i for i, l in enumerate(out) if l.startswith("WorkingDirectory=")) + 1
+        out[at:at] = table
     return "\n".join(out) + "\n"
 
 
@@ -387,7 +385,7 @@ class Installer:
         uid, gid = self._owner()
 
         unit = render_unit(unit_src.read_text(), self.exec_start, self.checkout)
-        unit_changed = self._file(f"{UNIT_DIR}/{UNIT_NAME}", unit, 0o644, 0, 0)
+        self._file(f"{UNIT_DIR}/{UNIT_NAME}", unit, 0o644, 0, 0)
 
         self._dir(str(Path(CONFIG).parent), 0o755, 0, 0, fix=False)  # the admin's directory
         # Readable by the service's group only: it may come to hold an API key.

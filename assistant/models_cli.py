@@ -178,13 +178,17 @@ def set_keys(path: Path, keys: dict[str, Any]) -> None:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e}", source=str(path)) from None
     try:
-        top = config_edit._plain(original)
+        top = config_edit.plain(original)
     except Exception as e:  # ruamel's parser errors have no common public base
         raise ConfigError(f"{path}: not valid YAML, nothing was changed: {e}", source=str(path)) from None
     if not isinstance(top, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top, nothing was changed",
                           source=str(path))
-    text = config_edit.edit(original, keys)
+    try:
+        text = config_edit.edit(original, keys)
+    except Exception as e:  # a shape neither the line editor nor the round trip can take
+        raise ConfigError(f"{path}: cannot set {', '.join(keys)} in this file, nothing was "
+                          f"changed: {e}; set them by hand", source=str(path)) from None
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
