@@ -53,6 +53,11 @@ STATE_DIRS = tuple((d, 0o750) for d in paths.service_dirs())
 # Where a checkout is invisible to the service, and the unit setting that hides it.
 HIDDEN = (("/tmp", "PrivateTmp=yes"), ("/var/tmp", "PrivateTmp=yes"), ("/home", "ProtectHome=yes"),
           ("/root", "ProtectHome=yes"), ("/run/user", "ProtectHome=yes"))
+# Where the unit of earlier releases made the service keep things (XDG_DATA_HOME was the
+# state directory itself, XDG_STATE_HOME unset): an upgrade moves them where it looks now.
+EARLIER = ((f"{HOME}/rkvlm-assistant/models", f"{HOME}/models"),
+           (f"{HOME}/rkvlm-assistant/voices", f"{HOME}/voices"),
+           (f"{HOME}/.local/state/rkvlm-assistant", HOME))
 _SYS_ID_MAX, _SYS_ID_MIN = 999, 100  # the system id range useradd/groupadd allocate from
 _NOLOGIN = ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false")
 
@@ -392,6 +397,7 @@ class Installer:
         self._file(CONFIG, config_src.read_text(), 0o640, 0, gid, keep_existing=True)
         for d, mode in STATE_DIRS:
             self._dir(d, mode, uid, gid)
+        self._move_earlier()
         self._command()
 
         check_ok = self._check(unit)
@@ -410,6 +416,23 @@ class Installer:
                 self.out(f"  ! warning: {path} is under {hidden[0]}, which the unit hides from "
                          f"the service ({hidden[1]}): it will not start from there. Clone into "
                          "/opt/rkvlm-assistant, make its venv there and install from it")
+
+    def _move_earlier(self) -> None:
+        """An upgrade from a release whose unit kept models, voices and the transcript
+        elsewhere: each entry moves to where the service looks now (an entry already there
+        is kept, and the older one left where it was, named)."""
+        for old, new in EARLIER:
+            src = self.path(old)
+            if not src.is_dir() or src.is_symlink():
+                continue
+            for entry in sorted(src.iterdir()):
+                dest = self.path(new) / entry.name
+                if dest.exists() or dest.is_symlink():
+                    self.out(f"  ! {old}/{entry.name} (an earlier release's) is also in {new}/: "
+                             "kept both, the service uses the latter")
+                    continue
+                self.act(f"move {old}/{entry.name} -> {new}/ (where the service looks now)",
+                         lambda e=entry, d=dest: os.replace(e, d))
 
     def _command(self) -> None:
         """/usr/local/bin/rkvlm-assistant: sudo's PATH, a wrapper into this installation."""

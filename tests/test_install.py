@@ -356,6 +356,33 @@ def test_an_upgrade_keeps_config_models_and_transcript(tmp_path, checkout):
     assert any(f"systemctl restart {UNIT_NAME}` when it runs" in l for l in out)
 
 
+def test_an_upgrade_moves_what_an_earlier_unit_put_elsewhere(tmp_path, checkout):
+    """Earlier units set XDG_DATA_HOME to the state directory itself and no XDG_STATE_HOME:
+    models were looked for in .../rkvlm-assistant/rkvlm-assistant/models, the transcript
+    written under .local/state."""
+    root = make_root(tmp_path)
+    home = root / HOME.lstrip("/")
+    old = {home / "rkvlm-assistant/models/smolvlm2-256m/m.gguf": b"GGUF",
+           home / "rkvlm-assistant/voices/v.onnx": b"ONNX",
+           home / ".local/state/rkvlm-assistant/transcript.jsonl": b'{"turn": 1}\n',
+           home / ".local/state/rkvlm-assistant/transcript.jsonl.1": b'{"turn": 0}\n'}
+    for p, data in old.items():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    (home / "voices").mkdir(parents=True)
+    (home / "voices/v.onnx").write_bytes(b"NEWER")
+    rc, out = run_install(root)
+    assert rc == 0
+    assert (home / "models/smolvlm2-256m/m.gguf").read_bytes() == b"GGUF"
+    assert (home / "transcript.jsonl").read_bytes() == b'{"turn": 1}\n'
+    assert (home / "transcript.jsonl.1").read_bytes() == b'{"turn": 0}\n'
+    assert (home / "voices/v.onnx").read_bytes() == b"NEWER"          # the newer one is kept
+    assert (home / "rkvlm-assistant/voices/v.onnx").read_bytes() == b"ONNX"
+    assert any("also in" in l and "v.onnx" in l for l in out)
+    rc, out = run_install(root)                                         # again: nothing to move
+    assert not any(l.startswith("  + move") for l in out)
+
+
 @pytest.mark.skipif(not AS_ROOT, reason="giving files to another user needs root")
 def test_what_the_check_writes_as_root_becomes_the_service_users(tmp_path, checkout):
     root = make_root(tmp_path)
