@@ -277,3 +277,20 @@ def test_root_on_an_installed_machine_takes_the_services_column(root, monkeypatc
     with pytest.raises(ValueError, match="no installation under"):
         paths.choose(str(root / "elsewhere"))
 
+
+
+def test_a_persons_search_order(tmp_path, monkeypatch):
+    from assistant import paths
+    from assistant.cli import find_config
+
+    monkeypatch.delenv("RKVLM_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    person = paths.Layout(service=False)
+    (tmp_path / "xdg/rkvlm-assistant").mkdir(parents=True)
+    (tmp_path / "xdg/rkvlm-assistant/config.yaml").write_text("persona: {name: Home}\n")
+    assert find_config(None, person).persona.name == "Home"
+    (tmp_path / "config.yaml").write_text("persona: {name: Here}\n")
+    assert find_config(None, person).persona.name == "Here"     # ./config.yaml first
+    monkeypatch.setenv("RKVLM_CONFIG", str(tmp_path / "xdg/rkvlm-assistant/config.yaml"))
+    assert find_config(None, person).persona.name == "Home"     # then the variable wins
