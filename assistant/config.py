@@ -496,10 +496,10 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?(?:
 
 
 def _too_large(source: str, size: int) -> ConfigError:
-    told = f"{size / 1e6:.1f} MB" if size > MAX_CONFIG_BYTES else "larger than that"
+    told = f"{size / 1e6:.1f} MB" if size > MAX_CONFIG_BYTES else "larger"
     return ConfigError(f"{source}: a config file is at most {MAX_CONFIG_BYTES / 1e6:g} MB "
-                       f"(config.yaml with every key is about 20 kB), this one is {told}: is "
-                       f"this the right file?", source=source)
+                       f"(config.yaml with every key is about 20 kB); this one is {told}, it "
+                       f"is not the config", source=source)
 
 
 def parse(text: str, source: str = "<string>") -> Config:
@@ -517,9 +517,8 @@ def parse(text: str, source: str = "<string>") -> Config:
         # RecursionError: the nesting bound should come first; a traceback never should.
         mark = getattr(e, "mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{source}:{where}: nested more than {MAX_NESTING} levels deep (a "
-                          f"config nests four: llm.rkllm.model); is this the right file?",
-                          source=source) from None
+        raise ConfigError(f"{source}:{where}: nested more than {MAX_NESTING} levels deep; a "
+                          f"config nests four (llm.rkllm.model)", source=source) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
