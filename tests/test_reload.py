@@ -69,7 +69,7 @@ def test_a_section_not_named_reloadable_waits_for_a_restart():
 
 # --------------------------------------------------------------------------- the processes
 
-def _config(port: int, name: str = "Rocky", key: str = "k1", extra: str = "") -> str:
+def _config(port: int, name: str = "Rocky", key: str = "k1") -> str:
     return f"""
 audio:
   input: {{device: fakemic, sample_rate: {MIC_RATE}}}
@@ -82,7 +82,7 @@ camera: {{source: scene.jpg}}
 transcript: {{path: turns.jsonl}}
 llm: {{llamacpp: {{model: tiny.gguf, mmproj: tiny-mmproj.gguf}}}}
 http: {{listen: "127.0.0.1:{port}", api_key: {key}}}
-{extra}"""
+"""
 
 
 class Process:
