@@ -148,9 +148,11 @@ def _value(cfg, key):
 
 
 def test_there_is_a_config_of_each_earlier_release_shape():
-    # One per revision that changed config.yaml's keys (git log -p -- config.yaml).
-    assert [p.stem.split("-")[-1] for p in RELEASES] == [
-        "7c3296e", "1cbd796", "30cea41", "86b139f", "96da943", "ed8c734", "ee3bb66"]
+    # One per revision that changed config.yaml's keys (git log -p -- config.yaml), oldest
+    # first; each file's first line names its revision and date.
+    assert [p.stem for p in RELEASES] == [
+        "01-7c3296e", "02-30cea41", "03-86b139f", "04-1cbd796", "05-ee3bb66", "06-96da943",
+        "07-ed8c734"]
 
 
 @pytest.mark.parametrize("path", RELEASES, ids=lambda p: p.stem)
