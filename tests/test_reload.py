@@ -27,6 +27,7 @@ from assistant.audio.resample import resample
 from assistant.config import parse
 from assistant.demo import draw_scene
 from assistant.reload import RELOADABLE, changed_keys, plan_reload
+from test_daemon import NotifySocket
 from test_http_support import free_port, wait_for_port
 from tiny_models import write_mmproj, write_text_model
 
@@ -150,11 +151,16 @@ def test_sighup_reloads_and_a_broken_config_keeps_the_running_one(tmp_path, spok
     url = f"http://127.0.0.1:{port}"
     config = tmp_path / "config.yaml"
     config.write_text(_config(port))
+    sock = NotifySocket(tmp_path / "notify.sock")
     env = fake.env()
-    env.pop("NOTIFY_SOCKET", None)
+    env["NOTIFY_SOCKET"] = sock.path
     p = Process(tmp_path, command, env)
     _, png = cv2.imencode(".png", cv2.imread(str(tmp_path / "scene.jpg")))   # 640x480
     try:
+        # A SIGHUP while the models load (its default action would end the process).
+        sock.wait_for("STATUS=loading models", p.proc)
+        p.proc.send_signal(signal.SIGHUP)
+        p.wait_log("SIGHUP while starting")
         wait_for_port(port, p.proc)
         status, r = chat(url, "k1")
         assert status == 200 and r["choices"][0]["message"]["content"] == REPLY
@@ -184,6 +190,7 @@ def test_sighup_reloads_and_a_broken_config_keeps_the_running_one(tmp_path, spok
         assert status == 400 and "http.max_image_pixels" in r["error"]["message"], r
     finally:
         code = p.stop()
+        sock.drain()
     err = p.err
     assert code == 0, err[-3000:]
     assert "Traceback" not in err and "never retrieved" not in err, err[-3000:]
