@@ -1,12 +1,14 @@
 """`rkvlm-assistant check` and `rkvlm-assistant devices`.
 
 check reports every problem at once (a missing model, an absent device, a runtime that will
-not load), not just the first, so a person fixes them in one go.
+not load, a language the models cannot hear or speak), not just the first, so a person fixes
+them in one go; and lists the keys of an earlier release the config still uses.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Callable
 
 from assistant import components
@@ -28,12 +30,45 @@ def _probe(label: str, fn: Callable[[], object], failures: list, kind: str) -> N
         failures.append(kind)
 
 
+def _english_only_whisper(model: str) -> bool:
+    """A .en whisper (tiny.en, or a directory named like one) hears English only."""
+    return Path(model.rstrip("/\\")).name.endswith(".en")
+
+
+def language_problems(cfg: Config) -> list[str]:
+    """What keeps a Chinese (or auto) persona from hearing or speaking Chinese, each with the
+    key to set. An English persona needs nothing more."""
+    lang = cfg.persona.language
+    if lang == "en":
+        return []
+    who = f"persona.language is {lang}"
+    instead = " (or persona.language: en)" if lang == "auto" else ""
+    problems = []
+    if _english_only_whisper(cfg.asr.model):
+        problems.append(f"asr.model: {who} but {cfg.asr.model} is an English-only whisper, it "
+                        f"cannot hear Chinese; set asr.model to a multilingual one (base, "
+                        f"small){instead}")
+    elif cfg.asr.language == "en":
+        problems.append(f"asr.language: {who} but asr.language is en, whisper writes Chinese "
+                        f"speech as English; set asr.language to auto or zh{instead}")
+    if cfg.tts.voice_zh is None and not Path(str(cfg.tts.voice)).name.lower().startswith("zh"):
+        problems.append(f"tts.voice_zh: {who} but tts.voice_zh is null, Chinese answers would "
+                        f"be read by the English voice {cfg.tts.voice}; set tts.voice_zh to a "
+                        f"Chinese piper voice (zh_CN-huayan-medium){instead}")
+    return problems
+
+
 def run_check(cfg: Config) -> int:
     print(f"config: {cfg.source}: valid")
+    for w in cfg.warnings:
+        print(f"  WARN {w}")
     failures: list[str] = []
     for e in check_files(cfg):
         print(f"  FAIL {e}")
         failures.append("model")
+    for problem in language_problems(cfg):
+        print(f"  FAIL {cfg.source}: {problem}")
+        failures.append("model")           # a configuration problem: exit 78
     if cfg.http.enabled:
         from assistant.config import ConfigError
         from assistant.http.server import check_listen

@@ -288,6 +288,9 @@ def _main(args) -> int:
         print(f"rkvlm-assistant: {e}", file=sys.stderr)
         return EX_CONFIG
     setup_logging(args.log_level or cfg.logging.level)
+    if args.cmd != "check":               # check lists them in its report
+        for warning in cfg.warnings:      # keys of an earlier release: once, at start
+            log.warning("%s", warning)
     # SIGTERM (systemctl stop) ends the process like Ctrl-C: cleanly, through the finally blocks.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:

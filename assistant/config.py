@@ -2,13 +2,16 @@
 
 Every section is a frozen dataclass; every field has a default and a one-line doc in its
 metadata, so the loader can say exactly what a key expects when the file is wrong. Loading
-rejects unknown keys, wrong types and out-of-range values with one line naming the file and
-the key path (``ConfigError``); the CLI turns that into exit code 78 (EX_CONFIG).
+rejects unknown keys, wrong types, out-of-range and non-finite values, and files too large
+or too deeply nested to be a config, with one line naming the file and the key path
+(``ConfigError``); the CLI turns that into exit code 78 (EX_CONFIG). Keys of earlier
+releases load as today's with a warning each (``assistant.config_compat``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -19,7 +22,14 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from assistant.config_compat import upgrade
+
 EX_CONFIG = 78  # sysexits.h: configuration error
+
+# A config is a few kilobytes and nests four levels (llm.rkllm.model); far past these it is
+# the wrong file or an attack, and parsing it would cost seconds or the stack.
+MAX_CONFIG_BYTES = 1_000_000
+MAX_NESTING = 32
 
 
 class ConfigError(Exception):
@@ -68,6 +78,7 @@ class PersonaLines:
     no_model: str = _f("My language model is not installed yet, so I cannot answer. The command that installs it is in the log.",
                        "Spoken when a question comes and the language model is missing.")
     reply_hint: str = _f("Answer in English.", "Sent to the model after each question in this language, so it answers in it; empty for none.")
+    not_heard: str = _f("Sorry, I didn't catch that.", "Spoken when speech was heard but whisper could not make out the words (low confidence); empty for none. Noise too short to be speech (vad.min_speech_ms) gets nothing.")
 
 
 _ZH_LINES = PersonaLines(
@@ -76,7 +87,7 @@ _ZH_LINES = PersonaLines(
     error="抱歉，我思考的时候出了问题，请再问一次。", too_long="抱歉，这个问题对我来说太长了。",
     full="抱歉，我们的对话太长了。说“清除”重新开始。",
     no_model="我的语言模型还没有安装，所以无法回答。安装命令在日志里。",
-    reply_hint="请用中文回答。")
+    reply_hint="请用中文回答。", not_heard="抱歉，我没听清楚。")
 
 
 @dataclass(frozen=True)
@@ -88,7 +99,7 @@ class PersonaConfig:
         "image is given it is what your camera sees right now.",
         "System prompt for the LLM; {name} is replaced by persona.name.")
     language: Literal["en", "zh", "auto"] = _f(
-        "auto", "Conversation language: en, zh, or auto (answer in the language the person spoke).")
+        "en", "Conversation language: en, zh, or auto (answer in the language the person spoke). zh and auto need a multilingual whisper (asr.model without .en) and a Chinese voice (tts.voice_zh); `rkvlm-assistant check` says which is missing.")
     en: PersonaLines = _f(PersonaLines(), "What the assistant says by itself in English.")
     zh: PersonaLines = _f(_ZH_LINES, "What the assistant says by itself in Chinese.")
 
@@ -305,6 +316,10 @@ class Config:
     deadlines: DeadlinesConfig = _f(DeadlinesConfig(), "How long each stage may take before the turn is given up (a stuck native call restarts the service).")
     # Where the file came from: relative paths in it are relative to its folder.
     source: str = field(default="<defaults>", metadata={"doc": "", "internal": True})
+    # Keys of an earlier release the file still uses, one line each (config_compat): logged
+    # once at start, listed by `check`. Not part of the settings' equality.
+    warnings: tuple[str, ...] = field(default=(), compare=False,
+                                      metadata={"doc": "", "internal": True})
 
     def path(self, value: str | None) -> Path | None:
         """Resolve a path from the config: ~ expanded, relative to the config file's folder."""
@@ -339,7 +354,7 @@ def _describe(tp: Any, meta: dict) -> str:
     if tp is int:
         return "an integer" + rng
     if tp is float:
-        return "a number" + rng
+        return "a number" + (rng or " (finite)")
     if tp is str:
         return "a string"
     if dataclasses.is_dataclass(tp):
@@ -350,6 +365,8 @@ def _describe(tp: Any, meta: dict) -> str:
 def _found(value: Any) -> str:
     if value is None:
         return "null"
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}[repr(value)]
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
@@ -359,7 +376,7 @@ def _found(value: Any) -> str:
     return repr(value)
 
 
-def _convert(value: Any, tp: Any, meta: dict, key: str, source: str) -> Any:
+def _convert(value: Any, tp: Any, meta: dict, key: str, source: str, base: Any = None) -> Any:
     raw = value
 
     def bad() -> ConfigError:
@@ -396,7 +413,7 @@ def _convert(value: Any, tp: Any, meta: dict, key: str, source: str) -> Any:
             value = {}
         if not isinstance(value, dict):
             raise bad()
-        return _build(tp, value, key, source)
+        return _build(tp, value, key, source, base)
     if tp is bool:
         if not isinstance(value, bool):
             raise bad()
@@ -407,7 +424,12 @@ def _convert(value: Any, tp: Any, meta: dict, key: str, source: str) -> Any:
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:            # an integer past a double's range
+            raise bad() from None
+        if not math.isfinite(value):     # .nan passes every comparison with a bound
+            raise bad()
     elif tp is str:
         if not isinstance(value, str):
             raise bad()
@@ -418,24 +440,14 @@ def _convert(value: Any, tp: Any, meta: dict, key: str, source: str) -> Any:
     return value
 
 
-# Keys that moved, so an older config gets told where they went.
-MOVED = {
-    "persona.greeting": "persona.en.greeting (and persona.zh.greeting)",
-    "persona.goodbye": "persona.en.goodbye (and persona.zh.goodbye)",
-    "persona.cleared": "persona.en.cleared (and persona.zh.cleared)",
-    "logging.transcript": "transcript.path (the transcript is on by default: transcript.enabled)",
-}
-
-
-def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+def _build(cls: type, data: dict, prefix: str, source: str, base: Any = None) -> Any:
+    """``cls`` from a mapping; keys it does not set keep ``base``'s values (a section's own
+    default: persona.zh's lines are Chinese), else the class defaults."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for k in data:
         if k not in fields:
             where = f"{prefix}.{k}" if prefix else str(k)
-            if where in MOVED:
-                raise ConfigError(f"{source}: {where}: this key moved to {MOVED[where]}",
-                                  key=where, source=source)
             known = ", ".join(fields)
             raise ConfigError(f"{source}: {where}: unknown key (expected one of: {known})",
                               key=where, source=source)
@@ -443,13 +455,36 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
     for name, f in fields.items():
         if name in data:
             where = f"{prefix}.{name}" if prefix else name
-            kwargs[name] = _convert(data[name], hints[name], dict(f.metadata), where, source)
-    return cls(**kwargs)
+            default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                       else None)
+            kwargs[name] = _convert(data[name], hints[name], dict(f.metadata), where, source,
+                                    default if dataclasses.is_dataclass(default) else None)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+class _TooDeep(Exception):
+    def __init__(self, mark):
+        self.mark = mark
 
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads `0_1` as the integer 1 and `1:30` as 90: a core mask or a time would
-    change meaning silently. Integers here are plain decimal (or 0x hex) only."""
+    change meaning silently. Integers here are plain decimal (or 0x hex) only.
+
+    Nesting is bounded while composing: PyYAML recurses once per level (10,000 `[` is a
+    RecursionError) and its scanner slows quadratically with the depth, so the parse stops
+    at the first level past MAX_NESTING, before the scanner has read further."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise _TooDeep(self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -460,8 +495,17 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?(?:
                               list("-+0123456789"))
 
 
+def _too_large(source: str, size: int) -> ConfigError:
+    told = f"{size / 1e6:.1f} MB" if size > MAX_CONFIG_BYTES else "larger"
+    return ConfigError(f"{source}: a config file is at most {MAX_CONFIG_BYTES / 1e6:g} MB "
+                       f"(config.yaml with every key is about 20 kB); this one is {told}, it "
+                       f"is not the config", source=source)
+
+
 def parse(text: str, source: str = "<string>") -> Config:
     """Parse YAML text into a Config; raises ConfigError with the key path on any problem."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise _too_large(source, len(text.encode("utf-8", "surrogatepass")))
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
@@ -469,20 +513,39 @@ def parse(text: str, source: str = "<string>") -> Config:
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{source}:{where}: not valid YAML: {problem}", source=source) from None
+    except (_TooDeep, RecursionError) as e:
+        # RecursionError: the nesting bound should come first; a traceback never should.
+        mark = getattr(e, "mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}:{where}: nested more than {MAX_NESTING} levels deep; a "
+                          f"config nests four (llm.rkllm.model)", source=source) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top, found {_found(data)}",
                           source=source)
-    cfg = _build(Config, data, "", source)
-    return dataclasses.replace(cfg, source=source)
+    data, warnings, written_as = upgrade(data, source)
+    try:
+        cfg = _build(Config, data, "", source)
+    except ConfigError as e:
+        old = written_as.get(e.key)
+        if old is None:
+            raise
+        # The value came from an earlier release's key: name the one the file has.
+        raise ConfigError(str(e).replace(f"{source}: {e.key}: ", f"{source}: {old} (read as "
+                                         f"{e.key}): ", 1), key=old, source=source) from None
+    return dataclasses.replace(cfg, source=source, warnings=tuple(warnings))
 
 
 def load(path: str | os.PathLike) -> Config:
     """Load and validate a config file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)     # never the whole of a huge file
+            if len(raw) > MAX_CONFIG_BYTES:
+                raise _too_large(str(p), os.fstat(f.fileno()).st_size)   # 0 for a stream
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found (pass --config PATH, or copy config.yaml there)",
                           source=str(p)) from None

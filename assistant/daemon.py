@@ -2,10 +2,8 @@
 under systemd (sd_notify READY / STATUS / WATCHDOG / STOPPING) or by hand.
 
 Signals: SIGTERM and SIGINT abort the running turn, flush the transcript, release the
-models and devices and exit 0. SIGHUP re-reads the config file and applies what can change
-without reloading a model (persona, system prompt, intent phrases, deadlines, logging); a
-changed section that needs a restart is named in the log and keeps its running values; a
-config that does not load is refused with one log line and the running one kept.
+models and devices and exit 0. SIGHUP reloads the config as `serve` does (assistant.reload):
+what can change without a restart is applied, the rest is named in the log and waits.
 
 The watchdog loop (``supervise``) pings systemd, puts the speaker's state in STATUS, and
 consults ``assistant.health``: a native call stuck past its deadline and the grace after it
@@ -15,7 +13,6 @@ stops the pings and ends the process with exit code 70, so systemd restarts it.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
@@ -24,22 +21,15 @@ import time
 from typing import Awaitable, Callable, Optional
 
 from assistant import components
-from assistant import config as config_mod
-from assistant.config import Config, ConfigError, check_files
-from assistant.conversation import Conversation, Priority
+from assistant.config import Config, check_files
 from assistant.debug_recording import recorder_for
 from assistant.health import EX_SOFTWARE, HEALTH, STAGES, Health, Watch
-from assistant.intent import IntentClassifier
 from assistant.pipeline import Pipeline, make_conversation
+from assistant.reload import HupHandler, Reloader, plan_reload  # noqa: F401 (tests import them here)
 from assistant.sdnotify import Notifier
 from assistant.transcript import TranscriptWriter, transcript_path
 
 log = logging.getLogger(__name__)
-
-# Sections whose objects are built once at start (models, devices, sockets, files): a
-# SIGHUP that changes them is told to restart instead.
-RESTART_SECTIONS = ("llm", "vision", "asr", "tts", "audio", "camera", "http", "vad",
-                    "transcript")
 
 # How often the watchdog loop looks at the running calls and the speaker.
 _TICK_S = 0.5
@@ -129,84 +119,6 @@ def _hard_exit(code: int) -> None:
     os._exit(code)
 
 
-# --------------------------------------------------------------------------- SIGHUP
-
-def plan_reload(running: Config, new: Config) -> tuple[Config, list[str]]:
-    """The config to apply on SIGHUP, and the sections that changed but need a restart
-    (those keep their running values)."""
-    changed = [s for s in RESTART_SECTIONS if getattr(new, s) != getattr(running, s)]
-    kept = {s: getattr(running, s) for s in changed}
-    return dataclasses.replace(new, source=running.source, **kept), changed
-
-
-def apply_logging(level: str) -> None:
-    logging.getLogger().setLevel(getattr(logging, level))
-    logging.getLogger("faster_whisper").setLevel(max(logging.WARNING, getattr(logging, level)))
-
-
-class Reloader:
-    """SIGHUP: re-read the config file, validate it, apply what needs no model reload."""
-
-    def __init__(self, cfg: Config, pipeline: Pipeline, conversation: Conversation,
-                 health: Health = HEALTH):
-        self.cfg = cfg
-        self.pipeline = pipeline
-        self.conversation = conversation
-        self.health = health
-        self._lock = asyncio.Lock()
-
-    async def reload(self) -> bool:
-        """True when a new config was applied."""
-        async with self._lock:
-            running = self.cfg
-            if running.source in ("<defaults>", "<string>"):
-                log.warning("SIGHUP: the daemon runs on built-in defaults; there is no config "
-                            "file to reload")
-                return False
-            try:
-                loaded = await asyncio.to_thread(config_mod.load, running.source)
-            except ConfigError as e:
-                log.error("SIGHUP: %s; keeping the running configuration", e)
-                return False
-            new, restart = plan_reload(running, loaded)
-            if restart:
-                log.warning("SIGHUP: %s changed; %s a restart (systemctl restart "
-                            "rkvlm-assistant), the running values stay until then",
-                            ", ".join(restart), "that needs" if len(restart) == 1 else "those need")
-            self.cfg = new
-            self.pipeline.cfg = new
-            self.pipeline.intents = IntentClassifier(new.intent)
-            self.conversation.cfg = new
-            self.health.configure(new.deadlines)
-            apply_logging(new.logging.level)
-            if new.persona.prompt != running.persona.prompt:
-                await self._new_system_prompt(new)
-            log.info("SIGHUP: configuration reloaded from %s (persona, prompts, intent "
-                     "phrases, deadlines, logging)", running.source)
-            return True
-
-    async def _new_system_prompt(self, new: Config) -> None:
-        conv = self.conversation
-        backend = conv.backend
-        if backend is None:
-            return
-        # Between turns: the new prompt empties the model's context, so the conversation
-        # is forgotten with it (as a clear phrase would).
-        async with conv.gate.slot(Priority.VOICE):
-            def swap() -> None:
-                with conv.lock:
-                    backend.set_persona(new.persona)
-            try:
-                await asyncio.to_thread(swap)
-            except Exception as e:
-                log.error("SIGHUP: the new system prompt could not be applied: %s", e)
-                return
-            forgotten = len(conv.exchanges)
-            conv._forget(new_id=True)
-        log.info("SIGHUP: new system prompt in use; the conversation was forgotten (%d "
-                 "exchanges), new conversation %s", forgotten, conv.id)
-
-
 # --------------------------------------------------------------------------- the daemon
 
 async def run_daemon(cfg: Config) -> int:
@@ -220,6 +132,8 @@ async def run_daemon(cfg: Config) -> int:
         from assistant.http.server import check_listen, make_gate, start_server
         check_listen(cfg)      # a non-loopback address without http.api_key: exit 78
     HEALTH.configure(cfg.deadlines)
+    # From the start: a SIGHUP while the models load is ignored, not the end of the process.
+    hup = HupHandler(asyncio.get_running_loop()).install()
     notify = Notifier()
     notify("STATUS=loading models")
     parts = await components.assemble(cfg, components.microphone(cfg),
@@ -238,8 +152,7 @@ async def run_daemon(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stopping = False
-    reloader = Reloader(cfg, pipeline, conversation)
-    reloads: set[asyncio.Task] = set()
+    hup.reloader = Reloader(cfg, pipeline, conversation, server=http)
 
     def stop(signame: str) -> None:
         nonlocal stopping
@@ -250,27 +163,16 @@ async def run_daemon(cfg: Config) -> int:
             conversation.abort()        # the running turn ends within a token
             main.cancel()
 
-    def reload() -> None:
-        if stopping:
-            return
-        log.info("SIGHUP: reloading the configuration")
-        task = asyncio.create_task(reloader.reload(), name="reload")
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
     # Plain signal handlers, not loop.add_signal_handler: asyncio learns of a signal through
     # its wake-up pipe, and a byte lost on a full pipe (a flood of device callbacks) would
     # lose the SIGTERM. A Python handler always runs, in this thread, between bytecodes.
     def on_signal(signum, frame) -> None:
-        if signum == signal.SIGHUP:
-            loop.call_soon_threadsafe(reload)
-        else:
-            loop.call_soon_threadsafe(stop, signal.Signals(signum).name)
+        loop.call_soon_threadsafe(stop, signal.Signals(signum).name)
 
     async def stuck(w: Watch) -> None:
         await exit_stuck(w, notify, transcript)
 
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    signals = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     camera = (DeviceStatus(conversation.scene, notify, "camera")
               if conversation.scene.camera is not None else None)
@@ -291,8 +193,7 @@ async def run_daemon(cfg: Config) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for task in list(reloads):
-            task.cancel()
+        hup.close()
         watchdog.cancel()
         notify("STOPPING=1")
         if http is not None:

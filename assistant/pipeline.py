@@ -308,8 +308,18 @@ class Pipeline:
         if not heard.accepted:
             turn.intent = Intent.NOTHING.value
             turn.note = heard.reason
+            if heard.unclear:
+                await self._not_heard(heard, turn)
             return None
         return heard
+
+    async def _not_heard(self, heard: Transcript, turn: Turn) -> None:
+        """Speech whisper could not make out: say so (persona.*.not_heard), or the person
+        waits for an answer that never comes. Noise and silence get nothing."""
+        lang = self._reply_language(heard)
+        line = self.cfg.persona.lines(lang).not_heard
+        if line:
+            turn.answer = (await self.voice.say([line], lang, turn)).text
 
     async def _answer(self, question: str, lang: str, turn: Turn,
                       snapshot: Optional[asyncio.Task] = None) -> None:

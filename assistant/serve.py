@@ -3,7 +3,7 @@
 For a board without audio, or a PC: whisper, piper, the LLM and the camera/encoder are
 loaded as for `run`; the OpenAI-compatible API and the web page are the only front-ends.
 Under systemd it reports READY once the models are loaded and the socket listens, and a
-SIGTERM ends it cleanly (exit 0).
+SIGTERM ends it cleanly (exit 0). SIGHUP reloads the config as `run` does (assistant.reload).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from assistant.audio.base import AudioSource
 from assistant.audio.null_sink import NullSink
 from assistant.config import Config, check_files
 from assistant.pipeline import make_conversation
+from assistant.reload import HupHandler, Reloader
 from assistant.sdnotify import Notifier
 from assistant.transcript import TranscriptWriter, transcript_path
 
@@ -51,6 +52,8 @@ async def run_serve(cfg: Config) -> int:
         for e in missing[1:]:
             log.error("%s", e)
         raise missing[0]
+    # From the start: a SIGHUP while the models load is ignored, not the end of the process.
+    hup = HupHandler(asyncio.get_running_loop()).install()
     notify = Notifier()
     notify("STATUS=loading models")
     parts = await assemble_headless(cfg)
@@ -86,6 +89,7 @@ async def run_serve(cfg: Config) -> int:
     try:
         conversation = make_conversation(cfg, parts, transcript, gate=make_gate(cfg))
         server = await start_server(cfg, conversation, parts, required=True)
+        hup.reloader = Reloader(cfg, None, conversation, server=server)
         notify("READY=1")
         notify(f"STATUS=serving on {server.url}")
         await asyncio.Event().wait()       # until a signal
@@ -97,6 +101,7 @@ async def run_serve(cfg: Config) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        hup.close()
         watchdog.cancel()
         notify("STOPPING=1")
         if server is not None:

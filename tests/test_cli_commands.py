@@ -110,3 +110,43 @@ def test_bench_measures_pipelined_and_serial(tmp_path, models):
     assert same["pipelined"]["last_word_to_first_audio_ms"]["median"] > stages["asr_ms"] >= 0
     assert stages["asr_ms"] + (stages["asr_in_pause_ms"] or 0) > 0
     assert same["serial"]["last_word_to_first_audio_ms"]["median"] > 0 and same["speedup"] > 0
+
+
+def test_check_lists_the_keys_of_an_earlier_release(tmp_path):
+    from pathlib import Path
+    first = sorted((Path(__file__).parent / "config_releases").glob("01-*.yaml"))[0]
+    (tmp_path / "c.yaml").write_text(first.read_text(encoding="utf-8"))
+    r = cli("--config", "c.yaml", "check", cwd=tmp_path)
+    out = r.stdout
+    assert "c.yaml: valid" in out, out + r.stderr
+    warns = [l for l in out.splitlines() if l.startswith("  WARN ")]
+    assert len(warns) == 5, out
+    for old, new in (("persona.greeting", "persona.en.greeting"),
+                     ("logging.transcript", "transcript.enabled"),
+                     ("llm.on_context_full: clear", "reset")):
+        assert any(old in l and new in l for l in warns), (old, warns)
+    assert "earlier release" not in r.stderr          # listed once, in the report
+
+
+@pytest.mark.parametrize("text, keys", [
+    # The earlier default: auto with an English-only whisper and no Chinese voice.
+    ("persona: {language: auto}\n", ["asr.model", "tts.voice_zh"]),
+    ("persona: {language: zh}\nasr: {model: base}\n", ["tts.voice_zh"]),
+    ("persona: {language: zh}\nasr: {model: base, language: en}\n"
+     "tts: {voice_zh: zh_CN-huayan-medium}\n", ["asr.language"]),
+])
+def test_check_says_a_chinese_persona_needs_chinese_models(tmp_path, text, keys):
+    (tmp_path / "c.yaml").write_text(text + "vision: {encoder: none}\n")
+    r = cli("--config", "c.yaml", "check", cwd=tmp_path)
+    assert r.returncode == 78, r.stdout + r.stderr
+    lines = [l for l in r.stdout.splitlines() if "persona.language is" in l]
+    assert [l.split("c.yaml: ")[1].split(":")[0] for l in lines] == keys, r.stdout
+    assert all(l.startswith("  FAIL ") for l in lines)
+    assert "Traceback" not in r.stderr
+
+
+def test_the_default_language_pairs_with_the_default_models(tmp_path):
+    (tmp_path / "c.yaml").write_text("vision: {encoder: none}\n")
+    r = cli("--config", "c.yaml", "check", cwd=tmp_path)
+    assert "c.yaml: valid" in r.stdout and "speech recognition" in r.stdout
+    assert "persona.language" not in r.stdout, r.stdout

@@ -12,6 +12,12 @@ whisper's own confidence figures, not only the text:
 - ``hallucination``: the text is one of whisper's known phrases for non-speech and the
   figures are not clearly those of speech. A clearly spoken "thank you" (low no-speech
   probability, high log-probability) is kept: people do say it to an assistant.
+
+Of the rejections, ``low_confidence`` alone means "someone spoke, the words were not made
+out" (``Transcript.unclear``): whisper's no-speech probability says speech, its words' do
+not hold. The others mean "nothing": silence, noise, a hum, a knock (measured on tiny.en:
+white noise, beeps, hum and a knock score no-speech 0.87-0.97; speech played backwards, a
+mumble with a voice's sound and no words, 0.20-0.43 with log-probability -1.0 to -1.7).
 """
 
 from __future__ import annotations
@@ -95,6 +101,12 @@ class Transcript:
     elapsed_s: float
     language_prob: float = 1.0
     window_s: float = FULL_WINDOW_S   # the encoder window it was read in
+
+    @property
+    def unclear(self) -> bool:
+        """Rejected, but speech: the person said something whisper could not make out (the
+        pipeline says so), as opposed to nothing at all (silence, noise: no reply)."""
+        return self.reason == "low_confidence"
 
 
 def judge(text: str, no_speech_prob: float, avg_logprob: float, compression_ratio: float,
