@@ -66,9 +66,14 @@ def run_check(cfg: Config) -> int:
     for e in check_files(cfg):
         print(f"  FAIL {e}")
         failures.append("model")
+    # zh cannot work with English-only models: a configuration error. auto still answers in
+    # English with them (every earlier release's default), so it is a warning: an upgrade
+    # that runs `check` before restarting the service must not be blocked by it.
+    fatal = cfg.persona.language == "zh"
     for problem in language_problems(cfg):
-        print(f"  FAIL {cfg.source}: {problem}")
-        failures.append("model")           # a configuration problem: exit 78
+        print(f"  {'FAIL' if fatal else 'WARN'} {cfg.source}: {problem}")
+        if fatal:
+            failures.append("model")       # a configuration problem: exit 78
     if cfg.http.enabled:
         from assistant.config import ConfigError
         from assistant.http.server import check_listen

@@ -119,7 +119,7 @@ def test_check_lists_the_keys_of_an_earlier_release(tmp_path):
     r = cli("--config", "c.yaml", "check", cwd=tmp_path)
     out = r.stdout
     assert "c.yaml: valid" in out, out + r.stderr
-    warns = [l for l in out.splitlines() if l.startswith("  WARN ")]
+    warns = [l for l in out.splitlines() if l.startswith("  WARN ") and "earlier release" in l]
     assert len(warns) == 5, out
     for old, new in (("persona.greeting", "persona.en.greeting"),
                      ("logging.transcript", "transcript.enabled"),
@@ -128,20 +128,22 @@ def test_check_lists_the_keys_of_an_earlier_release(tmp_path):
     assert "earlier release" not in r.stderr          # listed once, in the report
 
 
-@pytest.mark.parametrize("text, keys", [
-    # The earlier default: auto with an English-only whisper and no Chinese voice.
-    ("persona: {language: auto}\n", ["asr.model", "tts.voice_zh"]),
-    ("persona: {language: zh}\nasr: {model: base}\n", ["tts.voice_zh"]),
+@pytest.mark.parametrize("text, keys, rc, kind", [
+    # The earlier default: auto with an English-only whisper and no Chinese voice. It still
+    # answers in English, so it warns (an upgrade's check must not fail on it).
+    ("persona: {language: auto}\n", ["asr.model", "tts.voice_zh"], None, "WARN"),
+    ("persona: {language: zh}\nasr: {model: base}\n", ["tts.voice_zh"], 78, "FAIL"),
     ("persona: {language: zh}\nasr: {model: base, language: en}\n"
-     "tts: {voice_zh: zh_CN-huayan-medium}\n", ["asr.language"]),
+     "tts: {voice_zh: zh_CN-huayan-medium}\n", ["asr.language"], 78, "FAIL"),
 ])
-def test_check_says_a_chinese_persona_needs_chinese_models(tmp_path, text, keys):
+def test_check_says_a_chinese_persona_needs_chinese_models(tmp_path, text, keys, rc, kind):
     (tmp_path / "c.yaml").write_text(text + "vision: {encoder: none}\n")
     r = cli("--config", "c.yaml", "check", cwd=tmp_path)
-    assert r.returncode == 78, r.stdout + r.stderr
+    # (the language model and the sound devices are missing here, so auto's exit is theirs)
+    assert rc is None or r.returncode == rc, r.stdout + r.stderr
     lines = [l for l in r.stdout.splitlines() if "persona.language is" in l]
     assert [l.split("c.yaml: ")[1].split(":")[0] for l in lines] == keys, r.stdout
-    assert all(l.startswith("  FAIL ") for l in lines)
+    assert all(l.startswith(f"  {kind} ") for l in lines)
     assert "Traceback" not in r.stderr
 
 
