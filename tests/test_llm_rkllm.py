@@ -868,3 +868,47 @@ def test_close_during_a_turn_aborts_it_then_destroys(setup):
     assert names.index("rkllm_abort") < names.index("rkllm_destroy")
     with pytest.raises(BackendError):
         run(b, "after close")
+
+
+def test_an_http_requests_temperature_and_top_p_reach_the_runtime(tmp_path, libs):
+    """End to end: `serve` on the fake 1.3.0 runtime; the chat request's sampling values are
+    what the runtime is asked to sample that run with (FAKE_RKLLM_LOG)."""
+    import json
+    import urllib.request
+    from rkllm_fake import fake_env, read_fake_log
+    from test_http_support import free_port, start_serve, wait_for_port
+    write_fake_model(tmp_path / "model.rkllm", embed_dim=1536)
+    port = free_port()
+    (tmp_path / "config.yaml").write_text(f"""
+persona: {{language: en}}
+camera: {{source: null}}
+vision: {{encoder: none}}
+http: {{listen: "127.0.0.1:{port}", api_key: k123}}
+llm:
+  backend: rkllm
+  temperature: 0.7
+  top_p: 0.9
+  rkllm: {{library: "{libs['1.3.0']}", runtime_version: auto, model: model.rkllm}}
+""")
+    log = tmp_path / "calls.jsonl"
+    proc = start_serve(tmp_path, fake_env(log=log))
+    try:
+        wait_for_port(port, proc)
+        body = {"model": "rkvlm", "temperature": 0.25, "top_p": 0.5,
+                "messages": [{"role": "user", "content": "Hello?"}]}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                     data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": "Bearer k123"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.loads(r.read())["choices"][0]["message"]["content"]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert answer.startswith("Echo: Hello?")
+    (run_call,) = [c for c in read_fake_log(log) if c["fn"] == "rkllm_run"]
+    assert run_call["sampling_params"] is True
+    assert run_call["temperature"] == pytest.approx(0.25)
+    assert run_call["top_p"] == pytest.approx(0.5)
+    init = [c for c in read_fake_log(log) if c["fn"] == "rkllm_init"][-1]
+    assert (init["temperature"], init["top_p"]) == (pytest.approx(0.7), pytest.approx(0.9))
