@@ -703,7 +703,7 @@ def test_a_history_far_past_the_context_is_refused_before_tokenising(make):
     b.history_cost(_history(1))                      # the one-off look at the template
     huge = [(f"question {i} " * 6, f"answer {i} " * 6) for i in range(100_000)]   # ~12 MB
     before = b._rt.tokenize_calls
-    with pytest.raises(ContextFullError):
+    with pytest.raises(ContextFullError, match="100000 exchanges, at least"):
         b.load_history(huge)
     assert b.history_cost(huge) > b.context_size
     assert b._rt.tokenize_calls == before

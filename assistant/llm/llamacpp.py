@@ -311,9 +311,9 @@ class LlamaCppBackend(LLMBackend):
             self._restore(self._sys_mark)
             if not exchanges:
                 return
-            self._check_fits(self._sys_mark.n_cells, self._least_history_cells(exchanges))
+            self._check_history(len(exchanges), self._least_history_cells(exchanges), True)
             msgs, tokens = self._history_tokens(exchanges)
-            self._check_fits(self._sys_mark.n_cells, len(tokens))
+            self._check_history(len(exchanges), len(tokens), False)
             try:
                 self._eval_segments([tokens], abortable=False)
             except Aborted:
@@ -323,6 +323,15 @@ class LlamaCppBackend(LLMBackend):
             self._segments.append(tokens)
             self._messages = msgs
             self._kv_text = self._chat.render(msgs, add_generation_prompt=False)
+
+    def _check_history(self, n: int, cells: int, at_least: bool) -> None:
+        room = self._rt.n_ctx - self._sys_mark.n_cells - self._cfg.max_new_tokens
+        if cells > room:
+            raise ContextFullError(
+                f"the conversation to feed back ({n} exchanges, {'at least ' if at_least else ''}"
+                f"{cells} tokens) does not fit: the {self._rt.n_ctx}-token context has room for "
+                f"{max(room, 0)} beside the system prompt and the answer's reserve; send fewer "
+                "or shorter messages, or raise llm.max_context_len")
 
     def _history_tokens(self, exchanges: Sequence[Exchange]) -> tuple[list, list[int]]:
         """(messages, tokens after the system prompt) of the exchanges as text."""
