@@ -220,8 +220,8 @@ class LlamaCppBackend(LLMBackend):
         without tokenising: the template's special tokens per exchange, plus the text's
         bytes over the most bytes one token can stand for."""
         rt = self._rt
-        text_bytes = sum(len(q.encode("utf-8", "replace")) + len((a or "").encode("utf-8", "replace"))
-                         for q, a in exchanges)
+        text_bytes = sum(len(q.encode("utf-8", "replace")) +
+                         len((a or "").encode("utf-8", "replace")) for q, a in exchanges)
         if self._markup_cells is None:
             def specials(pair: Exchange) -> int:
                 _, tokens = self._history_tokens([pair])

@@ -136,7 +136,7 @@ class LlamaRuntime:
 
     def _tokenize(self, text: str, parse_special: bool) -> list[int]:
         self.tokenize_calls += 1
-        data = text.encode("utf-8")
+        data = text.encode("utf-8", "replace")     # a lone surrogate is not UTF-8
         cap = len(data) + 8
         buf = (self._l.llama_token * cap)()
         n = self._l.llama_tokenize(self.vocab, data, len(data), buf, cap, False, parse_special)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 OPEN, CLOSE = "\ue000", "\ue001"   # private use: never in a template, removed from messages
 _MARKS = re.compile(f"([{OPEN}{CLOSE}])")
-_warned = [False]
+_warned = False
 
 Span = tuple[str, bool]            # (text, from a message)
 
@@ -70,14 +70,14 @@ def spans(marked: str, start: int = 0) -> list[Span]:
             out.append([part[max(0, start - pos):], inside])
         pos = end
     if inside:                      # an OPEN never closed: the rest is message text
-        if since_mark:
-            _warn()
+        _warn()
     return [(t, u) for t, u in out]
 
 
 def _warn() -> None:
-    if not _warned[0]:
-        _warned[0] = True
+    global _warned
+    if not _warned:
+        _warned = True
         log.warning("the chat template cuts message text; where it does, the template's "
                     "markup around it is read as plain text")
 
