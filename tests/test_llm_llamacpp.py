@@ -698,7 +698,7 @@ def test_history_costing_is_linear_in_its_length(make):
         assert calls[k] <= 2.3 * calls[k - 1] and chars[k] <= 2.3 * chars[k - 1], (calls, chars)
 
 
-def test_a_history_far_past_the_context_is_refused_before_tokenising(make):
+def test_input_far_past_the_context_is_refused_before_tokenising(make):
     b = make("scripted", vision=False, max_context_len=1024)
     b.history_cost(_history(1))                      # the one-off look at the template
     huge = [(f"question {i} " * 6, f"answer {i} " * 6) for i in range(100_000)]   # ~12 MB
@@ -706,6 +706,10 @@ def test_a_history_far_past_the_context_is_refused_before_tokenising(make):
     with pytest.raises(ContextFullError, match="100000 exchanges, at least"):
         b.load_history(huge)
     assert b.history_cost(huge) > b.context_size
+    question = "Why? " * 400_000                     # 2 MB
+    assert b.turn_cost(question) > b.context_size
+    with pytest.raises(ContextFullError, match="question is too long"):
+        turn(b, question)
     assert b._rt.tokenize_calls == before
     # The model is as it was: a turn runs.
     assert turn(b, "Still there?")[0] == REPLY

@@ -194,9 +194,13 @@ class LlamaCppBackend(LLMBackend):
         return len(rt.tokenize(clean(text), parse_special=False))
 
     def turn_cost(self, text: str, image: ImageInput = None) -> int:
-        """KV cells the next turn would need: question, template, image, answer reserve."""
+        """KV cells the next turn would need: question, template, image, answer reserve.
+        A question that cannot fit is not tokenised: a lower bound past the context."""
         with self._lock:
-            self._require()
+            rt = self._require()
+            least = self._least_text_cells(text)
+            if least > rt.n_ctx:
+                return least + self._cfg.max_new_tokens
             _, segs, _ = self._plan(text, self._image_segment(image, encode=False))
             return _cells(segs) + self._cfg.max_new_tokens
 
@@ -227,10 +231,15 @@ class LlamaCppBackend(LLMBackend):
                 _, tokens = self._history_tokens([pair])
                 return sum(1 for t in tokens if rt.is_special(t))
             self._markup_cells = min(specials(("x", "y")), specials(("What is it? " * 4, "z")))
-        least = len(exchanges) * self._markup_cells
-        if text_bytes > rt.n_ctx:       # reading the vocabulary once is worth it only here
-            least += text_bytes // rt.max_token_bytes
-        return least
+        return len(exchanges) * self._markup_cells + self._least_bytes_cells(text_bytes)
+
+    def _least_text_cells(self, text: str) -> int:
+        return self._least_bytes_cells(len(text.encode("utf-8", "replace")))
+
+    def _least_bytes_cells(self, n: int) -> int:
+        """A lower bound on the tokens of n bytes of text (0 for text that may fit anyway:
+        reading the vocabulary once is worth it only past the context)."""
+        return n // self._rt.max_token_bytes if n > self._rt.n_ctx else 0
 
     # ------------------------------------------------------------------ encoding
 
@@ -366,6 +375,11 @@ class LlamaCppBackend(LLMBackend):
             t0 = time.perf_counter()
             max_new = (options.max_new_tokens if options and options.max_new_tokens
                        else self._cfg.max_new_tokens)
+            least = self._least_text_cells(text)
+            if least > self._rt.n_ctx:
+                raise ContextFullError(
+                    f"the question is too long: at least {least} tokens, and the context holds "
+                    f"{self._rt.n_ctx}; ask a shorter question or raise llm.max_context_len")
             img = self._image_segment(image, encode=True)
             tt, segs, images = self._plan(text, img)
             replay = tt.replay
