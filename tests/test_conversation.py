@@ -445,3 +445,27 @@ def test_each_compaction_keeps_exactly_the_newest_exchanges_that_fit(models):
     finally:
         b.close()
     assert compactions >= 3
+
+
+def test_a_huge_http_history_is_refused_at_once_and_the_voice_goes_on(models):
+    """Issue 17: a 7 MB history of 100k pairs held the model for over 11 minutes. Now it is
+    refused without being tokenised, and the next question is answered as usual."""
+    from assistant.errors import ContextFullError
+    b = backend(CFG, models["short"])
+    conv = Conversation(CFG, b)
+    huge = [(f"Question {i} about the scene here?", f"Answer {i} is this one.")
+            for i in range(100_000)]
+
+    async def ask(req):
+        return "".join([p async for p in conv.ask(req, Turn(source=req.source))])
+
+    try:
+        b.history_cost([("warm", "up")])            # the one-off look at the template
+        before = b._rt.tokenize_calls
+        with pytest.raises(ContextFullError, match="100000 exchanges"):
+            asyncio.run(ask(Request("And now?", source="http", priority=Priority.TEXT,
+                                    history=huge)))
+        assert b._rt.tokenize_calls == before
+        assert asyncio.run(ask(Request("What is on the table?"))) == "I see a red apple."
+    finally:
+        b.close()
