@@ -423,14 +423,19 @@ class Conversation:
         share = llm.compact_share * (0.5 if harder else 1.0)
         # The image goes back in with this question if the context loses it.
         with_image = image
-        kept: list[tuple[str, str]] = []
         system = before - b.history_cost(pairs)
-        for pair in reversed(pairs):           # newest first
-            trial = [pair] + kept
-            cost = b.history_cost(trial)
-            if cost > share * ctx or system + cost + need > ctx:
-                break
-            kept = trial
+
+        def fits(n: int) -> bool:
+            cost = b.history_cost(pairs[len(pairs) - n:])
+            return cost <= share * ctx and system + cost + need <= ctx
+
+        # The most newest exchanges that fit; a binary search, so a long history costs
+        # O(n log n) tokenising, not O(n^2).
+        lo, hi = 0, len(pairs)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        kept = pairs[len(pairs) - lo:] if lo else []
         b.load_history(kept)
         after = b.tokens_used
         dropped = len(pairs) - len(kept)

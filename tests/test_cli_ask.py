@@ -54,9 +54,11 @@ def test_a_spoken_question_about_an_image(workdir, spoken, whisper_tiny):
     assert out["intent"] == "question"
     assert out["answer"] == REPLY
     assert out["image"] is True and out["counts"]["image_tokens"] == 16
-    for key in ("asr_ms", "snapshot_ms", "encode_ms", "llm_ms", "tts_ms", "llm_first_piece_ms",
-                "first_audio_ms"):
-        assert out["timings_ms"][key] >= 0, key
+    t = out["timings_ms"]
+    assert "snapshot_ms" in t          # a still image: may take under 0.05 ms
+    for key in ("asr_ms", "encode_ms", "llm_ms", "tts_ms", "llm_first_piece_ms"):
+        assert t[key] > 0, key         # each stage ran, and took time
+    assert t["llm_first_piece_ms"] <= t["first_audio_ms"]
     # The answer WAV holds the spoken answer: whisper hears it back.
     heard = said(whisper_tiny, workdir / "answer.wav")
     assert "apple" in heard and "table" in heard

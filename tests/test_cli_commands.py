@@ -107,7 +107,7 @@ def test_bench_measures_pipelined_and_serial(tmp_path, models):
     same = report["scenarios"]["same_scene"]
     stages = same["pipelined"]["stages_ms"]
     # Whisper may finish in the end-of-speech pause: then nothing is left to wait after the cut.
-    assert same["pipelined"]["last_word_to_first_audio_ms"]["median"] > stages["asr_ms"] >= 0
+    assert same["pipelined"]["last_word_to_first_audio_ms"]["median"] > stages["asr_ms"]
     assert stages["asr_ms"] + (stages["asr_in_pause_ms"] or 0) > 0
     assert same["serial"]["last_word_to_first_audio_ms"]["median"] > 0 and same["speedup"] > 0
 

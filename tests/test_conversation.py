@@ -340,3 +340,132 @@ def test_the_prefill_of_noise_is_cut_away(tmp_path, whisper_tiny, models):
     assert all(t.intent == "nothing" for t in pipe.turns) and pipe.turns
     # Whatever the noise's snapshot put in the context is gone again.
     assert b._spec is None and b._n_cells == system_cells
+
+
+# ---------------------------------------------------------------------------- audits
+
+def _two_scene_video(path: Path) -> tuple[Path, list[np.ndarray]]:
+    """Two frames at 1 fps: a dark scene, then a bright one with a red block; returns the
+    frames as the camera decodes them (RGB)."""
+    import cv2
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 1.0, (64, 48))
+    a = np.full((48, 64, 3), 30, np.uint8)
+    b = np.full((48, 64, 3), 200, np.uint8)
+    b[10:38, 20:40] = (0, 0, 255)
+    for frame in (a, b):
+        out.write(frame)
+    out.release()
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    for _ in range(2):
+        ok, bgr = cap.read()
+        assert ok
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    cap.release()
+    return path, frames
+
+
+def test_a_new_scene_sends_the_new_image(tmp_path, models):
+    """The image the model receives for a question about a changed scene is that scene's,
+    not the one the conversation held."""
+    from assistant.vision.file_camera import VideoCamera
+    from assistant.vision.scene import Scene
+    video, frames = _two_scene_video(tmp_path / "two.avi")
+    cfg = replace(CFG, vision=replace(CFG.vision, encoder="llamacpp", watch=False))
+    b = LlamaCppBackend(cfg.llm, cfg.persona, models["short"], models["mmproj"])
+    b.load()
+    now = [0.0]
+    camera = VideoCamera(video, clock=lambda: now[0])
+    camera.open()
+    scene = Scene(camera, b.encoder(), cfg.vision)
+    conv = Conversation(cfg, b, scene=scene)
+
+    async def ask(q):
+        turn = Turn()
+        [p async for p in conv.ask(Request(q), turn)]
+        return turn
+
+    try:
+        expected = [b.encode_image(f).data for f in frames]
+        assert not np.allclose(expected[0], expected[1])
+        first = asyncio.run(ask("What do you see?"))
+        got_first = b._images[-1].embeddings.copy()
+        same = asyncio.run(ask("And the colours?"))     # the same frame: no image again
+        now[0] = 1.0                                    # the scene changes
+        second = asyncio.run(ask("And now?"))
+        got_second = b._images[-1].embeddings.copy()
+        n_images = len(b._images)
+    finally:
+        scene.close()
+        camera.close()
+        b.close()
+    assert (first.scene, same.scene, second.scene) == ("new", "same", "new")
+    assert n_images == 2
+    np.testing.assert_allclose(got_first, expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_second, expected[1], rtol=1e-5, atol=1e-6)
+
+
+def test_each_compaction_keeps_exactly_the_newest_exchanges_that_fit(models):
+    """On the real tiny model: after every compaction the context holds the newest
+    exchanges, in order, as many as fit within compact_share and beside the turn, and
+    one more would not have fitted."""
+    cfg = replace(CFG, llm=replace(CFG.llm, max_context_len=384, max_new_tokens=32))
+    b = backend(cfg, models["short"])
+    conv = Conversation(cfg, b)
+    ctx, share = b.context_size, cfg.llm.compact_share
+    system = b.tokens_used
+    questions = [f"Question number {i} about the {w}?" for i, w in
+                 zip(range(40), ["table", "cup", "window", "lamp", "book"] * 8)]
+    compactions = 0
+
+    async def ask(q):
+        turn = Turn()
+        [p async for p in conv.ask(Request(q), turn)]
+        return turn
+
+    try:
+        for q in questions:
+            before = [e.pair for e in conv.exchanges]
+            turn = asyncio.run(ask(q))
+            if turn.compaction is None:
+                continue
+            compactions += 1
+            k = turn.compaction["exchanges_kept"]
+            held = history_in_the_model(b)
+            assert held[-1] == (q, "I see a red apple.")
+            kept = held[:-1]
+            assert kept == (before[len(before) - k:] if k else []), (q, k)
+            need = turn.counts["turn_need"]
+            cost = b.history_cost(kept)
+            assert cost <= share * ctx and system + cost + need <= ctx
+            assert turn.compaction["tokens_after"] == system + cost
+            if k < len(before):             # one more (the next older) would not fit
+                more = b.history_cost(before[len(before) - k - 1:])
+                assert more > share * ctx or system + more + need > ctx, (q, k, more)
+    finally:
+        b.close()
+    assert compactions >= 3
+
+
+def test_a_huge_http_history_is_refused_at_once_and_the_voice_goes_on(models):
+    """Issue 17: a 7 MB history of 100k pairs held the model for over 11 minutes. Now it is
+    refused without being tokenised, and the next question is answered as usual."""
+    from assistant.errors import ContextFullError
+    b = backend(CFG, models["short"])
+    conv = Conversation(CFG, b)
+    huge = [(f"Question {i} about the scene here?", f"Answer {i} is this one.")
+            for i in range(100_000)]
+
+    async def ask(req):
+        return "".join([p async for p in conv.ask(req, Turn(source=req.source))])
+
+    try:
+        b.history_cost([("warm", "up")])            # the one-off look at the template
+        before = b._rt.tokenize_calls
+        with pytest.raises(ContextFullError, match="100000 exchanges"):
+            asyncio.run(ask(Request("And now?", source="http", priority=Priority.TEXT,
+                                    history=huge)))
+        assert b._rt.tokenize_calls == before
+        assert asyncio.run(ask(Request("What is on the table?"))) == "I see a red apple."
+    finally:
+        b.close()

@@ -166,6 +166,10 @@ def test_a_hundred_questions_on_a_small_context(kind, tmp_path, tmp_path_factory
     assert [r["turn"] for r in rows] == [t.id for t in turns]
     assert sum(1 for r in rows if r["compaction"]) == compactions
     assert rows[CLEAR_AT + 1]["conversation"] != rows[CLEAR_AT - 1]["conversation"]
-    assert all(json.dumps(r) for r in rows)
+    # Each row says what its turn did: the words, the image, the compaction and the counts.
+    for r, t in zip(rows, turns):
+        assert (r["transcript"], r["answer"], r["intent"]) == (t.transcript, t.answer, t.intent)
+        assert (r["scene"], r["image"], r["compaction"]) == (t.scene, t.with_image, t.compaction)
+        assert r["counts"] == json.loads(json.dumps(t.counts))
     # English questions, the English voice only.
     assert {lang for lang, _ in voices.said} == {"en"}

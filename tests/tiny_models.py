@@ -81,7 +81,8 @@ def reply_pieces(reply: str) -> list[str]:
     return pieces
 
 
-def _vocab(extra_pieces: list[str]) -> tuple[list[str], list[int], list[str]]:
+def _vocab(extra_pieces: list[str], user_defined: tuple[str, ...] = ()
+           ) -> tuple[list[str], list[int], list[str]]:
     """(tokens, token types, merges) of the byte-level BPE vocabulary."""
     import gguf
 
@@ -109,13 +110,16 @@ def _vocab(extra_pieces: list[str]) -> tuple[list[str], list[int], list[str]]:
     for special in SPECIAL_TOKENS:
         tokens.append(special)
         types.append(int(gguf.TokenType.CONTROL))
+    for added in user_defined:
+        tokens.append(added)
+        types.append(int(gguf.TokenType.USER_DEFINED))
     return tokens, types, merges
 
 
 def write_text_model(path: str | Path, seed: int = 0, n_ctx: int = 2048,
                      scripted_reply: str | None = None, n_embd: int = N_EMBD,
                      n_layer: int = N_LAYER, chat_template: str | None = CHATML_TEMPLATE,
-                     reply_after: str = "\n") -> Path:
+                     reply_after: str = "\n", user_defined: tuple[str, ...] = ()) -> Path:
     """Write a tiny llama-architecture GGUF model with a ChatML template; returns its path.
 
     Without ``scripted_reply`` the weights are random and the greedy output is noise that
@@ -124,6 +128,7 @@ def write_text_model(path: str | Path, seed: int = 0, n_ctx: int = 2048,
     benchmarks (a projector must then be written with the same ``text_n_embd``).
     ``chat_template`` replaces the ChatML template (None: the file has none);
     ``reply_after`` is the one-byte text the template's generation prompt ends with.
+    ``user_defined`` adds tokens of that type (llama.cpp matches them in any text).
     With ``scripted_reply`` attention and FFN outputs
     are zero and ``output.weight`` maps each token to the next one of the reply: greedy
     decoding after ``<|im_start|>assistant\\n`` (after ``reply_after``) yields the reply,
@@ -134,7 +139,7 @@ def write_text_model(path: str | Path, seed: int = 0, n_ctx: int = 2048,
     path = Path(path)
     rng = np.random.default_rng(seed)
     pieces = reply_pieces(scripted_reply) if scripted_reply is not None else []
-    tokens, types, merges = _vocab(pieces)
+    tokens, types, merges = _vocab(pieces, user_defined)
     index = {t: i for i, t in enumerate(tokens)}
     n_vocab = len(tokens)
     n_ff = 2 * n_embd

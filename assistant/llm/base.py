@@ -73,6 +73,10 @@ Exchange = tuple[str, str]
 # for backends that cannot render the template themselves.
 TEMPLATE_OVERHEAD = 16
 
+# How long close() waits for a running native call to stop after aborting it; past that the
+# model is left to the process's exit (SIGTERM must end the service within seconds).
+CLOSE_WAIT_S = 2.0
+
 
 class LLMBackend(ABC):
     """One multimodal LLM with its conversation kept in the KV cache."""
@@ -159,7 +163,8 @@ class LLMBackend(ABC):
                            f"without a restart")
 
     def close(self) -> None:
-        """Release the model (idempotent)."""
+        """Abort a running turn and release the model (idempotent); returns within about
+        CLOSE_WAIT_S even when the runtime does not stop."""
 
 
 _DONE = object()

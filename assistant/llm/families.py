@@ -10,7 +10,9 @@ segfault inside the runtime (the rknn-llm issue tracker is full of the latter).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from assistant.errors import BackendError
 
@@ -20,6 +22,14 @@ _CHATML_POSTFIX = "<|im_end|>\n<|im_start|>assistant\n"
 
 # The placeholder the RKLLM runtime replaces with image_start + n x image_content + image_end.
 IMAGE_PLACEHOLDER = "<image>"
+
+# Spellings a runtime's tokenizer reads as special tokens in any of these families: ChatML's
+# <|...|> and DeepSeek's <｜...｜>. Each family adds its own tags and markup (Family.markup).
+_SPECIAL_LOOKING = r"<\|[^<>|\s]{1,64}\|>|<｜[^<>｜]{1,64}｜>"
+_TAG = re.compile(r"<[^<>\s]{1,64}>")
+# Put after a marker's first character: the text still reads the same, no tokenizer
+# matches the marker any more.
+_BREAK = "\u200b"
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,20 @@ class Family:
     n_image_tokens: int | None      # tokens per image at input_size; None: not fixed
     embed_dims: tuple[int, ...]     # embedding widths of the published sizes; () = unchecked
     sizes: str                      # which published models embed_dims covers, for messages
+
+    @cached_property
+    def _markup(self) -> re.Pattern:
+        literal = {self.image_start, self.image_end, self.image_content, IMAGE_PLACEHOLDER}
+        for text in (self.system_template, self.prompt_prefix, self.prompt_postfix):
+            literal.update(_TAG.findall(text))
+        alts = sorted((re.escape(t) for t in literal if len(t) > 1), key=len, reverse=True)
+        return re.compile("|".join([_SPECIAL_LOOKING] + alts))
+
+    def escape(self, text: str) -> str:
+        """Message text with every role marker, tag or special-token spelling broken, so the
+        runtime (which tokenises the prompt string itself, special tokens included) reads it
+        as text and a message cannot open a turn of another role."""
+        return self._markup.sub(lambda m: m.group()[0] + _BREAK + m.group()[1:], text)
 
     @property
     def embed_dim(self) -> int | None:

@@ -29,10 +29,12 @@ import numpy as np
 
 from assistant.config import Config, LlmConfig, PersonaConfig
 from assistant.errors import BackendError, ContextFullError, ModelMissingError
-from assistant.llm.base import Exchange, ImageEmbedding, LLMBackend, TurnOptions, TurnStats
+from assistant.llm.base import (CLOSE_WAIT_S, Exchange, ImageEmbedding, LLMBackend,
+                                TurnOptions, TurnStats)
 from assistant.llm.llamacpp_chat import ChatFormat, TemplateProblem, TurnText, clean
 from assistant.llm.llamacpp_mtmd import EncodedImage, ImagePart, Projector
 from assistant.llm.llamacpp_runtime import Aborted, LlamaRuntime, SamplingParams
+from assistant.llm.llamacpp_text import spans, strip_marks, tokenize_spans
 from assistant.vision.base import VisionEncoder
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class LlamaCppBackend(LLMBackend):
         self.mmproj_path = Path(mmproj_path) if mmproj_path else None
         self._lock = threading.RLock()
         self._abort = threading.Event()
+        self._closing = threading.Event()      # close() was called: stop, start nothing
         self._rt: Optional[LlamaRuntime] = None
         self._proj: Optional[Projector] = None
         self._chat: Optional[ChatFormat] = None
@@ -91,6 +94,7 @@ class LlamaCppBackend(LLMBackend):
         self._n_cells = 0                      # KV cells in use
         self._sys_mark: Optional[_Mark] = None
         self._spec: Optional[_Spec] = None     # a speculative image prefill, if any
+        self._markup_cells: Optional[int] = None   # special tokens of one exchange's markup
 
     @classmethod
     def from_config(cls, cfg: Config) -> "LlamaCppBackend":
@@ -108,6 +112,7 @@ class LlamaCppBackend(LLMBackend):
         with self._lock:
             if self._rt is not None:
                 return
+            self._closing.clear()
             for path, key in ((self.model_path, "llm.llamacpp.model"),
                               (self.mmproj_path, "llm.llamacpp.mmproj")):
                 if path is not None and not path.is_file():
@@ -136,14 +141,25 @@ class LlamaCppBackend(LLMBackend):
                      rt.n_ctx, self._chat.source, self._n_cells,
                      f", projector {self.mmproj_path.name}" if self._proj else "")
 
-    def close(self) -> None:
-        with self._lock:
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Stop a running turn, then free the model. A native call that does not return
+        within ``wait_s`` keeps the model: it is left to the process's exit, never freed
+        under a running call (and the caller is not held up)."""
+        self._closing.set()
+        self._abort.set()
+        if not self._lock.acquire(timeout=wait_s):
+            log.warning("llama.cpp: a model call still runs %.0f s after the abort; the model "
+                        "is left to the process's exit", wait_s)
+            return
+        try:
             if self._proj is not None:
                 self._proj.close()   # before the model it refers to
                 self._proj = None
             if self._rt is not None:
                 self._rt.close()
                 self._rt = None
+        finally:
+            self._lock.release()
 
     def encoder(self) -> "LlamaCppEncoder":
         """The VisionEncoder that shares this backend's projector."""
@@ -178,20 +194,52 @@ class LlamaCppBackend(LLMBackend):
         return len(rt.tokenize(clean(text), parse_special=False))
 
     def turn_cost(self, text: str, image: ImageInput = None) -> int:
-        """KV cells the next turn would need: question, template, image, answer reserve."""
+        """KV cells the next turn would need: question, template, image, answer reserve.
+        A question that cannot fit is not tokenised: a lower bound past the context."""
         with self._lock:
-            self._require()
+            rt = self._require()
+            least = self._least_text_cells(text)
+            if least > rt.n_ctx:
+                return least + self._cfg.max_new_tokens
             _, segs, _ = self._plan(text, self._image_segment(image, encode=False))
             return _cells(segs) + self._cfg.max_new_tokens
 
     def history_cost(self, exchanges: Sequence[Exchange]) -> int:
-        """KV cells these exchanges take as text, rendered with the model's template."""
+        """KV cells these exchanges take as text, rendered with the model's template.
+
+        Exact whenever they could fit in the context; a history that cannot is not
+        tokenised, and the cheap lower bound (already past the context) is returned."""
         if not exchanges:
             return 0
         with self._lock:
-            self._require()
+            rt = self._require()
+            least = self._least_history_cells(exchanges)
+            if least > rt.n_ctx:
+                return least
             _, tokens = self._history_tokens(exchanges)
             return len(tokens)
+
+    def _least_history_cells(self, exchanges: Sequence[Exchange]) -> int:
+        """A lower bound on the cells of ``exchanges``, in time linear in their length and
+        without tokenising: the template's special tokens per exchange, plus the text's
+        bytes over the most bytes one token can stand for."""
+        rt = self._rt
+        text_bytes = sum(len(q.encode("utf-8", "replace")) +
+                         len((a or "").encode("utf-8", "replace")) for q, a in exchanges)
+        if self._markup_cells is None:
+            def specials(pair: Exchange) -> int:
+                _, tokens = self._history_tokens([pair])
+                return sum(1 for t in tokens if rt.is_special(t))
+            self._markup_cells = min(specials(("x", "y")), specials(("What is it? " * 4, "z")))
+        return len(exchanges) * self._markup_cells + self._least_bytes_cells(text_bytes)
+
+    def _least_text_cells(self, text: str) -> int:
+        return self._least_bytes_cells(len(text.encode("utf-8", "replace")))
+
+    def _least_bytes_cells(self, n: int) -> int:
+        """A lower bound on the tokens of n bytes of text (0 for text that may fit anyway:
+        reading the vocabulary once is worth it only past the context)."""
+        return n // self._rt.max_token_bytes if n > self._rt.n_ctx else 0
 
     # ------------------------------------------------------------------ encoding
 
@@ -272,12 +320,27 @@ class LlamaCppBackend(LLMBackend):
             self._restore(self._sys_mark)
             if not exchanges:
                 return
+            self._check_history(len(exchanges), self._least_history_cells(exchanges), True)
             msgs, tokens = self._history_tokens(exchanges)
-            self._check_fits(self._sys_mark.n_cells, len(tokens))
-            self._eval_segments([tokens], abortable=False)
+            self._check_history(len(exchanges), len(tokens), False)
+            try:
+                self._eval_segments([tokens], abortable=False)
+            except Aborted:
+                self._cut_cache(self._sys_mark)
+                self._check_open()
+                raise
             self._segments.append(tokens)
             self._messages = msgs
             self._kv_text = self._chat.render(msgs, add_generation_prompt=False)
+
+    def _check_history(self, n: int, cells: int, at_least: bool) -> None:
+        room = self._rt.n_ctx - self._sys_mark.n_cells - self._cfg.max_new_tokens
+        if cells > room:
+            raise ContextFullError(
+                f"the conversation to feed back ({n} exchanges, {'at least ' if at_least else ''}"
+                f"{cells} tokens) does not fit: the {self._rt.n_ctx}-token context has room for "
+                f"{max(room, 0)} beside the system prompt and the answer's reserve; send fewer "
+                "or shorter messages, or raise llm.max_context_len")
 
     def _history_tokens(self, exchanges: Sequence[Exchange]) -> tuple[list, list[int]]:
         """(messages, tokens after the system prompt) of the exchanges as text."""
@@ -286,14 +349,14 @@ class LlamaCppBackend(LLMBackend):
             msgs += [self._chat.message("user", clean(q)),
                      self._chat.message("assistant", (a or "").strip())]
         try:
-            text = self._chat.render(msgs, add_generation_prompt=False)
+            marked = self._chat.render_marked(msgs, add_generation_prompt=False)
         except TemplateProblem as e:
             raise BackendError(f"the model's chat template failed: {e}") from None
         base = self._sys_mark.kv_text
-        if not text.startswith(base):
+        if not strip_marks(marked).startswith(base):
             raise BackendError("the chat template does not render the history after the "
                                "system prompt; the history cannot be fed back")
-        tokens = self._rt.tokenize(text[len(base):])
+        tokens = tokenize_spans(self._rt, spans(marked, len(base)))
         if self._sys_mark.n_cells == 0:
             tokens = self._with_bos(tokens)
         return msgs, tokens
@@ -303,13 +366,20 @@ class LlamaCppBackend(LLMBackend):
                  options: Optional[TurnOptions] = None) -> TurnStats:
         with self._lock:
             self._require()
-            # An abort() from before this turn started belongs to an earlier turn.
+            # An abort() from before this turn started belongs to an earlier turn; a close
+            # does not (it sets _closing first).
             self._abort.clear()
+            self._check_open()
             if not keep_history:
                 self._restore(self._sys_mark)
             t0 = time.perf_counter()
             max_new = (options.max_new_tokens if options and options.max_new_tokens
                        else self._cfg.max_new_tokens)
+            least = self._least_text_cells(text)
+            if least > self._rt.n_ctx:
+                raise ContextFullError(
+                    f"the question is too long: at least {least} tokens, and the context holds "
+                    f"{self._rt.n_ctx}; ask a shorter question or raise llm.max_context_len")
             img = self._image_segment(image, encode=True)
             tt, segs, images = self._plan(text, img)
             replay = tt.replay
@@ -385,6 +455,10 @@ class LlamaCppBackend(LLMBackend):
                               c.top_k, c.top_p if o.top_p is None else o.top_p,
                               c.repeat_penalty, lc.seed if o.seed is None else o.seed)
 
+    def _check_open(self) -> None:
+        if self._closing.is_set():
+            raise BackendError("the llama.cpp backend is closing")
+
     def _require(self) -> LlamaRuntime:
         if self._rt is None:
             raise BackendError("the llama.cpp backend is not loaded (call load() first)")
@@ -450,7 +524,7 @@ class LlamaCppBackend(LLMBackend):
         at_start = (self._sys_mark.n_cells if tt.replay else self.tokens_used) == 0
         segs: list[Segment] = []
         for i, piece in enumerate(tt.texts):
-            tokens = rt.tokenize(piece) if piece else []
+            tokens = tokenize_spans(rt, piece) if piece else []
             if i == 0 and at_start:
                 tokens = self._with_bos(tokens)
             if tokens:
@@ -479,7 +553,8 @@ class LlamaCppBackend(LLMBackend):
 
     def _eval_segments(self, segs: list[Segment], abortable: bool = True) -> None:
         rt = self._rt
-        abort = self._abort if abortable else None
+        # Not abortable: a barge-in cannot cut it short; closing still does.
+        abort = self._abort if abortable else self._closing
         for i, seg in enumerate(segs):
             last = i == len(segs) - 1
             if isinstance(seg, list):
@@ -573,7 +648,12 @@ class LlamaCppBackend(LLMBackend):
         # A replay had cut the cache below the mark: evaluate the old conversation again.
         self._cut_cache(self._sys_mark)
         again = mark.segments[len(self._sys_mark.segments):]
-        self._eval_segments(again, abortable=False)   # restoring must not be cut short
+        try:
+            self._eval_segments(again, abortable=False)   # restoring must not be cut short
+        except Aborted:                                   # ... but by closing
+            self._restore(self._sys_mark)
+            self._check_open()
+            raise
         self._segments.extend(again)
 
 

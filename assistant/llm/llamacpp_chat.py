@@ -6,7 +6,9 @@ works for any template where a longer conversation renders as an extension of a 
 one (ChatML, SmolVLM, InternVL, Qwen-VL); when it does not, the backend notices and
 re-evaluates the conversation instead.
 
-Images are written into the text as mtmd's media marker; the backend splits on it.
+Images are written into the text as mtmd's media marker; the backend splits on it. Message
+text is rendered between provenance marks (``llamacpp_text``) so that it is tokenised as
+text, whatever it spells.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from assistant.llm.llamacpp_text import Span, split_spans, spans, strip_marks, wrap
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +45,32 @@ class TurnText:
 
     messages: list[dict]
     prompt: str
-    texts: list[str]     # the text to evaluate, split where images go (len = images + 1)
+    texts: list[list[Span]]  # what to evaluate, split where images go (len = images + 1)
     replay: bool         # the prompt does not extend the cache: evaluate from the system prompt
 
 
 def clean(text: str) -> str:
     """User text with the media marker removed, so it cannot pose as an image."""
-    return (text or "").replace(MEDIA_MARKER, "").strip()
+    return strip_marks((text or "").replace(MEDIA_MARKER, "")).strip()
+
+
+def _mark(message: dict) -> dict:
+    """The message with its text between provenance marks (the persona is trusted)."""
+    def marked(text: str) -> str:
+        if message["role"] == "system":
+            return strip_marks(text)
+        head = MEDIA_MARKER + "\n"
+        if message["role"] == "user" and text.startswith(head):
+            return head + wrap(text[len(head):])    # the backend's own image marker
+        return wrap(text)
+
+    content = message["content"]
+    if isinstance(content, str):
+        content = marked(content)
+    else:
+        content = [dict(p, text=marked(p["text"])) if p.get("type") == "text" else p
+                   for p in content]
+    return dict(message, content=content)
 
 
 class ChatFormat:
@@ -109,8 +132,12 @@ class ChatFormat:
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """The prompt text; BackendError-free: template errors become TemplateProblem."""
+        return strip_marks(self.render_marked(messages, add_generation_prompt))
+
+    def render_marked(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The prompt with every message's text between provenance marks."""
         try:
-            return self._render(messages, add_generation_prompt)
+            return self._render([_mark(m) for m in messages], add_generation_prompt)
         except Exception as e:
             raise TemplateProblem(str(e)) from None
 
@@ -136,12 +163,13 @@ class ChatFormat:
         if with_image:
             content = MEDIA_MARKER + "\n" + content
         msgs = history + [self.message("user", content)]
-        prompt = self.render(msgs, add_generation_prompt=True)
+        marked = self.render_marked(msgs, add_generation_prompt=True)
+        prompt = strip_marks(marked)
         replay = not prompt.startswith(cached)
         base = system_text if replay else cached
         if not prompt.startswith(base):
             raise TemplateProblem("the rendered conversation does not start with the system prompt")
-        return TurnText(msgs, prompt, prompt[len(base):].split(MEDIA_MARKER), replay)
+        return TurnText(msgs, prompt, split_spans(spans(marked, len(base)), MEDIA_MARKER), replay)
 
     def answer_message(self, turn: TurnText, answer: str) -> dict:
         """The answer as a history message that renders as what the cache holds.

@@ -24,6 +24,11 @@ from assistant.llm import llamacpp_native as native
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
+# llama_token_attr (llama.h): what llama_tokenize matches as a special token, and the
+# attributes that make it swallow neighbouring whitespace.
+_SPECIAL_ATTRS = (1 << 0) | (1 << 3) | (1 << 4)     # UNKNOWN | CONTROL | USER_DEFINED
+_LSTRIP, _RSTRIP = 1 << 7, 1 << 8
+_CACHED_CHARS, _CACHE_ENTRIES = 48, 4096
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,10 @@ class LlamaRuntime:
         self._batch = L.llama_batch_init(n_batch, 0, 1)
         self._embd_batch: Any = None
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._special: dict[int, bool] = {}
+        self._tok_cache: dict[tuple[str, bool], tuple[int, ...]] = {}
+        self.tokenize_calls = 0     # native tokenisations (for tests of the cost)
+        self._max_token_bytes: Optional[int] = None
         self._sampler: Optional[int] = None
         self.evaluated = 0      # tokens and embedding rows passed to llama_decode, all time
         self._closed = False
@@ -111,7 +120,23 @@ class LlamaRuntime:
         return raw.decode("utf-8", "replace") if raw else ""
 
     def tokenize(self, text: str, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
+        # Template markup repeats every message, and each call has a fixed native cost:
+        # short texts are remembered.
+        short = len(text) <= _CACHED_CHARS
+        if short:
+            got = self._tok_cache.get((text, parse_special))
+            if got is not None:
+                return list(got)
+        tokens = self._tokenize(text, parse_special)
+        if short:
+            if len(self._tok_cache) >= _CACHE_ENTRIES:
+                self._tok_cache.clear()
+            self._tok_cache[(text, parse_special)] = tuple(tokens)
+        return tokens
+
+    def _tokenize(self, text: str, parse_special: bool) -> list[int]:
+        self.tokenize_calls += 1
+        data = text.encode("utf-8", "replace")     # a lone surrogate is not UTF-8
         cap = len(data) + 8
         buf = (self._l.llama_token * cap)()
         n = self._l.llama_tokenize(self.vocab, data, len(data), buf, cap, False, parse_special)
@@ -122,6 +147,29 @@ class LlamaRuntime:
             if n < 0:
                 raise BackendError(f"llama.cpp could not tokenise {len(data)} bytes of text")
         return list(buf[:n])
+
+    def is_special(self, token: int) -> bool:
+        """A control, user-defined or unknown token: what parse_special would match."""
+        got = self._special.get(token)
+        if got is None:
+            attr = int(self._l.llama_vocab_get_attr(self.vocab, token))
+            got = self._special[token] = bool(attr & _SPECIAL_ATTRS)
+        return got
+
+    def special_text(self, token: int) -> tuple[str, bool, bool]:
+        """(spelling, eats whitespace before it, eats whitespace after it) of a token."""
+        attr = int(self._l.llama_vocab_get_attr(self.vocab, token))
+        return self.token_text(token), bool(attr & _LSTRIP), bool(attr & _RSTRIP)
+
+    @property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the bytes of text one token stands for (its spelling's length
+        in the vocabulary, which is never shorter); read once, when first needed."""
+        if self._max_token_bytes is None:
+            get = self._l.llama_vocab_get_text
+            self._max_token_bytes = max(
+                (len(get(self.vocab, t) or b"") for t in range(self.n_vocab)), default=1) or 1
+        return self._max_token_bytes
 
     def piece(self, token: int) -> bytes:
         """The bytes a generated token stands for (control tokens give b'')."""

@@ -33,7 +33,8 @@ import numpy as np
 from assistant.config import ConfigError, LlmConfig, PersonaConfig, RkllmConfig
 from assistant.errors import BackendError, ContextFullError, ModelMissingError
 from assistant.llm import rkllm_abi as abi_mod
-from assistant.llm.base import Exchange, ImageEmbedding, LLMBackend, TurnOptions, TurnStats
+from assistant.llm.base import (CLOSE_WAIT_S, Exchange, ImageEmbedding, LLMBackend,
+                                TurnOptions, TurnStats)
 from assistant.llm.families import IMAGE_PLACEHOLDER, Family, get_family
 from assistant.llm.rkllm_abi import (RKLLM_INFER_GENERATE, RKLLM_INFER_GET_LAST_HIDDEN_LAYER,
                                      RKLLM_INPUT_MULTIMODAL,
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 _MAX_CPU = 7  # RK3576 / RK3588: CPUs 0-3 little, 4-7 big
 _START_BYTES_PER_TOKEN = 3.0
+# Sampling fields the config does not set: a 1.3.0 run's own sampling keeps the runtime's.
+_KEPT_SAMPLING = ("frequency_penalty", "presence_penalty", "mirostat", "mirostat_tau",
+                  "mirostat_eta")
 # Runtime error texts that mean the context overflowed (the turn can be compacted and retried).
 _OVERFLOW = re.compile(r"context|exceed|kv cache|too long", re.IGNORECASE)
 
@@ -131,6 +135,7 @@ class RkllmBackend(LLMBackend):
         self._lock = threading.Lock()        # every runtime call but rkllm_abort
         self._state_lock = threading.Lock()  # the handle and the running turn, for abort()
         self._abort = threading.Event()
+        self._closing = False                # close() was called: no new run starts
         self._lib: Optional[ctypes.CDLL] = None
         self._abi: Optional[Abi] = None
         self._handle: Optional[int] = None
@@ -148,6 +153,7 @@ class RkllmBackend(LLMBackend):
         # next question, in the same run, since the runtime takes no assistant messages.
         self._pending = ""
         self._warned_sampling = False
+        self._kept_sampling: dict[str, float] = {}   # init sampling values a run keeps
         # llm.rkllm.prefill_early: the prompt and image of the last prefill-only run, the
         # KV size that means "no history held", and whether the runtime showed it reuses.
         self._early: Optional[tuple[str, ImageEmbedding]] = None
@@ -183,12 +189,14 @@ class RkllmBackend(LLMBackend):
         with self._lock:
             if self._handle is not None:
                 return
+            self._closing = False
             t0 = time.monotonic()
             model = self._model_path()
             lib, _, version, abi = abi_mod.open_runtime(self._rk, self._resolve)
             abi.bind(lib)
             param = lib.rkllm_createDefaultParam()
             self._fill_param(param, abi, model)
+            self._kept_sampling = {name: getattr(param, name) for name in _KEPT_SAMPLING}
 
             # The callback reaches the backend through a weak reference, so the finalizer
             # that keeps it alive does not keep the backend alive too.
@@ -410,13 +418,14 @@ class RkllmBackend(LLMBackend):
         """
         fam = self.family
         end = getattr(fam, "turn_end", "<|im_end|>\n")
-        return "".join(self._clean(q) + fam.prompt_postfix + (a or "").strip() + end +
-                       fam.prompt_prefix for q, a in exchanges)
+        return "".join(self._clean(q) + fam.prompt_postfix + fam.escape((a or "").strip()) +
+                       end + fam.prompt_prefix for q, a in exchanges)
 
-    @staticmethod
-    def _clean(text: str) -> str:
-        # Only the backend places the image.
-        return text.replace(IMAGE_PLACEHOLDER, " ").strip() if IMAGE_PLACEHOLDER in text else text
+    def _clean(self, text: str) -> str:
+        """A question as text: only the backend places the image, and markers are escaped."""
+        if IMAGE_PLACEHOLDER in text:
+            text = text.replace(IMAGE_PLACEHOLDER, " ").strip()
+        return self.family.escape(text)
 
     def load_history(self, exchanges: Sequence[Exchange]) -> None:
         """Clear all but the system prompt; the exchanges go in with the next question."""
@@ -608,6 +617,8 @@ class RkllmBackend(LLMBackend):
     def _run(self, inp: Any, infer: Any, turn: "_Turn") -> int:
         """rkllm_run with ``turn`` receiving the callbacks (blocking; under self._lock)."""
         with self._state_lock:
+            if self._closing:       # an abort from close() must not be cleared away
+                raise BackendError("the rkllm backend is closing")
             self._abort.clear()
             self._turn = turn
         try:
@@ -627,6 +638,9 @@ class RkllmBackend(LLMBackend):
         sp.top_p = llm.top_p if options.top_p is None else options.top_p
         sp.temperature = temp
         sp.repeat_penalty = llm.repeat_penalty
+        # The rest as the runtime was initialised (not zeros, which would change them).
+        for name, value in self._kept_sampling.items():
+            setattr(sp, name, value)
         return sp
 
     def _stats(self, turn: _Turn, aborted: bool, wall_ms: float) -> TurnStats:
@@ -738,10 +752,20 @@ class RkllmBackend(LLMBackend):
         if finalizer is not None:
             finalizer()
 
-    def close(self) -> None:
-        """Abort a running turn, then destroy the handle (idempotent)."""
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Abort a running turn, then destroy the handle (idempotent). A runtime that does
+        not return from rkllm_run within ``wait_s`` keeps its handle: destroying it under a
+        running call would crash, so it is left to the process's exit."""
+        with self._state_lock:
+            self._closing = True
         self.abort()
-        with self._lock:
+        if not self._lock.acquire(timeout=wait_s):
+            log.warning("rkllm: the runtime still runs %.0f s after the abort; the model is "
+                        "left to the process's exit", wait_s)
+            return
+        try:
             if self._handle is not None:
                 self._release()
                 log.info("rkllm model released")
+        finally:
+            self._lock.release()

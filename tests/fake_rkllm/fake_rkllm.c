@@ -14,7 +14,8 @@
  *   - one "token" is one byte of text (an image token is one token), so tests can compute
  *     what fits: a turn needing more than max_context_len fails with RKLLM_RUN_ERROR;
  *   - keep_history, rkllm_clear_kv_cache, rkllm_abort and prompt caches work as documented;
- *   - every call and every argument is recorded; fake_rkllm_dump() returns them as JSON.
+ *   - every call and every argument is recorded (a run's sampling values too, when the
+ *     1.3.0 infer params carry them); fake_rkllm_dump() returns them as JSON.
  * Test hooks: fake_rkllm_set("hold_after", n) makes generation wait after n callbacks until
  * rkllm_abort (at most 30 s); "hang_after" n makes it sleep after n callbacks for 60 s,
  * ignoring rkllm_abort (a runtime wedged in the NPU driver); "error_at" n reports an error
@@ -949,6 +950,16 @@ EXPORT int rkllm_run(LLMHandle h, RKLLMInput *in, RKLLMInferParam *ip, void *use
     }
 #ifdef RKLLM_ABI_130
     rec_b(&r, "sampling_params", ip->sampling_params != NULL);
+    if (ip->sampling_params) { /* the values this run samples with */
+        const RKLLMSamplingParam *sp = ip->sampling_params;
+        rec_i(&r, "top_k", sp->top_k);
+        rec_f(&r, "top_p", sp->top_p);
+        rec_f(&r, "temperature", sp->temperature);
+        rec_f(&r, "repeat_penalty", sp->repeat_penalty);
+        rec_f(&r, "frequency_penalty", sp->frequency_penalty);
+        rec_f(&r, "presence_penalty", sp->presence_penalty);
+        rec_i(&r, "mirostat", sp->mirostat);
+    }
     rec_i(&r, "infer_max_new_tokens", ip->max_new_tokens);
 #endif
     rec_b(&r, "userdata", userdata != NULL);
