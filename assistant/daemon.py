@@ -30,6 +30,7 @@ from assistant.conversation import Conversation, Priority
 from assistant.debug_recording import recorder_for
 from assistant.health import EX_SOFTWARE, HEALTH, STAGES, Health, Watch
 from assistant.intent import IntentClassifier
+from assistant.audio.wake import under_systemd
 from assistant.pipeline import Pipeline, make_conversation
 from assistant.sdnotify import Notifier
 from assistant.transcript import TranscriptWriter, transcript_path
@@ -54,8 +55,10 @@ class DeviceStatus:
     unavailable: <why>" while it is down, back to "listening" once it works again (its
     ``state`` / ``problem``)."""
 
-    def __init__(self, sink: object, notify: Callable[[str], None], what: str = "speaker"):
+    def __init__(self, sink: object, notify: Callable[[str], None], what: str = "speaker",
+                 idle: Callable[[], str] = lambda: "listening"):
         self.sink = sink
+        self.idle = idle            # what STATUS says once it works (or: waiting for wake word)
         self.what = what
         self.notify = notify
         self.reported = ""          # the problem last put in STATUS; "" while it is fine
@@ -69,7 +72,7 @@ class DeviceStatus:
                 self.notify(f"STATUS={self.what} unavailable: {problem}")
         elif state == "ready" and self.reported:
             self.reported = ""
-            self.notify("STATUS=listening")
+            self.notify(f"STATUS={self.idle()}")
 
 
 # --------------------------------------------------------------------------- the watchdog
@@ -231,10 +234,13 @@ async def run_daemon(cfg: Config) -> int:
     conversation = make_conversation(cfg, parts, transcript,
                                      gate=make_gate(cfg) if cfg.http.enabled else None)
     recorder = recorder_for(cfg)       # logging.debug_recording / run --debug-recording
-    pipeline = Pipeline(cfg, parts, conversation=conversation, notify=notify, recorder=recorder)
+    pipeline = Pipeline(cfg, parts, conversation=conversation, notify=notify, recorder=recorder,
+                        service=under_systemd())
     # The HTTP API and page on this loop; if it cannot listen, the voice loop goes on.
     http = (await start_server(cfg, conversation, parts, voice=pipeline.voice, has_mic=True,
                                required=False) if cfg.http.enabled else None)
+    if http is not None:
+        http.hub.idle_state = lambda: pipeline.addressing.state   # or: waiting for wake word
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stopping = False
@@ -272,10 +278,13 @@ async def run_daemon(cfg: Config) -> int:
 
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {sig: signal.signal(sig, on_signal) for sig in signals}
-    camera = (DeviceStatus(conversation.scene, notify, "camera")
+    def idle() -> str:
+        return pipeline.addressing.state
+
+    camera = (DeviceStatus(conversation.scene, notify, "camera", idle)
               if conversation.scene.camera is not None else None)
     watchdog = asyncio.create_task(supervise(notify, HEALTH, stuck,
-                                             DeviceStatus(parts.sink, notify),
+                                             DeviceStatus(parts.sink, notify, idle=idle),
                                              devices=(camera,)))
     notify("READY=1")
     log.info("listening (llm %s, vision %s, asr %s)", cfg.llm.backend, cfg.vision.encoder, cfg.asr.model)
