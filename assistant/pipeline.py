@@ -35,7 +35,7 @@ from assistant.audio.pause_asr import PauseTranscriber
 from assistant.audio.sentences import SentenceSplitter
 from assistant.audio.vad import Endpointer, SpeechDiscarded, SpeechStarted, Utterance
 from assistant.audio.voice_out import VoiceOut
-from assistant.audio.wake import WakeListener, resolve_mode, word_phrase
+from assistant.audio.wake import WakeListener, resolve_mode
 from assistant.config import Config
 from assistant.conversation import Conversation, Request, TurnGate
 from assistant.errors import AssistantError, BackendError, ContextFullError, DeviceError
@@ -223,7 +223,7 @@ class Pipeline:
     async def _chime(self) -> None:
         try:
             await self.parts.sink.play(chime(self.parts.sink.sample_rate))
-        except AssistantError as e:
+        except Exception as e:       # a speaker gone must not end the conversation
             log.warning("cannot play the wake chime: %s", e)
 
     def _on_frame(self, frame: bytes) -> None:

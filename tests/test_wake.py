@@ -250,6 +250,18 @@ def test_addressed_questions_and_the_follow_up_window(tmp_path, spoken, whisper_
     assert "apple" in heard and "blue" in heard and "clock" not in heard
 
 
+def test_a_question_straight_after_the_wake_word(tmp_path, spoken, whisper_tiny, voices):
+    """No pause after the wake word: the question is heard from where the wake fired, and
+    what whisper may keep of the wake word does not reach the model."""
+    llm = ScriptedLLM(["I see a red apple."])
+    pcm = stream(spoken, 0.5, "Okay Nabu, what do you see on the table?", 1.5)
+    pipe, parts = make(tmp_path, pcm, whisper_tiny, voices, llm, WakeConfig(mode="word"))
+    run(pipe, parts)
+    assert [t.addressed for t in pipe.turns] == [BY_WORD]
+    question = llm.calls[0]["text"].lower()
+    assert "table" in question and "nabu" not in question and "okay" not in question
+
+
 def test_a_wake_with_no_question_gets_sorry(tmp_path, spoken, whisper_tiny, voices):
     llm = ScriptedLLM(["Never."])
     pcm = stream(spoken, 0.5, "Okay Nabu.", 3.0)

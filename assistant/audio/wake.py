@@ -145,14 +145,6 @@ def resolve_mode(cfg: WakeConfig, *, service: bool) -> str:
     return "word" if service and available() else "none"
 
 
-def word_phrase(cfg: WakeConfig) -> Optional[str]:
-    """The spoken form of wake.word ("Okay Nabu"), or None without the wheel."""
-    try:
-        return builtin(cfg.word).phrase
-    except ModelMissingError:
-        return None
-
-
 class WakeListener:
     """A WakeWord driven from the event loop: each frame goes to one worker thread of its own
     (the model keeps state between frames, so one thread, in frame order), and the loop
