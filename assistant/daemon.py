@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 # Sections whose objects are built once at start (models, devices, sockets, files): a
 # SIGHUP that changes them is told to restart instead.
 RESTART_SECTIONS = ("llm", "vision", "asr", "tts", "audio", "camera", "http", "vad",
-                    "transcript")
+                    "transcript", "wake")
 
 # How often the watchdog loop looks at the running calls and the speaker.
 _TICK_S = 0.5

@@ -188,6 +188,14 @@ def test_auto_is_word_only_for_the_installed_service(monkeypatch):
     assert under_systemd()
 
 
+def test_a_changed_wake_section_waits_for_a_restart():
+    from assistant.daemon import plan_reload
+
+    running, new = parse("wake: {mode: word}", "a.yaml"), parse("wake: {mode: none}", "a.yaml")
+    applied, restart = plan_reload(running, new)
+    assert restart == ["wake"] and applied.wake.mode == "word"
+
+
 def test_bad_wake_settings_name_the_key():
     with pytest.raises(ConfigError, match=r"wake\.word: expected one of 'okay_nabu'"):
         parse("wake: {word: hey_siri}")
@@ -307,3 +315,26 @@ def test_the_page_shows_the_wake_state():
     state[0] = LISTENING
     hub._update_state()
     assert [e["state"] for e in events] == [WAITING, LISTENING]
+
+
+def test_ask_uses_the_same_wake_logic_and_says_why(tmp_path, spoken):
+    """`ask` with wake.mode word: a file without the wake word makes no question turn, and
+    its JSON says why for each utterance; with the wake word the question is a turn. (No
+    language model here: the turn's intent is what counts.)"""
+    from assistant.ask import ask
+
+    cfg = Config(wake=WakeConfig(mode="word"))
+    cfg = replace(cfg, vision=replace(cfg.vision, encoder="none"),
+                  persona=replace(cfg.persona, language="en"))
+    tv = write_wav(tmp_path / "tv.wav", stream(spoken, 0.5, TV[0], 1.0, TV[2], 1.0), RATE)
+    r = asyncio.run(ask(cfg, tv, None, None, allow_missing_llm=True))
+    assert r["intent"] == "nothing" and "turns" not in r
+    assert len(r["not_addressed"]) == 2
+    assert all(u["note"].startswith("not addressed: no wake word") and u["duration_s"] > 1
+               for u in r["not_addressed"])
+    assert r["note"] == r["not_addressed"][-1]["note"]
+    woken = write_wav(tmp_path / "woken.wav",
+                      stream(spoken, 0.5, "Okay Nabu.", 0.8, TV[2], 1.0), RATE)
+    r = asyncio.run(ask(cfg, woken, None, None, allow_missing_llm=True))
+    assert r["intent"] == "question" and r["addressed"] == "wake word"
+    assert "table" in r["transcript"].lower() and "not_addressed" not in r
