@@ -23,13 +23,14 @@ from assistant.config import Config, ConfigError, TtsConfig, WakeConfig, parse
 from assistant.pipeline import Components, Pipeline
 from scripted_llm import ScriptedLLM
 from speech_fixtures import hear, write_wav
+from wake_speech import TV
 
 pytest.importorskip("pymicro_wakeword", reason="wake word tests need pymicro-wakeword")
 
 RATE = 16000
 
-# A television in the room: speech nobody says to the assistant.
-TV = ["Tonight's weather brings heavy rain across the northern hills.",
+# Speech in the room that is not said to the assistant (the long television is TV).
+ROOM = ["Tonight's weather brings heavy rain across the northern hills.",
       "The home team scored twice in the second half.",
       "What do you see on the table?",
       "Stay with us after the break for the latest news.",
@@ -66,12 +67,15 @@ class CountingAsr:
         return self.asr.transcribe(pcm, **kw)
 
 
-def make(tmp_path, pcm, asr, voices, llm, wake: WakeConfig, realtime=False, notify=None):
+def make(tmp_path, pcm, asr, voices, llm, wake: WakeConfig, realtime=False, notify=None,
+         barge_in=False):
     wav = write_wav(tmp_path / "heard.wav", pcm, RATE)
     cfg = Config(wake=wake)
-    cfg = replace(cfg, persona=replace(cfg.persona, language="en"))
+    cfg = replace(cfg, persona=replace(cfg.persona, language="en"),
+                  audio=replace(cfg.audio, barge_in=barge_in))
     parts = Components(source=WavSource(wav, frame_ms=cfg.vad.frame_ms, realtime=realtime),
-                       sink=WavSink(tmp_path / "answer.wav", voices.sample_rate),
+                       sink=WavSink(tmp_path / "answer.wav", voices.sample_rate,
+                                    realtime=barge_in),
                        asr=asr, voices=voices, llm=llm)
     return Pipeline(cfg, parts, notify=notify), parts
 
@@ -118,7 +122,7 @@ def test_the_wake_word_fires_on_piper_speech(spoken, text):
 def test_the_wake_word_ignores_other_speech(spoken):
     word = WakeWord(WakeConfig(word="okay_nabu"))
     word.load()
-    assert detections(word, stream(spoken, *[p for t in TV for p in (t, 0.4)])) == []
+    assert detections(word, stream(spoken, *[p for t in ROOM for p in (t, 0.4)])) == []
 
 
 def test_a_stricter_cutoff_hears_less():
@@ -222,11 +226,12 @@ def test_a_television_makes_no_turn_and_never_reaches_whisper(tmp_path, spoken, 
     asr = CountingAsr(whisper_tiny)
     llm = ScriptedLLM(["Never."])
     pcm = stream(spoken, 0.5, *[p for t in TV for p in (t, 1.0)])
+    assert len(pcm) / RATE > 120               # two minutes of it
     pipe, parts = make(tmp_path, pcm, asr, voices, llm, WakeConfig(mode="word"))
     run(pipe, parts)
     assert not pipe.turns and llm.calls == []
     assert asr.calls == 0                      # dropped before whisper
-    assert len(pipe.skipped) >= len(TV) - 1
+    assert len(pipe.skipped) >= len(TV) - 2
     assert all(s["note"].startswith("not addressed: no wake word (Okay Nabu)")
                for s in pipe.skipped)
 
@@ -268,6 +273,20 @@ def test_a_question_straight_after_the_wake_word(tmp_path, spoken, whisper_tiny,
     assert [t.addressed for t in pipe.turns] == [BY_WORD]
     question = llm.calls[0]["text"].lower()
     assert "table" in question and "nabu" not in question and "okay" not in question
+
+
+def test_talking_over_the_answer_needs_no_wake(tmp_path, spoken, whisper_tiny, voices):
+    """Barge-in (the answer played in real time, as a speaker does): "Stop." said over a long
+    answer cuts it, without a wake word before it."""
+    llm = ScriptedLLM(["Let me describe everything I can see in front of me in great detail. " * 4,
+                       "Okay."], piece_delay=0.02)
+    pcm = stream(spoken, 0.5, "Okay Nabu.", 0.8, "What do you see on the table?", 3.5, "Stop.",
+                 1.5)
+    pipe, parts = make(tmp_path, pcm, whisper_tiny, voices, llm, WakeConfig(mode="word"),
+                       realtime=True, barge_in=True)
+    run(pipe, parts)
+    assert [t.addressed for t in pipe.turns] == [BY_WORD, DURING_ANSWER]
+    assert pipe.turns[0].interrupted and "stop" in pipe.turns[1].transcript.lower()
 
 
 def test_a_wake_with_no_question_gets_sorry(tmp_path, spoken, whisper_tiny, voices):
@@ -326,7 +345,7 @@ def test_ask_uses_the_same_wake_logic_and_says_why(tmp_path, spoken):
     cfg = Config(wake=WakeConfig(mode="word"))
     cfg = replace(cfg, vision=replace(cfg.vision, encoder="none"),
                   persona=replace(cfg.persona, language="en"))
-    tv = write_wav(tmp_path / "tv.wav", stream(spoken, 0.5, TV[0], 1.0, TV[2], 1.0), RATE)
+    tv = write_wav(tmp_path / "tv.wav", stream(spoken, 0.5, ROOM[0], 1.0, ROOM[2], 1.0), RATE)
     r = asyncio.run(ask(cfg, tv, None, None, allow_missing_llm=True))
     assert r["intent"] == "nothing" and "turns" not in r
     assert len(r["not_addressed"]) == 2
@@ -334,7 +353,7 @@ def test_ask_uses_the_same_wake_logic_and_says_why(tmp_path, spoken):
                for u in r["not_addressed"])
     assert r["note"] == r["not_addressed"][-1]["note"]
     woken = write_wav(tmp_path / "woken.wav",
-                      stream(spoken, 0.5, "Okay Nabu.", 0.8, TV[2], 1.0), RATE)
+                      stream(spoken, 0.5, "Okay Nabu.", 0.8, ROOM[2], 1.0), RATE)
     r = asyncio.run(ask(cfg, woken, None, None, allow_missing_llm=True))
     assert r["intent"] == "question" and r["addressed"] == "wake word"
     assert "table" in r["transcript"].lower() and "not_addressed" not in r
