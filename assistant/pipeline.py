@@ -377,7 +377,7 @@ class Pipeline:
             turn.addressed = BY_PHRASE
             self.addressing.taken()
         if heard is None:
-            if turn.addressed in WOKEN:
+            if turn.addressed in WOKEN and not turn.answer:     # nothing said about it yet
                 lang = self._reply_language(None)
                 turn.answer = await self._sorry(lang, turn)
             return None

@@ -22,7 +22,7 @@ from assistant.audio.wav_source import WavSource, read_wav
 from assistant.config import Config, ConfigError, TtsConfig, WakeConfig, parse
 from assistant.pipeline import Components, Pipeline
 from scripted_llm import ScriptedLLM
-from speech_fixtures import hear, write_wav
+from speech_fixtures import hear, white_noise, write_wav
 from wake_speech import TV
 
 pytest.importorskip("pymicro_wakeword", reason="wake word tests need pymicro-wakeword")
@@ -298,6 +298,19 @@ def test_a_wake_with_no_question_gets_sorry(tmp_path, spoken, whisper_tiny, voic
     assert not pipe.turns and llm.calls == []
     assert [s["note"] for s in pipe.skipped] == [
         "woken, but no question started within wake.listen_s"]
+    assert "sorry" in said(whisper_tiny, tmp_path)
+
+
+def test_a_wake_with_nothing_understood_after_it_gets_sorry(tmp_path, spoken, whisper_tiny,
+                                                            voices):
+    llm = ScriptedLLM(["Never."])
+    pcm = np.concatenate([stream(spoken, 0.5, "Okay Nabu.", 0.6), white_noise(1.5, 0.2),
+                          silence(2.0)])
+    pipe, parts = make(tmp_path, pcm, whisper_tiny, voices, llm, WakeConfig(mode="word"))
+    run(pipe, parts)
+    assert llm.calls == []
+    assert [(t.addressed, t.intent, t.answer) for t in pipe.turns] == [
+        (BY_WORD, "nothing", "Sorry?")]
     assert "sorry" in said(whisper_tiny, tmp_path)
 
 
