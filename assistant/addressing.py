@@ -134,7 +134,7 @@ class Addressing:
         return ""
 
     def speech_discarded(self) -> None:
-        """The speech was too short to be a question: a wake it took waits on."""
+        """The speech was too short to be a question, or dropped: a wake it took waits on."""
         if self._spent is not None:
             self._wake_at, self._wake_kind = self._spent
             self._spent = None
@@ -144,9 +144,6 @@ class Addressing:
         self._spent = None
         if self.needed:
             self._busy += 1
-
-    def ignored(self) -> None:
-        self._spent = None
 
     def answered(self) -> None:
         """The answer's last sound: the follow-up window opens."""

@@ -202,6 +202,7 @@ class Pipeline:
         question with it)."""
         if self.endpointer.in_speech:
             self.endpointer.reset()
+            self.addressing.speech_discarded()      # a wake this speech took waits on
         self.onset.drop(self._snapshot)
         self._snapshot = None
 

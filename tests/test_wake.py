@@ -160,7 +160,6 @@ def test_the_wake_opens_the_ear_and_the_answer_the_follow_up_window():
     a.answered()                               # the last sound: the window opens
     a.heard(2.9)
     assert a.speech_started() == FOLLOW_UP
-    a.ignored()
     a.heard(0.2)
     assert a.state == WAITING and a.speech_started() == ""
 
