@@ -24,13 +24,13 @@ import time
 from typing import Awaitable, Callable, Optional
 
 from assistant import components
+from assistant.audio.wake import under_systemd
 from assistant import config as config_mod
 from assistant.config import Config, ConfigError, check_files
 from assistant.conversation import Conversation, Priority
 from assistant.debug_recording import recorder_for
 from assistant.health import EX_SOFTWARE, HEALTH, STAGES, Health, Watch
 from assistant.intent import IntentClassifier
-from assistant.audio.wake import under_systemd
 from assistant.pipeline import Pipeline, make_conversation
 from assistant.sdnotify import Notifier
 from assistant.transcript import TranscriptWriter, transcript_path
@@ -52,8 +52,8 @@ _CLOSE_TIMEOUT_S = 3.0
 
 class DeviceStatus:
     """STATUS= for a device that recovers by itself (the speaker, the camera): "<what>
-    unavailable: <why>" while it is down, back to "listening" once it works again (its
-    ``state`` / ``problem``)."""
+    unavailable: <why>" while it is down, back to ``idle()`` ("listening", or "waiting for
+    wake word") once it works again (its ``state`` / ``problem``)."""
 
     def __init__(self, sink: object, notify: Callable[[str], None], what: str = "speaker",
                  idle: Callable[[], str] = lambda: "listening"):
@@ -236,11 +236,16 @@ async def run_daemon(cfg: Config) -> int:
     recorder = recorder_for(cfg)       # logging.debug_recording / run --debug-recording
     pipeline = Pipeline(cfg, parts, conversation=conversation, notify=notify, recorder=recorder,
                         service=under_systemd())
+
+    def idle() -> str:
+        """What the voice loop does between turns: listening, or waiting for wake word."""
+        return pipeline.addressing.state
+
     # The HTTP API and page on this loop; if it cannot listen, the voice loop goes on.
     http = (await start_server(cfg, conversation, parts, voice=pipeline.voice, has_mic=True,
                                required=False) if cfg.http.enabled else None)
     if http is not None:
-        http.hub.idle_state = lambda: pipeline.addressing.state   # or: waiting for wake word
+        http.hub.idle_state = idle
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stopping = False
@@ -278,9 +283,6 @@ async def run_daemon(cfg: Config) -> int:
 
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {sig: signal.signal(sig, on_signal) for sig in signals}
-    def idle() -> str:
-        return pipeline.addressing.state
-
     camera = (DeviceStatus(conversation.scene, notify, "camera", idle)
               if conversation.scene.camera is not None else None)
     watchdog = asyncio.create_task(supervise(notify, HEALTH, stuck,
