@@ -1,5 +1,9 @@
 """`rkvlm-assistant ask`: one question from a WAV file (and an image) through the same
-pipeline as the daemon, with file devices; returns what happened as a JSON-able dict."""
+pipeline as the daemon, with file devices; returns what happened as a JSON-able dict.
+
+With wake.mode word or phrase the file goes through the same wake logic as the microphone:
+speech nobody addressed makes no turn and is listed under ``not_addressed`` with the reason
+(wake.mode auto is none here)."""
 
 from __future__ import annotations
 
@@ -56,9 +60,12 @@ async def ask(cfg: Config, audio: Path, image: Optional[Path], out: Optional[Pat
     finally:
         await components.close(parts)
     turns = [t.as_json() for t in done]
+    # Speech that made no turn (wake.mode word / phrase: nobody addressed the assistant).
+    skipped = list(pipeline.skipped)
     result = dict(turns[-1]) if turns else {
         "transcript": "", "language": "", "intent": "nothing", "answer": "",
-        "note": "no speech found in the audio", "timings_ms": {}}
+        "note": skipped[-1]["note"] if skipped else "no speech found in the audio",
+        "timings_ms": {}}
     result.pop("turn", None)
     result["audio"] = str(audio)
     result["image_file"] = str(image) if image else None
@@ -68,4 +75,6 @@ async def ask(cfg: Config, audio: Path, image: Optional[Path], out: Optional[Pat
         result["image_note"] = image_note
     if len(turns) > 1:
         result["turns"] = turns
+    if skipped:
+        result["not_addressed"] = skipped
     return result

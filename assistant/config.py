@@ -79,6 +79,7 @@ class PersonaLines:
                        "Spoken when a question comes and the language model is missing.")
     reply_hint: str = _f("Answer in English.", "Sent to the model after each question in this language, so it answers in it; empty for none.")
     not_heard: str = _f("Sorry, I didn't catch that.", "Spoken when speech was heard but whisper could not make out the words (low confidence); empty for none. Noise too short to be speech (vad.min_speech_ms) gets nothing.")
+    sorry: str = _f("Sorry?", "Spoken when the assistant was woken (wake word or phrase) but understood nothing after it.")
 
 
 _ZH_LINES = PersonaLines(
@@ -87,7 +88,7 @@ _ZH_LINES = PersonaLines(
     error="抱歉，我思考的时候出了问题，请再问一次。", too_long="抱歉，这个问题对我来说太长了。",
     full="抱歉，我们的对话太长了。说“清除”重新开始。",
     no_model="我的语言模型还没有安装，所以无法回答。安装命令在日志里。",
-    reply_hint="请用中文回答。", not_heard="抱歉，我没听清楚。")
+    reply_hint="请用中文回答。", not_heard="抱歉，我没听清楚。", sorry="抱歉？")
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,21 @@ class DeadlinesConfig:
 
 
 @dataclass(frozen=True)
+class WakeConfig:
+    mode: Literal["auto", "none", "word", "phrase"] = _f(
+        "auto", "When speech becomes a question: none (everything heard), word (only after the wake word wake.word, heard by a small model on the microphone; other speech is dropped before speech recognition), phrase (only an utterance that starts with one of wake.phrases), or auto: word when the daemon runs as a systemd service (INVOCATION_ID and NOTIFY_SOCKET set) and pymicro-wakeword is installed, else none; `ask` and the demo take auto as none. After a wake, the wake.follow_up_s window and talking over an answer need no wake.")
+    word: Literal["okay_nabu", "hey_jarvis", "alexa", "hey_mycroft"] = _f(
+        "okay_nabu", "The wake word (wake.mode word): okay_nabu, hey_jarvis, alexa or hey_mycroft, models inside the pymicro-wakeword wheel (nothing is downloaded).")
+    cutoff: Optional[float] = _f(
+        None, "Probability the wake word model must pass (the mean of its last 5 outputs); null: the model's own cut-off (okay_nabu 0.85, hey_jarvis 0.97, alexa 0.9, hey_mycroft 0.95). Higher: fewer false wakes, more missed ones.", lo=0.01, hi=0.999)
+    phrases: tuple[str, ...] = _f(
+        ["rocky", "hey rocky", "okay rocky", "洛奇"], "Names that address the assistant at the start of an utterance (wake.mode phrase: \"Rocky, what do you see?\"), matched without case or punctuation and taken off before the question goes to the model; the name alone wakes it for the next utterance.")
+    listen_s: float = _f(5.0, "After a wake, how long the question may take to start; if nothing comes (or nothing is understood) the assistant says persona.*.sorry.", lo=0.5, hi=60.0)
+    follow_up_s: float = _f(8.0, "After the answer's last sound, how long a further question needs no wake.", lo=0.0, hi=600.0)
+    earcon: bool = _f(True, "Play a short two-note chime when woken, so the person knows it listens.")
+
+
+@dataclass(frozen=True)
 class Config:
     persona: PersonaConfig = _f(PersonaConfig(), "Who the assistant is.")
     audio: AudioConfig = _f(AudioConfig(), "Microphone and speaker.")
@@ -314,6 +330,7 @@ class Config:
     transcript: TranscriptConfig = _f(TranscriptConfig(), "The durable transcript of every turn.")
     http: HttpConfig = _f(HttpConfig(), "The HTTP API (OpenAI-compatible) and the web page.")
     deadlines: DeadlinesConfig = _f(DeadlinesConfig(), "How long each stage may take before the turn is given up (a stuck native call restarts the service).")
+    wake: WakeConfig = _f(WakeConfig(), "Listening only when addressed: wake word, wake phrase, follow-up window.")
     # Where the file came from: relative paths in it are relative to its folder.
     source: str = field(default="<defaults>", metadata={"doc": "", "internal": True})
     # Keys of an earlier release the file still uses, one line each (config_compat): logged

@@ -21,6 +21,7 @@ import time
 from typing import Awaitable, Callable, Optional
 
 from assistant import components
+from assistant.audio.wake import under_systemd
 from assistant.config import Config, check_files
 from assistant.debug_recording import recorder_for
 from assistant.health import EX_SOFTWARE, HEALTH, STAGES, Health, Watch
@@ -41,11 +42,13 @@ _CLOSE_TIMEOUT_S = 3.0
 
 class DeviceStatus:
     """STATUS= for a device that recovers by itself (the speaker, the camera): "<what>
-    unavailable: <why>" while it is down, back to "listening" once it works again (its
-    ``state`` / ``problem``)."""
+    unavailable: <why>" while it is down, back to ``idle()`` ("listening", or "waiting for
+    wake word") once it works again (its ``state`` / ``problem``)."""
 
-    def __init__(self, sink: object, notify: Callable[[str], None], what: str = "speaker"):
+    def __init__(self, sink: object, notify: Callable[[str], None], what: str = "speaker",
+                 idle: Callable[[], str] = lambda: "listening"):
         self.sink = sink
+        self.idle = idle            # what STATUS says once it works (or: waiting for wake word)
         self.what = what
         self.notify = notify
         self.reported = ""          # the problem last put in STATUS; "" while it is fine
@@ -59,7 +62,7 @@ class DeviceStatus:
                 self.notify(f"STATUS={self.what} unavailable: {problem}")
         elif state == "ready" and self.reported:
             self.reported = ""
-            self.notify("STATUS=listening")
+            self.notify(f"STATUS={self.idle()}")
 
 
 # --------------------------------------------------------------------------- the watchdog
@@ -145,10 +148,18 @@ async def run_daemon(cfg: Config) -> int:
     conversation = make_conversation(cfg, parts, transcript,
                                      gate=make_gate(cfg) if cfg.http.enabled else None)
     recorder = recorder_for(cfg)       # logging.debug_recording / run --debug-recording
-    pipeline = Pipeline(cfg, parts, conversation=conversation, notify=notify, recorder=recorder)
+    pipeline = Pipeline(cfg, parts, conversation=conversation, notify=notify, recorder=recorder,
+                        service=under_systemd())
+
+    def idle() -> str:
+        """What the voice loop does between turns: listening, or waiting for wake word."""
+        return pipeline.addressing.state
+
     # The HTTP API and page on this loop; if it cannot listen, the voice loop goes on.
     http = (await start_server(cfg, conversation, parts, voice=pipeline.voice, has_mic=True,
                                required=False) if cfg.http.enabled else None)
+    if http is not None:
+        http.hub.idle_state = idle
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stopping = False
@@ -174,10 +185,10 @@ async def run_daemon(cfg: Config) -> int:
 
     signals = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.signal(sig, on_signal) for sig in signals}
-    camera = (DeviceStatus(conversation.scene, notify, "camera")
+    camera = (DeviceStatus(conversation.scene, notify, "camera", idle)
               if conversation.scene.camera is not None else None)
     watchdog = asyncio.create_task(supervise(notify, HEALTH, stuck,
-                                             DeviceStatus(parts.sink, notify),
+                                             DeviceStatus(parts.sink, notify, idle=idle),
                                              devices=(camera,)))
     notify("READY=1")
     log.info("listening (llm %s, vision %s, asr %s)", cfg.llm.backend, cfg.vision.encoder, cfg.asr.model)

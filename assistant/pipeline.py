@@ -10,6 +10,10 @@
 Two tasks joined by a queue: ``_listen`` turns audio into VAD events, ``_converse`` takes
 utterances one at a time and answers them through the conversation, the component every
 front-end shares. Every blocking native call runs in a worker thread.
+
+With ``wake.mode`` word or phrase, speech becomes a question only when addressed
+(assistant.addressing): the wake word model hears each frame before the VAD does, and an
+utterance nobody addressed is dropped before whisper (word) or after it (phrase).
 """
 
 from __future__ import annotations
@@ -19,16 +23,19 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
+from assistant.addressing import BY_PHRASE, BY_WORD, WOKEN, Addressing
 from assistant.audio.asr import Transcript
-from assistant.audio.base import AudioSink, AudioSource
+from assistant.audio.base import SAMPLE_RATE, AudioSink, AudioSource
+from assistant.audio.earcon import chime
 from assistant.audio.echo import EchoGuard
 from assistant.audio.pause_asr import PauseTranscriber
 from assistant.audio.sentences import SentenceSplitter
 from assistant.audio.vad import Endpointer, SpeechDiscarded, SpeechStarted, Utterance
 from assistant.audio.voice_out import VoiceOut
+from assistant.audio.wake import WakeListener, resolve_mode
 from assistant.config import Config
 from assistant.conversation import Conversation, Request, TurnGate
 from assistant.errors import AssistantError, BackendError, ContextFullError, DeviceError
@@ -50,6 +57,13 @@ _REOPEN_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 # Turns kept in memory for `ask` and the tests; the transcript keeps all of them.
 _TURNS_KEPT = 200
+
+# Queued by the listener when a wake had no question after it within wake.listen_s.
+_SORRY = object()
+
+
+class _NoTurn(Exception):
+    """The utterance makes no turn (not addressed, or a wake phrase said alone)."""
 
 
 @dataclass
@@ -82,7 +96,7 @@ class Pipeline:
                  conversation: Optional[Conversation] = None,
                  on_turn: Optional[Callable[[Turn], None]] = None,
                  notify: Optional[Callable[[str], None]] = None,
-                 recorder=None):
+                 recorder=None, service: bool = False):
         self.cfg = cfg
         self.parts = parts
         self.on_turn = on_turn
@@ -105,15 +119,25 @@ class Pipeline:
         self._in_turn = False
         self._barged_in = False
         self._exit_code: Optional[int] = None
+        # Listening only when addressed; ``service``: the installed daemon (wake.mode auto).
+        mode = resolve_mode(cfg.wake, service=service)
+        self.wake = WakeListener(cfg.wake) if mode == "word" else None
+        self.addressing = Addressing(cfg.wake, mode, self.wake.phrase if self.wake else None)
+        self._addressed = ""          # why the speech in progress is addressed; "": it is not
+        self.skipped: collections.deque[dict] = collections.deque(maxlen=_TURNS_KEPT)
+        self._earcon: Optional[asyncio.Task] = None
+        self._state = ""
 
     # ------------------------------------------------------------------ the loop
 
     async def run(self, greet: bool = True) -> int:
         """Serve until the source ends (a file) or an exit phrase says stop; returns the exit code."""
         greeting = self.cfg.persona.lines(self._reply_language(None)).greeting
+        if self.wake is not None:
+            await self.wake.load()
         if greet and greeting:
             await self.voice.say([greeting], self._reply_language(None))
-        self.notify("STATUS=listening")
+        self._update_state()
         listen = asyncio.create_task(self._listen(), name="listen")
         converse = asyncio.create_task(self._converse(), name="converse")
         watch = (asyncio.create_task(self.scene.watch(self.idle, self.conversation.scene_reference),
@@ -132,6 +156,8 @@ class Pipeline:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.onset.finish()
+            if self.wake is not None:
+                self.wake.close()
         return self._exit_code or 0
 
     def idle(self) -> bool:
@@ -148,10 +174,13 @@ class Pipeline:
                 await self.parts.source.open()
                 if backoff:
                     log.info("microphone %s is back", self.parts.source.name)
-                    self.notify("STATUS=listening")
+                    self._state = ""
+                    self._update_state()
                 backoff = 0
                 async for frame in self.parts.source.frames():
+                    await self._hear_wake(frame)
                     self._on_frame(frame)
+                    self._update_state()
                     # A queue that is never empty never suspends its reader: after a burst
                     # (a stalled device catching up) let the other tasks run between frames.
                     await asyncio.sleep(0)
@@ -173,8 +202,30 @@ class Pipeline:
         question with it)."""
         if self.endpointer.in_speech:
             self.endpointer.reset()
+            self.addressing.speech_discarded()      # a wake this speech took waits on
         self.onset.drop(self._snapshot)
         self._snapshot = None
+
+    async def _hear_wake(self, frame: bytes) -> None:
+        """Before the VAD's turn-making: the wake word model hears the frame (in its thread)."""
+        if self.addressing.heard(len(frame) / 2 / SAMPLE_RATE):
+            self._utterances.put_nowait(_SORRY)       # woken, and no question came
+        # Its own voice must not wake it; talking over an answer needs no wake anyway.
+        if self.wake is not None and not self.voice.speaking and await self.wake.heard(frame):
+            self._woken(BY_WORD)
+
+    def _woken(self, kind: str) -> None:
+        self.addressing.woken(kind)
+        if kind == BY_WORD and self.endpointer.in_speech:
+            self._drop_speech()          # the wake word is no question; the question follows
+        if self.cfg.wake.earcon and not self.voice.busy:
+            self._earcon = asyncio.create_task(self._chime())
+
+    async def _chime(self) -> None:
+        try:
+            await self.parts.sink.play(chime(self.parts.sink.sample_rate))
+        except Exception as e:       # a speaker gone must not end the conversation
+            log.warning("cannot play the wake chime: %s", e)
 
     def _on_frame(self, frame: bytes) -> None:
         if self.echo is not None:
@@ -186,12 +237,16 @@ class Pipeline:
             return
         for ev in self.endpointer.process(frame):
             self._on_vad(ev)
-        if self.pause_asr.enabled and self.endpointer.in_speech:
+        if (self.pause_asr.enabled and self.endpointer.in_speech
+                and (self._addressed or self.addressing.mode == "phrase")):
             for ev in self.pause_asr.after_frame(self.endpointer, busy=self._in_turn):
                 self._on_vad(ev)
 
     def _on_vad(self, ev) -> None:
         if isinstance(ev, SpeechStarted):
+            self._addressed = self.addressing.speech_started()
+            if not self._addressed and self.addressing.mode == "word":
+                return           # not for the assistant: no barge-in, no snapshot
             if self.voice.speaking and self.cfg.audio.barge_in:
                 if self.echo is not None and self.echo.is_echo():
                     # Its own voice: drop this "speech" and keep talking. The VAD starts
@@ -204,13 +259,20 @@ class Pipeline:
                 self.onset.drop(self._snapshot)
                 self._snapshot = self.onset.start()
         elif isinstance(ev, SpeechDiscarded):
+            self.addressing.speech_discarded()
             self.onset.drop(self._snapshot)
             self._snapshot = None
         elif isinstance(ev, Utterance):
+            if not self._addressed and self.addressing.mode == "word":
+                self._skip(ev, self.addressing.not_addressed_note())   # whisper never runs
+                return
+            if self._addressed:
+                self.addressing.taken()
             # The snapshot travels with its utterance: never another question's picture. A
             # pass made in the pause over exactly this speech saves the turn its own.
             heard = self.pause_asr.take(ev)
-            self._utterances.put_nowait((ev, time.monotonic(), self._snapshot, heard))
+            self._utterances.put_nowait((ev, time.monotonic(), self._snapshot, heard,
+                                         self._addressed))
             self._snapshot = None
 
     def _barge_in(self) -> None:
@@ -226,12 +288,24 @@ class Pipeline:
             item = await self._utterances.get()
             if item is None:
                 return
-            utt, cut_at, snapshot, heard = item
+            if item is _SORRY:
+                await self._sorry(self._reply_language(None))
+                self.skipped.append({"at_s": round(self.addressing.now, 2), "note":
+                                     "woken, but no question started within wake.listen_s"})
+                continue
+            utt, cut_at, snapshot, heard, addressed = item
             turn = Turn(speech_end=cut_at, last_word=cut_at - utt.silence_ms / 1000.0)
+            turn.addressed = addressed if self.addressing.needed else ""
+            if self._earcon is not None:
+                await self._earcon           # the chime ends before the answer starts
             self._barged_in = False
             self._in_turn = True
             try:
                 await self._turn(utt, turn, snapshot, heard)
+            except _NoTurn as e:
+                self.onset.drop(snapshot)
+                self._skip(utt, str(e), turn.transcript)
+                continue
             except StageOverrun as e:
                 # A stuck stage (not the LLM's: _answer says sorry for that): say sorry.
                 log.error("turn %d: %s", turn.id, e)
@@ -256,6 +330,8 @@ class Pipeline:
             finally:
                 self._in_turn = False
                 self.onset.used(snapshot)
+                if turn.addressed:
+                    self.addressing.answered()     # the follow-up window opens
             self._finish(turn)
             if self._exit_code is not None:
                 return
@@ -269,6 +345,8 @@ class Pipeline:
             # snapshot job (written once taken), else the newest snapshot.
             self.recorder.save(turn, utt.pcm, snapshot or self.scene.latest)
         heard = await self._transcribe(utt, turn, partial)
+        if self.addressing.needed:
+            heard = await self._address(heard, turn)
         intent = self.intents.classify(heard.text) if heard is not None else Intent.NOTHING
         if intent is not Intent.QUESTION:
             self.onset.drop(snapshot)
@@ -285,6 +363,36 @@ class Pipeline:
         turn.answer = (await self.voice.say([reply], lang, turn)).text
         if intent is Intent.EXIT and self.cfg.intent.exit_action == "stop":
             self._exit_code = 0
+
+    async def _address(self, heard: Optional[Transcript], turn: Turn) -> Optional[Transcript]:
+        """The transcript's part in addressing: a wake phrase (or what whisper kept of the
+        wake word) is taken off the question; in phrase mode it is what addresses speech
+        that nothing else did. A wake with nothing understood after it gets "Sorry?"."""
+        rest = self.addressing.matcher.strip(heard.text) if heard is not None else None
+        if not turn.addressed:
+            if rest is None:
+                raise _NoTurn(self.addressing.not_addressed_note())
+            if not rest:
+                self._woken(BY_PHRASE)          # the name alone: the question comes next
+                raise _NoTurn("a wake phrase alone: listening for the question")
+            turn.addressed = BY_PHRASE
+            self.addressing.taken()
+        if heard is None:
+            if turn.addressed in WOKEN and not turn.answer:     # nothing said about it yet
+                lang = self._reply_language(None)
+                turn.answer = await self._sorry(lang, turn)
+            return None
+        if rest:
+            heard = replace(heard, text=rest)
+        return heard
+
+    async def _sorry(self, lang: str, turn: Optional[Turn] = None) -> str:
+        """Woken, nothing understood: ask again; the follow-up window lets the person just
+        say it again."""
+        said = (await self.voice.say([self.cfg.persona.lines(lang).sorry], lang, turn)).text
+        if turn is None:
+            self.addressing.answered()
+        return said
 
     async def _transcribe(self, utt: Utterance, turn: Turn,
                           partial: Optional[asyncio.Task] = None) -> Optional[Transcript]:
@@ -308,7 +416,9 @@ class Pipeline:
         if not heard.accepted:
             turn.intent = Intent.NOTHING.value
             turn.note = heard.reason
-            if heard.unclear:
+            # Only to speech that was addressed: mumbling nobody meant for the assistant
+            # (phrase mode decides after whisper) gets no reply.
+            if heard.unclear and (turn.addressed or not self.addressing.needed):
                 await self._not_heard(heard, turn)
             return None
         return heard
@@ -383,6 +493,28 @@ class Pipeline:
         if heard is not None and heard.language in ("en", "zh"):
             return heard.language
         return "zh" if self.cfg.asr.language == "zh" else "en"
+
+    @property
+    def state(self) -> str:
+        """speaking, thinking, listening or waiting for wake word: for STATUS and the page."""
+        if self.voice.speaking:
+            return "speaking"
+        if self._in_turn:
+            return "thinking"
+        return self.addressing.state
+
+    def _update_state(self) -> None:
+        state = self.state
+        if state != self._state:
+            self._state = state
+            self.notify(f"STATUS={state}")
+
+    def _skip(self, utt: Utterance, note: str, transcript: str = "") -> None:
+        """An utterance that makes no turn: logged, and kept for `ask` with the reason."""
+        log.info("speech at %.1f s (%.1f s) makes no turn: %s%s", utt.start_s, utt.duration_s,
+                 note, f" (heard {transcript!r})" if transcript else "")
+        self.skipped.append({"at_s": round(utt.start_s, 2), "duration_s": round(utt.duration_s, 2),
+                             "transcript": transcript, "note": note})
 
     def _finish(self, turn: Turn) -> None:
         turn.mark("done")

@@ -34,6 +34,7 @@ class Turn:
     finish: str = ""               # stop | length | aborted (the LLM's end)
     interrupted: bool = False      # the person spoke over the answer
     note: str = ""                 # why something was skipped or failed, for a person
+    addressed: str = ""            # with wake.mode word/phrase: wake word, wake phrase, follow-up, during an answer
     timings: dict = field(default_factory=dict)   # "<stage>_ms" -> milliseconds
     counts: dict = field(default_factory=dict)    # tokens and the like
     marks: dict = field(default_factory=dict)     # event -> monotonic time
@@ -97,4 +98,5 @@ class Turn:
             "note": self.note,
             "timings_ms": self.summary(),
             "counts": dict(self.counts),
+            **({"addressed": self.addressed} if self.addressed else {}),
         }

@@ -1,0 +1,37 @@
+"""Speech nobody says to the assistant, for the wake tests and bench/wake.py: a television
+in the room (news, weather, sport, adverts), people talking to each other, questions said to
+someone else, and words that sound a little like the wake words ("Okay, now ...",
+"Alexander ..."). About 2 minutes when piper speaks it at its own pace."""
+
+TV = [
+    "Good evening, and welcome to the nine o'clock news.",
+    "Heavy rain is expected across the north tomorrow, with strong winds along the coast.",
+    "The city council voted late on Tuesday to close the old bridge for repairs.",
+    "In sport, the home side came back from two goals down to win in extra time.",
+    "Shares fell sharply this morning after the bank raised interest rates again.",
+    "Okay, now let's look at what's coming up after the break.",
+    "Scientists say the new telescope has found water on a distant planet.",
+    "Traffic is moving slowly on the ring road because of an accident near the airport.",
+    "Are you tired of cleaning? Try the new vacuum that does the work for you.",
+    "Call now and get a second one free, while stocks last.",
+    "My grandmother used to make this soup every winter, with carrots and a little ginger.",
+    "Add the onions and let them cook until they turn soft and golden.",
+    "Could you pass me the salt, please? Thanks.",
+    "What do you see on the table? I think it's your phone.",
+    "Did you remember to lock the back door before we left?",
+    "We should book the tickets tonight, before the prices go up.",
+    "Hey, are you watching this? It's the part I told you about.",
+    "Alexander arrived at the station just as the last train was leaving.",
+    "The jars in the cellar were full of jam and pickled beans.",
+    "He told me the car was making a strange noise again.",
+    "Nobody knows where the old map went after the move.",
+    "The band played until midnight and the crowd kept asking for more.",
+    "Remember to water the plants while I'm away next week.",
+    "A new bakery opened on the corner, and the bread is wonderful.",
+    "The museum will be closed on Monday for a private event.",
+    "Okay, but I need to finish this report before lunch.",
+    "I'd like to ask you a few questions about the robbery last night.",
+    "The detective looked at the window and said nothing for a long time.",
+    "Temperatures will drop below freezing in the hills overnight.",
+    "That's all from us tonight. Thank you for watching, and good night.",
+]
