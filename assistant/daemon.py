@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # Sections whose objects are built once at start (models, devices, sockets, files): a
 # SIGHUP that changes them is told to restart instead.
 RESTART_SECTIONS = ("llm", "vision", "asr", "tts", "audio", "camera", "http", "vad",
-                    "transcript")
+                    "transcript", "wyoming")
 
 # How often the watchdog loop looks at the running calls and the speaker.
 _TICK_S = 0.5
@@ -219,6 +219,8 @@ async def run_daemon(cfg: Config) -> int:
     if cfg.http.enabled:
         from assistant.http.server import check_listen, make_gate, start_server
         check_listen(cfg)      # a non-loopback address without http.api_key: exit 78
+    from assistant.wyoming import check_uri, start_wyoming
+    check_uri(cfg)             # a non-loopback address without wyoming.allow_lan: exit 78
     HEALTH.configure(cfg.deadlines)
     notify = Notifier()
     notify("STATUS=loading models")
@@ -235,6 +237,7 @@ async def run_daemon(cfg: Config) -> int:
     # The HTTP API and page on this loop; if it cannot listen, the voice loop goes on.
     http = (await start_server(cfg, conversation, parts, voice=pipeline.voice, has_mic=True,
                                required=False) if cfg.http.enabled else None)
+    wyoming = await start_wyoming(cfg, conversation, parts, required=False)   # Home Assistant
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stopping = False
@@ -297,6 +300,8 @@ async def run_daemon(cfg: Config) -> int:
         notify("STOPPING=1")
         if http is not None:
             await http.stop()
+        if wyoming is not None:
+            await wyoming.stop()
         if transcript is not None:
             await asyncio.to_thread(transcript.close)   # every queued turn reaches the disk
         if recorder is not None:
