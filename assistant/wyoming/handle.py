@@ -59,11 +59,14 @@ class HandleSession:
                                        context=context or None).event())
             return True
         thread = self.services.store.get(cid)
+        context = {**context, "conversation_id": thread.id}
         async with thread.lock:
-            answer = await self._answer(thread, text, language, {**context,
-                                                                 "conversation_id": thread.id})
-            if answer is not None:
-                thread.add(text, answer)
+            answer = await self._answer(thread, text, language, context)
+            if answer is None:
+                return True
+            thread.add(text, answer)          # kept before the client hears the end
+        await self.send(Handled(text=answer, context=context).event())
+        await self.send(HandledStop().event())
         return True
 
     def _lines(self, language: Optional[str]):
@@ -71,7 +74,8 @@ class HandleSession:
 
     async def _answer(self, thread, text: str, language: Optional[str],
                       context: dict) -> Optional[str]:
-        """Stream the answer; returns it, or None when the turn did not complete."""
+        """Stream the answer's chunks; returns it, or None when the turn did not complete
+        (``not-handled`` sent)."""
         conv = self.services.conversation
         scene = conv.scene
         req = Request(text, source=SOURCE, priority=Priority.TEXT, language=language,
@@ -114,12 +118,9 @@ class HandleSession:
                 turn.mark("done")
                 turn.log_line()
                 conv.record(turn)
-        answer = "".join(pieces).strip()
         if not pieces:
             await self.send(HandledStart(context=context).event())
-        await self.send(Handled(text=answer, context=context).event())
-        await self.send(HandledStop().event())
-        return answer
+        return "".join(pieces).strip()
 
     def _refusal(self, e: AssistantError, language: Optional[str]) -> str:
         """What Home Assistant says when the turn failed: the persona's own lines."""

@@ -207,6 +207,8 @@ class WyomingServer:
         self._connections.add(task)
         try:
             await Connection(self.services, reader, writer).run()
+        except asyncio.CancelledError:
+            pass                 # the server stops: this task is the connection's top level
         finally:
             self._connections.discard(task)
 
