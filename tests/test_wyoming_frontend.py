@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import signal
 import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
+from alsa_support import make_fake_alsa, portaudio_available
+from assistant.audio.resample import resample
 from assistant.config import Config, ConfigError, WyomingConfig, parse
 from assistant.conversation import Conversation, Request
 from assistant.demo import draw_scene
@@ -254,3 +260,57 @@ wyoming: {{enabled: true, uri: "tcp://127.0.0.1:{port}"}}
             raise
     assert proc.returncode == 0, err[-3000:]
     assert "Wyoming server on tcp://127.0.0.1" in err and "Wyoming server stopped" in err
+
+
+# ---------------------------------------------------------------------------- run
+
+@pytest.mark.skipif(not portaudio_available(), reason="needs libportaudio2")
+def test_run_serves_the_voice_loop_and_wyoming_together(tmp_path, spoken):
+    reply = "I see a red apple on the wooden table."
+    write_text_model(tmp_path / "tiny.gguf", scripted_reply=reply)
+    write_mmproj(tmp_path / "tiny-mmproj.gguf")
+    draw_scene(tmp_path / "scene.jpg")
+    fake = make_fake_alsa(tmp_path, capture_rate=48000, playback_rate=22050)
+    fake.write_capture(np.concatenate([
+        np.zeros(int(0.4 * 48000), np.int16),
+        resample(spoken.pcm("What do you see on the table?"), 16000, 48000),
+        np.zeros(int(1.5 * 48000), np.int16)]))
+    port = free_port()
+    (tmp_path / "config.yaml").write_text(f"""
+audio:
+  input: {{device: fakemic, sample_rate: 48000}}
+  output: {{device: fakespeaker, sample_rate: 22050}}
+persona: {{language: en, en: {{greeting: ""}}}}
+camera: {{source: scene.jpg}}
+transcript: {{path: turns.jsonl}}
+llm: {{llamacpp: {{model: tiny.gguf, mmproj: tiny-mmproj.gguf}}}}
+http: {{enabled: false}}
+wyoming: {{enabled: true, uri: "tcp://127.0.0.1:{port}"}}
+""")
+    env = fake.env()
+    env.pop("NOTIFY_SOCKET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "assistant", "--config", "config.yaml", "run"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    path = tmp_path / "turns.jsonl"
+    try:
+        wait_for_port(port, proc)
+        assert asyncio.run(handled(port, "What do you see?", "ha")) == reply
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            rows = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+            if {r["source"] for r in rows} >= {"voice", "wyoming"}:
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, err[-3000:]
+    assert "Wyoming server on tcp://127.0.0.1" in err and "Wyoming server stopped" in err
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    assert {r["source"] for r in rows} == {"voice", "wyoming"}, rows
+    assert all(r["answer"] == reply for r in rows)
