@@ -24,6 +24,7 @@ from alsa_support import make_fake_alsa, portaudio_available
 from assistant.audio.resample import resample
 from assistant.config import Config, ConfigError, WyomingConfig, parse
 from assistant.conversation import Conversation, Request
+from assistant.transcript import TranscriptWriter
 from assistant.demo import draw_scene
 from assistant.turn import Turn
 from assistant.vision.scene import Scene
@@ -39,7 +40,7 @@ from assistant.wyoming.server import WyomingServer, check_uri  # noqa: E402
 from assistant.wyoming.zeroconf import SERVICE_TYPE, Announcer, wanted  # noqa: E402
 
 
-def make_server(piece_delay=0.15, **wyoming):
+def make_server(piece_delay=0.15, transcript=None, **wyoming):
     cfg = dataclasses.replace(Config(), wyoming=WyomingConfig(
         enabled=True, uri="tcp://127.0.0.1:0", **wyoming))
     llm = EchoLLM(words=8, piece_delay=piece_delay)
@@ -47,7 +48,8 @@ def make_server(piece_delay=0.15, **wyoming):
     events: list = []
 
     async def build():
-        conv = Conversation(cfg, llm, scene=Scene(None, None, cfg.vision))
+        conv = Conversation(cfg, llm, scene=Scene(None, None, cfg.vision),
+                            transcript=transcript and TranscriptWriter(transcript, cfg.transcript))
         conv.subscribe(lambda ev, turn, data: events.append((ev, turn.source, dict(data))))
         server = WyomingServer(cfg, conv, SimpleNamespace(asr=None, voices=None))
         await server.start()
@@ -60,6 +62,8 @@ def make_server(piece_delay=0.15, **wyoming):
 def close(s) -> None:
     s.loop.run(s.server.stop())
     s.loop.close()
+    if s.conv.transcript is not None:
+        s.conv.transcript.close()
 
 
 def client(port):
@@ -75,8 +79,8 @@ async def handled(port, text, cid) -> str:
                 return e.data["text"]
 
 
-def test_a_client_that_disconnects_mid_answer_cuts_the_turn():
-    s = make_server()
+def test_a_client_that_disconnects_mid_answer_cuts_the_turn(tmp_path):
+    s = make_server(transcript=tmp_path / "turns.jsonl")
     try:
         async def go():
             c = client(s.port)
@@ -98,6 +102,10 @@ def test_a_client_that_disconnects_mid_answer_cuts_the_turn():
         assert store.get("y").history() == [("next: hi", EchoLLM.answer_for("next", 8))]
     finally:
         close(s)
+    rows = [json.loads(l) for l in (tmp_path / "turns.jsonl").read_text().splitlines()]
+    assert [(r["source"], r["conversation"], r["interrupted"]) for r in rows] == [
+        ("wyoming", "wyoming:x", True), ("wyoming", "wyoming:y", False)]
+    assert rows[0]["note"] == "client disconnected" and rows[0]["answer"] == done[0]["answer"]
 
 
 def test_describe_is_answered_while_an_answer_streams():

@@ -103,8 +103,8 @@ class HandleSession:
                                        context=context).event())
             return None
         except (asyncio.CancelledError, ConnectionError):
-            turn.finish = "aborted"
-            turn.note = "the Wyoming client went away before the answer was complete"
+            turn.interrupted = True       # as an HTTP client that hangs up
+            turn.note = "client disconnected"
             raise
         except AssistantError as e:
             turn.note = turn.note or str(e)
