@@ -240,6 +240,19 @@ def test_the_server_announces_its_real_port():
     assert made[0].registered[0].parsed_addresses() == ["127.0.0.1"] and made[0].closed
 
 
+def stop(proc: subprocess.Popen) -> str:
+    """SIGTERM: a clean exit (0) that started and stopped the Wyoming server; its log."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    assert "Wyoming server on tcp://127.0.0.1" in err and "Wyoming server stopped" in err
+    return err
+
+
 # ---------------------------------------------------------------------------- serve
 
 def test_serve_starts_and_stops_the_wyoming_server(tmp_path):
@@ -260,14 +273,7 @@ wyoming: {{enabled: true, uri: "tcp://127.0.0.1:{port}"}}
         wait_for_port(port, proc)
         assert asyncio.run(handled(port, "What do you see?", "ha")) == reply
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0, err[-3000:]
-    assert "Wyoming server on tcp://127.0.0.1" in err and "Wyoming server stopped" in err
+        err = stop(proc)
 
 
 # ---------------------------------------------------------------------------- run
@@ -311,14 +317,7 @@ wyoming: {{enabled: true, uri: "tcp://127.0.0.1:{port}"}}
                 break
             time.sleep(0.2)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0, err[-3000:]
-    assert "Wyoming server on tcp://127.0.0.1" in err and "Wyoming server stopped" in err
+        err = stop(proc)
     rows = [json.loads(l) for l in path.read_text().splitlines()]
     assert {r["source"] for r in rows} == {"voice", "wyoming"}, rows
     assert all(r["answer"] == reply for r in rows)
