@@ -52,7 +52,8 @@ llm: {llamacpp: {model: tiny.gguf, mmproj: tiny-mmproj.gguf}}
 persona: {language: en}
 camera: {source: scene.jpg}
 transcript: {path: turns.jsonl}
-wyoming: {enabled: true, uri: "tcp://127.0.0.1:0", conversation_max_exchanges: 3}
+wyoming: {enabled: true, uri: "tcp://127.0.0.1:0", conversation_max_exchanges: 3,
+          max_audio_s: 20}
 """)
     cfg = config_mod.load(d / "config.yaml")
     loop = LoopThread()
@@ -182,6 +183,21 @@ def test_silence_gives_an_empty_transcript(server):
     events = asyncio.run(go())
     assert [e.type for e in events] == ["transcript-start", "transcript", "transcript-stop"]
     assert events[1].data["text"] == ""
+
+
+def test_audio_past_the_limit_is_refused(server):
+    async def go():
+        async with client(server.port) as c:
+            await c.write_event(AudioStart(16000, 2, 1).event())
+            for _ in range(25):                               # 25 s; the limit is 20 s
+                await c.write_event(AudioChunk(16000, 2, 1, bytes(32000)).event())
+            await c.write_event(AudioStop().event())
+            events = await read_until(c, "error")
+            await c.write_event(Describe().event())
+            return events, (await read_until(c, "info"))[-1]
+    events, info = asyncio.run(go())
+    assert events[-1].data["code"] == "audio_too_long" and "20 s" in events[-1].data["text"]
+    assert info.type == "info"                     # nothing else came: no transcript
 
 
 # ---------------------------------------------------------------------------- tts

@@ -14,7 +14,6 @@ Whisper's verdict is kept: audio it judges not to be speech (silence, noise, its
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Optional
@@ -25,6 +24,7 @@ from wyoming.event import Event
 
 from assistant.audio.base import SAMPLE_RATE
 from assistant.audio.resample import StreamResampler, to_mono
+from assistant.health import HEALTH
 from assistant.wyoming.events import ProtocolError, int_field, language_code, text_field
 
 log = logging.getLogger(__name__)
@@ -124,14 +124,15 @@ class AsrSession:
         refused = self.refused
         self._flush()
         pcm = np.concatenate(self.blocks) if self.blocks else np.zeros(0, np.int16)
+        text, language = "", self.language
         self._reset()
+        self.language = None            # a transcribe event is for one audio stream
         if refused:
             return
-        text, language = "", self.language
-        self.language = None            # a transcribe event is for one audio stream
         if len(pcm):
             t0 = time.monotonic()
-            heard = await asyncio.to_thread(self.services.asr.transcribe, pcm, language)
+            # Watched like the voice loop's: deadlines.asr_s, a stuck call restarts.
+            heard = await HEALTH.call("asr", self.services.asr.transcribe, pcm, language)
             text, language = (heard.text if heard.accepted else ""), heard.language
             log.info("wyoming transcription: %.1f s of audio in %.2f s: %r (%s)",
                      len(pcm) / SAMPLE_RATE, time.monotonic() - t0, heard.text, heard.reason)

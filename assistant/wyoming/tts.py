@@ -16,7 +16,6 @@ voice's own rate, 16-bit mono.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import AsyncIterator, Optional
@@ -27,6 +26,7 @@ from wyoming.event import Event
 from wyoming.tts import SynthesizeStopped
 
 from assistant.audio.sentences import SentenceSplitter
+from assistant.health import HEALTH
 from assistant.wyoming.events import ProtocolError, language_code, object_field, text_field
 
 log = logging.getLogger(__name__)
@@ -125,10 +125,11 @@ class TtsSession:
 
     @staticmethod
     async def _speech(synth, text: str) -> AsyncIterator[np.ndarray]:
-        """The sentence's audio chunk by chunk, each made in a worker thread."""
+        """The sentence's audio chunk by chunk, each made in a worker thread and watched
+        like the voice loop's (deadlines.tts_s; a stuck call restarts)."""
         chunks = synth.stream(text)
         while True:
-            chunk = await asyncio.to_thread(next, chunks, None)
+            chunk = await HEALTH.call("tts", next, chunks, None)
             if chunk is None:
                 return
             yield chunk.pcm
