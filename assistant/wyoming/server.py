@@ -127,8 +127,8 @@ class Connection:
                     await self.send(info_event(self.services))
                 elif event.type == "ping":
                     await self.send(Event("pong", {"text": event.data.get("text")}))
-                else:
-                    await self.queue.put(event)
+                elif not await self._enqueue(event, worker):
+                    break                       # the worker ended: the socket broke
         except ConnectionError:
             pass
         finally:
@@ -137,6 +137,16 @@ class Connection:
             self.writer.close()
             with contextlib.suppress(ConnectionError):
                 await self.writer.wait_closed()
+
+    async def _enqueue(self, event: Event, worker: asyncio.Task) -> bool:
+        """Hand the event to the worker (waiting while its queue is full, so TCP pushes back
+        on the client); False when the worker is gone."""
+        put = asyncio.ensure_future(self.queue.put(event))
+        await asyncio.wait({put, worker}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            return False
+        return True
 
     async def _work(self) -> None:
         while True:
