@@ -211,8 +211,7 @@ def test_the_announcement_is_registered_and_withdrawn():
         a = Announcer("192.168.1.20", 10700, "kitchen board", make_zeroconf=make)
         await a.start()
         await a.stop()
-        return a
-    a = asyncio.run(go())
+    asyncio.run(go())
     zc = made[0]
     assert zc.interfaces == ["192.168.1.20"]           # only the interface it listens on
     info = zc.registered[0]
@@ -273,7 +272,7 @@ wyoming: {{enabled: true, uri: "tcp://127.0.0.1:{port}"}}
         wait_for_port(port, proc)
         assert asyncio.run(handled(port, "What do you see?", "ha")) == reply
     finally:
-        err = stop(proc)
+        stop(proc)
 
 
 # ---------------------------------------------------------------------------- run
@@ -317,7 +316,7 @@ wyoming: {{enabled: true, uri: "tcp://127.0.0.1:{port}"}}
                 break
             time.sleep(0.2)
     finally:
-        err = stop(proc)
+        stop(proc)
     rows = [json.loads(l) for l in path.read_text().splitlines()]
     assert {r["source"] for r in rows} == {"voice", "wyoming"}, rows
     assert all(r["answer"] == reply for r in rows)

@@ -10,7 +10,8 @@ Home Assistant can speak. Every turn is a transcript row (``source: wyoming``).
 
 A client that goes away mid-answer cancels the connection's task: the answer stream is
 closed (the conversation's own path for a turn cut short, as for an HTTP client that hangs
-up), the turn is recorded as aborted and the exchange is not kept.
+up), the turn is recorded as interrupted ("client disconnected") and the exchange is not
+kept.
 """
 
 from __future__ import annotations
