@@ -239,6 +239,26 @@ def test_the_server_announces_its_real_port():
     assert made[0].registered[0].parsed_addresses() == ["127.0.0.1"] and made[0].closed
 
 
+def test_a_failed_announcement_leaves_the_server_serving(caplog):
+    cfg = dataclasses.replace(Config(), wyoming=WyomingConfig(
+        enabled=True, uri="tcp://127.0.0.1:0", zeroconf="on"))
+
+    def broken(interfaces):
+        raise OSError("no multicast route")
+
+    async def go():
+        conv = Conversation(cfg, EchoLLM(), scene=Scene(None, None, cfg.vision))
+        server = WyomingServer(cfg, conv, SimpleNamespace(asr=None, voices=None),
+                               make_zeroconf=broken)
+        await server.start()
+        try:
+            return await handled(server.port, "hello: there", "z")
+        finally:
+            await server.stop()
+    assert asyncio.run(go()) == EchoLLM.answer_for("hello")
+    assert "could not be announced (zeroconf): no multicast route" in caplog.text
+
+
 def stop(proc: subprocess.Popen) -> str:
     """SIGTERM: a clean exit (0) that started and stopped the Wyoming server; its log."""
     proc.send_signal(signal.SIGTERM)

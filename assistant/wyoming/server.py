@@ -203,9 +203,9 @@ class WyomingServer:
         from assistant.wyoming.zeroconf import Announcer, wanted
 
         if wanted(self.cfg.wyoming.zeroconf, self.host):
-            self.announcer = Announcer(self.host, self.port, self.cfg.wyoming.zeroconf_name,
-                                       self._make_zeroconf)
             try:
+                self.announcer = Announcer(self.host, self.port,
+                                           self.cfg.wyoming.zeroconf_name, self._make_zeroconf)
                 await self.announcer.start()
             except Exception as e:      # discovery is a convenience: the server still serves
                 log.error("the Wyoming service could not be announced (zeroconf): %s; add it "
