@@ -242,6 +242,28 @@ def test_synthesize_streaming_speaks_each_sentence_as_it_arrives(server, whisper
     assert "dog ran away" in hear(whisper_tiny, resample(pcm2, rate, 16000))
 
 
+def test_clients_that_hang_up_mid_stream_leave_the_server_serving(server):
+    long_text = " ".join(f"This is sentence number {i} of a long text." for i in range(30))
+
+    async def go():
+        c = client(server.port)                     # hangs up while audio comes
+        await c.connect()
+        await c.write_event(Synthesize(long_text).event())
+        assert (await c.read_event()).type == "audio-start"
+        assert (await c.read_event()).type == "audio-chunk"
+        await c.disconnect()
+        c = client(server.port)                     # hangs up in the middle of its audio
+        await c.connect()
+        await c.write_event(AudioStart(16000, 2, 1).event())
+        await c.write_event(AudioChunk(16000, 2, 1, bytes(3200)).event())
+        await c.disconnect()
+        async with client(server.port) as c:
+            await c.write_event(Synthesize("Still here.").event())
+            return await read_until(c, "audio-stop")
+    events = asyncio.run(go())
+    assert events[0].type == "audio-start" and len(pcm_of(events)[0]) > 0
+
+
 def test_unknown_voice_is_an_error_and_the_connection_goes_on(server):
     async def go():
         async with client(server.port) as c:
