@@ -127,9 +127,9 @@ class AsrSession:
         text, language = "", self.language
         self._reset()
         self.language = None            # a transcribe event is for one audio stream
-        if refused:
-            return
-        if len(pcm):
+        # Refused audio: the error said why, and an empty transcript still ends the request
+        # for clients that wait for one (Home Assistant does).
+        if len(pcm) and not refused:
             t0 = time.monotonic()
             # Watched like the voice loop's: deadlines.asr_s, a stuck call restarts.
             heard = await HEALTH.call("asr", self.services.asr.transcribe, pcm, language)
