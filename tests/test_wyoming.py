@@ -272,10 +272,11 @@ def test_unknown_voice_is_an_error_and_the_connection_goes_on(server):
             await c.write_event(Synthesize("Hi.", voice=SynthesizeVoice(name="nobody")).event())
             err = (await read_until(c, "error"))[-1]
             await c.write_event(Describe().event())
-            return err, (await read_until(c, "info"))[-1]
-    err, info = asyncio.run(go())
+            return err, await read_until(c, "info")
+    err, after = asyncio.run(go())
     assert err.data["code"] == "unknown_voice" and "en_US-joe-medium" in err.data["text"]
-    assert info.type == "info"
+    # The audio-stop a client such as Home Assistant waits for ends the request.
+    assert [e.type for e in after] == ["audio-stop", "info"]
 
 
 # ---------------------------------------------------------------------------- handle

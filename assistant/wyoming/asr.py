@@ -24,6 +24,7 @@ from wyoming.event import Event
 
 from assistant.audio.base import SAMPLE_RATE
 from assistant.audio.resample import StreamResampler, to_mono
+from assistant.errors import AssistantError
 from assistant.health import HEALTH
 from assistant.wyoming.events import ProtocolError, int_field, language_code, text_field
 
@@ -132,7 +133,12 @@ class AsrSession:
         if len(pcm) and not refused:
             t0 = time.monotonic()
             # Watched like the voice loop's: deadlines.asr_s, a stuck call restarts.
-            heard = await HEALTH.call("asr", self.services.asr.transcribe, pcm, language)
+            try:
+                heard = await HEALTH.call("asr", self.services.asr.transcribe, pcm, language)
+            except AssistantError as e:
+                raise ProtocolError(f"speech recognition failed: {e}", type(e).__name__,
+                                    then=(Transcript(text="").event(),
+                                          TranscriptStop().event())) from None
             text, language = (heard.text if heard.accepted else ""), heard.language
             log.info("wyoming transcription: %.1f s of audio in %.2f s: %r (%s)",
                      len(pcm) / SAMPLE_RATE, time.monotonic() - t0, heard.text, heard.reason)

@@ -30,11 +30,14 @@ class BadEvent(Exception):
 
 
 class ProtocolError(Exception):
-    """A well-formed event whose data is wrong or out of place; answered with ``error``."""
+    """A well-formed event whose data is wrong or out of place, or a request that failed;
+    answered with ``error``, then the events in ``then`` (the ones that end the request for
+    clients that wait for them, as Home Assistant's do)."""
 
-    def __init__(self, message: str, code: str = "bad_event"):
+    def __init__(self, message: str, code: str = "bad_event", then: tuple = ()):
         super().__init__(message)
         self.code = code
+        self.then = then
 
 
 async def read_event(reader: asyncio.StreamReader) -> Optional[Event]:

@@ -156,6 +156,8 @@ class Connection:
                     log.debug("wyoming %s: %s ignored", self.peer, event.type)
             except ProtocolError as e:
                 await self.error(str(e), e.code)
+                for done in e.then:
+                    await self.send(done)
             except AssistantError as e:
                 await self.error(str(e), type(e).__name__)
             except ConnectionError:

@@ -26,6 +26,7 @@ from wyoming.event import Event
 from wyoming.tts import SynthesizeStopped
 
 from assistant.audio.sentences import SentenceSplitter
+from assistant.errors import AssistantError
 from assistant.health import HEALTH
 from assistant.wyoming.events import ProtocolError, language_code, object_field, text_field
 
@@ -61,7 +62,12 @@ class TtsSession:
         kind = event.type
         if kind == "synthesize":
             if self.splitter is None:
-                await self._synthesize(event)
+                try:
+                    await self._synthesize(event)
+                except (ProtocolError, AssistantError) as e:
+                    # After the error, the audio-stop the client waits for.
+                    raise ProtocolError(str(e), getattr(e, "code", type(e).__name__),
+                                        then=(AudioStop().event(),)) from None
         elif kind == "synthesize-start":
             self.synth = self._voice(event)
             self.splitter, self.spoken = SentenceSplitter(), 0
