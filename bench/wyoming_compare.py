@@ -90,13 +90,27 @@ def model_files():
     return resolve_whisper(cfg.asr), resolve_voice(cfg.tts, cfg.tts.voice)
 
 
-def run(cmd: list[str], log: Path) -> str:
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) a server has used: this process for ours (the bench client
+    is a child process, not counted), /proc for a reference server."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(cmd: list[str], log: Path, pid: int | None) -> str:
+    """One wyoming-bench run; its output, with the server's CPU time for it appended (the
+    figure a loaded machine does not move much, unlike the wall-clock ones)."""
     print("$", " ".join(cmd), flush=True)
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), cpu_seconds(pid)
     out = subprocess.run(cmd, capture_output=True, text=True)
-    text = out.stdout + out.stderr
+    cpu = cpu_seconds(pid) - cpu0
+    text = out.stdout + out.stderr + f"\nserver CPU time for this run: {cpu:.2f} s\n"
     log.write_text(text)
-    print(f"  ({time.monotonic() - t0:.0f} s, exit {out.returncode}) -> {log}", flush=True)
+    print(f"  ({time.monotonic() - t0:.0f} s, server CPU {cpu:.2f} s, exit {out.returncode})"
+          f" -> {log}", flush=True)
     return text
 
 
@@ -104,7 +118,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--venv", type=Path, default=Path("/tmp/wyvenv"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "wyoming")
-    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per sample and mode")
+    ap.add_argument("--passes", type=int, default=2, help="alternating passes over the servers")
     args = ap.parse_args()
     vbin = args.venv / "bin"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -137,14 +152,19 @@ def main() -> int:
         corpus = args.out / "corpus"
         if not corpus.exists():
             run([bench, "generate-corpus", "--out", str(corpus), f"127.0.0.1:{piper}"],
-                args.out / "corpus.log")
+                args.out / "corpus.log", procs[1].pid)
         common = ["--rounds", str(args.rounds), "--warmup", "1", "--timeout", "120"]
-        for name, port in (("ours", ours), ("wyoming-faster-whisper", fw)):
-            print(run([bench, "stt", "--corpus", str(corpus), "--config",
-                       json.dumps({"language": "en"}), *common, f"127.0.0.1:{port}"],
-                      args.out / f"stt-{name}.txt"))
-        for name, port in (("ours", ours), ("wyoming-piper", piper)):
-            print(run([bench, "tts", *common, f"127.0.0.1:{port}"], args.out / f"tts-{name}.txt"))
+        # Passes alternate the servers, so a change in the shared machine's load falls on
+        # both sides rather than on whichever ran second.
+        for n in range(1, args.passes + 1):
+            for name, port, pid in (("ours", ours, None),
+                                    ("wyoming-faster-whisper", fw, procs[0].pid)):
+                print(run([bench, "stt", "--corpus", str(corpus), "--config",
+                           json.dumps({"language": "en"}), *common, f"127.0.0.1:{port}"],
+                          args.out / f"stt-{name}-{n}.txt", pid))
+            for name, port, pid in (("ours", ours, None), ("wyoming-piper", piper, procs[1].pid)):
+                print(run([bench, "tts", *common, f"127.0.0.1:{port}"],
+                          args.out / f"tts-{name}-{n}.txt", pid))
     finally:
         for p in procs:
             p.terminate()
