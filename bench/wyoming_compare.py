@@ -1,7 +1,8 @@
 """wyoming-bench against our Wyoming ASR and TTS, side by side with the reference servers.
 
 Three servers on this machine, the same models, measured one after another by the same
-outside client (wyoming-bench):
+outside client (wyoming-bench), the servers alternating over ``--passes`` passes, each
+run's server CPU time read alongside wyoming-bench's wall-clock figures:
 
 - ours: the assistant's Wyoming server (whisper tiny.en, piper en_US-joe-medium), started
   in this process on 127.0.0.1 (speech only: no language model is needed for asr and tts);
@@ -12,8 +13,9 @@ The reference servers and wyoming-bench pin their own dependencies, so they live
 separate venv (``--venv``)::
 
     python3 -m venv /tmp/wyvenv
-    /tmp/wyvenv/bin/pip install wyoming-bench==2026.10.0 wyoming-faster-whisper wyoming-piper
-    python bench/wyoming_compare.py --venv /tmp/wyvenv --out bench/results/wyoming
+    /tmp/wyvenv/bin/pip install wyoming-bench==2026.10.0 wyoming-faster-whisper==3.8.1 \
+        wyoming-piper==2.5.2
+    nice -n 10 python bench/wyoming_compare.py --venv /tmp/wyvenv --out /tmp/wybench
 
 The STT corpus is wyoming-bench's own synthetic one: its four default texts spoken by
 wyoming-piper (``generate-corpus``). Everything is local: the models come from the packaged
@@ -117,7 +119,7 @@ def run(cmd: list[str], log: Path, pid: int | None) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--venv", type=Path, default=Path("/tmp/wyvenv"))
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "wyoming")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/wybench"))
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per sample and mode")
     ap.add_argument("--passes", type=int, default=2, help="alternating passes over the servers")
     args = ap.parse_args()
