@@ -151,6 +151,32 @@ def test_home_assistant_waits_behind_the_person_in_the_room():
         close(s)
 
 
+def test_connections_past_the_limit_are_refused_with_a_reason(monkeypatch):
+    from assistant.wyoming import server as server_mod
+
+    monkeypatch.setattr(server_mod, "MAX_CONNECTIONS", 2)
+    s = make_server()
+    try:
+        async def go():
+            held = [client(s.port), client(s.port)]
+            for c in held:
+                await c.connect()
+                await c.write_event(Describe().event())
+                assert (await c.read_event()).type == "info"     # both are being served
+            async with client(s.port) as extra:
+                refused = await extra.read_event()
+                gone = await extra.read_event()
+            for c in held:
+                await c.disconnect()
+            await asyncio.sleep(0.2)
+            return refused, gone, await handled(s.port, "again: hi", "r")
+        refused, gone, answer = asyncio.run(go())
+        assert refused.type == "error" and refused.data["code"] == "too_many_connections"
+        assert gone is None and answer == EchoLLM.answer_for("again", 8)
+    finally:
+        close(s)
+
+
 # ---------------------------------------------------------------------------- the LAN rule
 
 def test_a_lan_address_needs_allow_lan():

@@ -38,6 +38,7 @@ from assistant.wyoming.tts import TtsSession
 log = logging.getLogger(__name__)
 
 _QUEUE = 64          # events a connection may have waiting for its worker (then TCP waits)
+MAX_CONNECTIONS = 32  # Home Assistant opens one per request; more at once is a runaway client
 
 
 def parse_uri(cfg: Config) -> tuple[str, int]:
@@ -215,6 +216,15 @@ class WyomingServer:
                 self.announcer = None
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= MAX_CONNECTIONS:
+            log.warning("wyoming: %d connections are open; refusing one more from %s",
+                        len(self._connections), writer.get_extra_info("peername"))
+            with contextlib.suppress(ConnectionError):
+                await async_write_event(Error(
+                    text=f"too many connections ({MAX_CONNECTIONS} are open); try again "
+                         f"shortly", code="too_many_connections").event(), writer)
+            writer.close()
+            return
         task = asyncio.current_task()
         self._connections.add(task)
         try:
