@@ -83,6 +83,18 @@ def run_check(cfg: Config) -> int:
         except ConfigError as e:
             print(f"  FAIL {e}")
             failures.append("model")       # a configuration problem: exit 78
+    if cfg.wyoming.enabled:
+        from assistant.config import ConfigError
+        from assistant.http.server import is_loopback
+        from assistant.wyoming import check_uri
+        try:
+            host, port = check_uri(cfg)
+            print(f"  ok   Wyoming server for Home Assistant on {host}:{port}"
+                  + ("" if is_loopback(host) else " (no authentication: open to the network, "
+                     "wyoming.allow_lan)"))
+        except ConfigError as e:
+            print(f"  FAIL {e}")
+            failures.append("model")
 
     def asr():
         from assistant.audio.model_paths import resolve_whisper

@@ -283,6 +283,19 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class WyomingConfig:
+    enabled: bool = _f(False, "Serve speech-to-text, text-to-speech and the conversation (camera-aware) to Home Assistant over the Wyoming protocol while `run` or `serve` runs.")
+    uri: str = _f("tcp://127.0.0.1:10700", "tcp://HOST:PORT to listen on; tcp://0.0.0.0:10700 for Home Assistant on another machine (needs allow_lan).")
+    allow_lan: bool = _f(False, "Wyoming has no authentication: anyone who reaches the port can use the assistant, its camera included. Any address but loopback is refused unless this is true (as the HTTP API needs http.api_key).")
+    zeroconf: Literal["auto", "on", "off"] = _f("auto", "Announce the service as _wyoming._tcp on the local network so Home Assistant finds it: auto (on when listening on a LAN address, off on loopback), on or off.")
+    zeroconf_name: Optional[str] = _f(None, "The announced service name; null: rkvlm-assistant-<host name>.")
+    conversations: int = _f(32, "Home Assistant conversation ids whose exchanges are kept (each answer builds on its id's earlier ones); past it the least recently used is forgotten.", lo=1, hi=10000)
+    conversation_max_age_s: float = _f(600.0, "A conversation id not heard from for this long is forgotten (Home Assistant starts a new one after 5 minutes).", lo=10.0, hi=604800.0)
+    conversation_max_exchanges: int = _f(10, "Exchanges kept per conversation id (the newest); the context's own budget may keep fewer.", lo=1, hi=1000)
+    max_audio_s: float = _f(300.0, "Longest audio one transcription may send; more is refused with an error event.", lo=1.0, hi=3600.0)
+
+
+@dataclass(frozen=True)
 class TranscriptConfig:
     enabled: bool = _f(True, "Write every turn (question, clear, exit, failed or interrupted) as one JSON line; `rkvlm-assistant history` reads it.")
     path: Optional[str] = _f(None, "The transcript file; null: $XDG_STATE_HOME/rkvlm-assistant/transcript.jsonl (~/.local/state/..., the unit's StateDirectory on a board).")
@@ -329,6 +342,7 @@ class Config:
     logging: LoggingConfig = _f(LoggingConfig(), "Logging.")
     transcript: TranscriptConfig = _f(TranscriptConfig(), "The durable transcript of every turn.")
     http: HttpConfig = _f(HttpConfig(), "The HTTP API (OpenAI-compatible) and the web page.")
+    wyoming: WyomingConfig = _f(WyomingConfig(), "The Wyoming server for Home Assistant: speech-to-text, text-to-speech and the conversation.")
     deadlines: DeadlinesConfig = _f(DeadlinesConfig(), "How long each stage may take before the turn is given up (a stuck native call restarts the service).")
     wake: WakeConfig = _f(WakeConfig(), "Listening only when addressed: wake word, wake phrase, follow-up window.")
     # Where the file came from: relative paths in it are relative to its folder.

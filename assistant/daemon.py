@@ -134,6 +134,8 @@ async def run_daemon(cfg: Config) -> int:
     if cfg.http.enabled:
         from assistant.http.server import check_listen, make_gate, start_server
         check_listen(cfg)      # a non-loopback address without http.api_key: exit 78
+    from assistant.wyoming import check_uri, start_wyoming
+    check_uri(cfg)             # a non-loopback address without wyoming.allow_lan: exit 78
     HEALTH.configure(cfg.deadlines)
     # From the start: a SIGHUP while the models load is ignored, not the end of the process.
     hup = HupHandler(asyncio.get_running_loop()).install()
@@ -160,6 +162,7 @@ async def run_daemon(cfg: Config) -> int:
                                required=False) if cfg.http.enabled else None)
     if http is not None:
         http.hub.idle_state = idle
+    wyoming = await start_wyoming(cfg, conversation, parts, required=False)   # Home Assistant
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stopping = False
@@ -209,6 +212,8 @@ async def run_daemon(cfg: Config) -> int:
         notify("STOPPING=1")
         if http is not None:
             await http.stop()
+        if wyoming is not None:
+            await wyoming.stop()
         if transcript is not None:
             await asyncio.to_thread(transcript.close)   # every queued turn reaches the disk
         if recorder is not None:

@@ -45,8 +45,10 @@ async def assemble_headless(cfg: Config):
 
 async def run_serve(cfg: Config) -> int:
     from assistant.http.server import check_listen, make_gate, start_server
+    from assistant.wyoming import check_uri, start_wyoming
 
     check_listen(cfg)                      # ConfigError -> 78, before any model loads
+    check_uri(cfg)
     missing = check_files(cfg)
     if missing:
         for e in missing[1:]:
@@ -59,7 +61,7 @@ async def run_serve(cfg: Config) -> int:
     parts = await assemble_headless(cfg)
     transcript = (TranscriptWriter(transcript_path(cfg), cfg.transcript)
                   if cfg.transcript.enabled else None)
-    server = None
+    server = wyoming = None
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stopping = False
@@ -90,6 +92,7 @@ async def run_serve(cfg: Config) -> int:
         conversation = make_conversation(cfg, parts, transcript, gate=make_gate(cfg))
         server = await start_server(cfg, conversation, parts, required=True)
         hup.reloader = Reloader(cfg, None, conversation, server=server)
+        wyoming = await start_wyoming(cfg, conversation, parts)       # Home Assistant
         notify("READY=1")
         notify(f"STATUS=serving on {server.url}")
         await asyncio.Event().wait()       # until a signal
@@ -106,6 +109,8 @@ async def run_serve(cfg: Config) -> int:
         notify("STOPPING=1")
         if server is not None:
             await server.stop()
+        if wyoming is not None:
+            await wyoming.stop()
         if transcript is not None:
             await asyncio.to_thread(transcript.close)
         await components.close(parts)

@@ -1,0 +1,116 @@
+"""Reading Wyoming events off a socket without trusting them, and the checks on their data.
+
+A Wyoming event is one JSON line (``type``, ``data``, ``data_length``, ``payload_length``),
+then ``data_length`` bytes of more JSON data, then ``payload_length`` bytes of payload. The
+``wyoming`` package's reader drops the connection silently on a bad line; here a bad event
+is answered with an ``error`` event that says what was wrong, and the connection goes on
+where the stream can still be followed (a line that is not JSON, data of the wrong type).
+Where it cannot (a line past the limit, a length that is not a size), it is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Optional
+
+from wyoming.event import Event
+
+MAX_LINE = 64 * 1024          # one header line (the stream reader's limit)
+MAX_DATA = 1 << 20            # JSON data after the header
+MAX_PAYLOAD = 16 << 20        # one payload (an audio chunk)
+
+
+class BadEvent(Exception):
+    """An event that could not be read; ``fatal``: the stream cannot be followed after it."""
+
+    def __init__(self, message: str, fatal: bool = False):
+        super().__init__(message)
+        self.fatal = fatal
+
+
+class ProtocolError(Exception):
+    """A well-formed event whose data is wrong or out of place, or a request that failed;
+    answered with ``error``, then the events in ``then`` (the ones that end the request for
+    clients that wait for them, as Home Assistant's do)."""
+
+    def __init__(self, message: str, code: str = "bad_event", then: tuple = ()):
+        super().__init__(message)
+        self.code = code
+        self.then = then
+
+
+async def read_event(reader: asyncio.StreamReader) -> Optional[Event]:
+    """The next event, None at the end of the stream; BadEvent for one that is malformed."""
+    try:
+        line = await reader.readline()
+    except ValueError:           # asyncio's LimitOverrunError, as readline raises it
+        raise BadEvent(f"an event header longer than {MAX_LINE} bytes", fatal=True) from None
+    if not line.endswith(b"\n"):
+        return None              # the end of the stream (a cut line with it)
+    try:
+        header = json.loads(line)
+    except ValueError:
+        raise BadEvent("an event header that is not JSON (one JSON object per line)") from None
+    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
+        raise BadEvent("an event header without a \"type\" string")
+    data = header.get("data") or {}
+    if not isinstance(data, dict):
+        raise BadEvent(f"event {header['type']!r}: \"data\" must be an object")
+    sizes = []
+    for key, limit in (("data_length", MAX_DATA), ("payload_length", MAX_PAYLOAD)):
+        n = header.get(key) or 0
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= limit:
+            raise BadEvent(f"event {header['type']!r}: {key} must be a size from 0 to "
+                           f"{limit} bytes, found {n!r}", fatal=True)
+        sizes.append(n)
+    try:
+        extra = await reader.readexactly(sizes[0]) if sizes[0] else b""
+        payload = await reader.readexactly(sizes[1]) if sizes[1] else None
+    except asyncio.IncompleteReadError:
+        return None
+    if extra:
+        try:
+            more = json.loads(extra)
+        except ValueError:
+            more = None
+        if not isinstance(more, dict):
+            raise BadEvent(f"event {header['type']!r}: its data is not a JSON object")
+        data = {**data, **more}
+    return Event(type=header["type"], data=data, payload=payload)
+
+
+# ---------------------------------------------------------------------------- data checks
+
+def text_field(event: Event, key: str = "text", required: bool = True) -> Optional[str]:
+    value = event.data.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError(f"{event.type}: \"{key}\" must be a string, found "
+                            f"{type(value).__name__ if value is not None else 'nothing'}")
+    return value
+
+
+def int_field(event: Event, key: str, lo: int, hi: int) -> int:
+    value = event.data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ProtocolError(f"{event.type}: \"{key}\" must be an integer from {lo} to {hi}, "
+                            f"found {value!r}")
+    return value
+
+
+def object_field(event: Event, key: str) -> dict[str, Any]:
+    value = event.data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{event.type}: \"{key}\" must be an object")
+    return value
+
+
+def language_code(value: Optional[str]) -> Optional[str]:
+    """``en``, ``en-US``, ``en_US`` -> ``en``; None or empty -> None."""
+    if not value or not isinstance(value, str):
+        return None
+    return value.replace("_", "-").split("-")[0].strip().lower() or None

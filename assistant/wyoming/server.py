@@ -1,0 +1,267 @@
+"""The Wyoming server: Home Assistant's speech-to-text, text-to-speech and conversation
+services, on the daemon's own asyncio loop (no thread, no second loop).
+
+Each connection reads its events in one task and works through them in order in another,
+so a long answer or a stream of text to speak never stops the reading: ``describe`` is
+answered at once whatever else the connection does, and a client that goes away is seen at
+once and its work cancelled. Malformed events get an ``error`` event and the connection
+goes on where it can (events.py); an event with wrong data gets an ``error`` naming the
+field. Blocking work (whisper, piper, the model) runs in worker threads inside the sessions.
+
+Wyoming has no authentication, so a non-loopback ``wyoming.uri`` is refused unless
+``wyoming.allow_lan`` says the network may use it: the rule the HTTP API applies with its
+key (check_uri).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+from urllib.parse import urlparse
+
+from wyoming.error import Error
+from wyoming.event import Event, async_write_event
+
+from assistant.config import Config, ConfigError
+from assistant.errors import AssistantError, DeviceError
+from assistant.http.server import is_loopback
+from assistant.wyoming.asr import AsrSession
+from assistant.wyoming.conversations import ConversationStore
+from assistant.wyoming.events import MAX_LINE, BadEvent, ProtocolError, read_event
+from assistant.wyoming.handle import HandleSession
+from assistant.wyoming.info import info_event
+from assistant.wyoming.tts import TtsSession
+
+log = logging.getLogger(__name__)
+
+_QUEUE = 64          # events a connection may have waiting for its worker (then TCP waits)
+MAX_CONNECTIONS = 32  # Home Assistant opens one per request; more at once is a runaway client
+
+
+def parse_uri(cfg: Config) -> tuple[str, int]:
+    """``tcp://HOST:PORT`` -> (host, port); ConfigError naming wyoming.uri otherwise."""
+    value = cfg.wyoming.uri
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{cfg.source}: wyoming.uri: expected \"tcp://HOST:PORT\" (e.g. "
+                           f"\"tcp://127.0.0.1:10700\"), found {value!r}: {why}",
+                           key="wyoming.uri", source=cfg.source)
+    try:
+        u = urlparse(str(value).strip())
+        port = u.port
+    except ValueError as e:
+        raise bad(str(e)) from None
+    if u.scheme != "tcp":
+        raise bad("only tcp:// is served (Home Assistant connects over TCP)")
+    if not u.hostname or port is None:
+        raise bad("a host and a port are needed")
+    return u.hostname, port
+
+
+def check_uri(cfg: Config) -> Optional[tuple[str, int]]:
+    """The address to listen on (None when the server is off); ConfigError (exit 78) for a
+    non-loopback address without ``wyoming.allow_lan``."""
+    if not cfg.wyoming.enabled:
+        return None
+    host, port = parse_uri(cfg)
+    if not is_loopback(host) and not cfg.wyoming.allow_lan:
+        raise ConfigError(
+            f"{cfg.source}: wyoming.allow_lan: required when wyoming.uri is not a loopback "
+            f"address (found {cfg.wyoming.uri!r}): Wyoming has no authentication, so anyone "
+            f"on the network could use the assistant and its camera; set "
+            f"wyoming.allow_lan: true or listen on tcp://127.0.0.1", key="wyoming.allow_lan",
+            source=cfg.source)
+    return host, port
+
+
+@dataclass
+class Services:
+    """What the sessions serve from: the shared conversation and the loaded speech models."""
+
+    cfg: Config
+    conversation: object               # assistant.conversation.Conversation
+    asr: object = None                 # assistant.audio.asr.Transcriber
+    voices: object = None              # assistant.audio.tts.VoiceSet
+    store: ConversationStore = field(default=None)
+
+    def __post_init__(self):
+        if self.store is None:
+            self.store = ConversationStore(self.cfg.wyoming)
+
+
+class Connection:
+    def __init__(self, services: Services, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.peer = writer.get_extra_info("peername")
+        self.queue: asyncio.Queue = asyncio.Queue(_QUEUE)
+        self._write = asyncio.Lock()
+        self.sessions = (AsrSession(services, self.send), TtsSession(services, self.send),
+                         HandleSession(services, self.send))
+        self.services = services
+
+    async def send(self, event: Event) -> None:
+        async with self._write:
+            await async_write_event(event, self.writer)
+
+    async def error(self, text: str, code: str) -> None:
+        log.info("wyoming %s: %s (%s)", self.peer, text, code)
+        await self.send(Error(text=text, code=code).event())
+
+    async def run(self) -> None:
+        worker = asyncio.create_task(self._work(), name=f"wyoming {self.peer}")
+        try:
+            while not worker.done():
+                try:
+                    event = await read_event(self.reader)
+                except BadEvent as e:
+                    await self.error(str(e), "malformed_event")
+                    if e.fatal:
+                        break
+                    continue
+                if event is None:
+                    break                       # the client went away (or said all)
+                if event.type == "describe":
+                    await self.send(info_event(self.services))
+                elif event.type == "ping":
+                    await self.send(Event("pong", {"text": event.data.get("text")}))
+                elif not await self._enqueue(event, worker):
+                    break                       # the worker ended: the socket broke
+        except ConnectionError:
+            pass
+        finally:
+            worker.cancel()                     # a turn for nobody stops here
+            await asyncio.gather(worker, return_exceptions=True)
+            self.writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self.writer.wait_closed()
+
+    async def _enqueue(self, event: Event, worker: asyncio.Task) -> bool:
+        """Hand the event to the worker (waiting while its queue is full, so TCP pushes back
+        on the client); False when the worker is gone."""
+        put = asyncio.ensure_future(self.queue.put(event))
+        await asyncio.wait({put, worker}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            return False
+        return True
+
+    async def _work(self) -> None:
+        while True:
+            event = await self.queue.get()
+            try:
+                if not await self._dispatch(event):     # not ours: dropped, as the spec says
+                    log.debug("wyoming %s: %s ignored", self.peer, event.type)
+            except ProtocolError as e:
+                await self.error(str(e), e.code)
+                for done in e.then:
+                    await self.send(done)
+            except AssistantError as e:
+                await self.error(str(e), type(e).__name__)
+            except ConnectionError:
+                return
+            except Exception as e:              # one bad request must not end the server
+                log.exception("wyoming %s: %s failed", self.peer, event.type)
+                await self.error(f"internal error: {type(e).__name__}: {e}", "internal_error")
+
+    async def _dispatch(self, event: Event) -> bool:
+        for session in self.sessions:
+            if await session.on_event(event):
+                return True
+        return False
+
+
+class WyomingServer:
+    """The listening socket and its connections: ``await start()``, ``await stop()``."""
+
+    def __init__(self, cfg: Config, conversation, parts, make_zeroconf=None):
+        self.cfg = cfg
+        self.host, self.port = check_uri(cfg) or parse_uri(cfg)
+        self.services = Services(cfg, conversation, getattr(parts, "asr", None),
+                                 getattr(parts, "voices", None))
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._connections: set[asyncio.Task] = set()
+        self._make_zeroconf = make_zeroconf
+        self.announcer = None
+
+    @property
+    def uri(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Listen (DeviceError when the address cannot be had) and announce."""
+        try:
+            self._server = await asyncio.start_server(self._accept, self.host, self.port,
+                                                      limit=MAX_LINE, reuse_address=True)
+        except OSError as e:
+            raise DeviceError(f"wyoming.uri: cannot listen on {self.cfg.wyoming.uri}: "
+                              f"{e.strerror or e}; choose another address or port") from None
+        self.port = self._server.sockets[0].getsockname()[1]    # the real one for port 0
+        log.info("Wyoming server on %s (speech-to-text, text-to-speech, conversation)",
+                 self.uri)
+        from assistant.wyoming.zeroconf import Announcer, wanted
+
+        if wanted(self.cfg.wyoming.zeroconf, self.host):
+            try:
+                self.announcer = Announcer(self.host, self.port,
+                                           self.cfg.wyoming.zeroconf_name, self._make_zeroconf)
+                await self.announcer.start()
+            except Exception as e:      # discovery is a convenience: the server still serves
+                log.error("the Wyoming service could not be announced (zeroconf): %s; add it "
+                          "in Home Assistant by host and port", e)
+                self.announcer = None
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= MAX_CONNECTIONS:
+            log.warning("wyoming: %d connections are open; refusing one more from %s",
+                        len(self._connections), writer.get_extra_info("peername"))
+            with contextlib.suppress(ConnectionError):
+                await async_write_event(Error(
+                    text=f"too many connections ({MAX_CONNECTIONS} are open); try again "
+                         f"shortly", code="too_many_connections").event(), writer)
+            writer.close()
+            return
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            await Connection(self.services, reader, writer).run()
+        except asyncio.CancelledError:
+            pass                 # the server stops: this task is the connection's top level
+        finally:
+            self._connections.discard(task)
+
+    async def stop(self) -> None:
+        if self.announcer is not None:
+            with contextlib.suppress(Exception):
+                await self.announcer.stop()
+            self.announcer = None
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await server.wait_closed()
+        log.info("Wyoming server stopped")
+
+
+async def start_wyoming(cfg: Config, conversation, parts,
+                        required: bool = True) -> Optional[WyomingServer]:
+    """The server started, or None when ``wyoming.enabled`` is false. With ``required=False``
+    (``run``: the voice loop goes on) a failure to listen is logged and None returned."""
+    if not cfg.wyoming.enabled:
+        return None
+    server = WyomingServer(cfg, conversation, parts)
+    try:
+        await server.start()
+    except DeviceError as e:
+        if required:
+            raise
+        log.error("%s; the assistant runs without the Wyoming server", e)
+        return None
+    return server
