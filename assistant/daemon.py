@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Awaitable, Callable, Optional
 
@@ -45,6 +46,9 @@ RESTART_SECTIONS = ("llm", "vision", "asr", "tts", "audio", "camera", "http", "v
 _TICK_S = 0.5
 # A shutdown never waits longer than this on a device or a model that does not let go.
 _CLOSE_TIMEOUT_S = 3.0
+# SIGTERM / SIGINT end the process within this, whatever a stage is doing (systemd and a
+# person at the keyboard wait 5 s at most).
+_STOP_DEADLINE_S = 4.0
 
 
 # --------------------------------------------------------------------------- STATUS
@@ -77,9 +81,12 @@ class DeviceStatus:
 async def supervise(notify: Notifier, health: Health,
                     on_stuck: Callable[[Watch], Awaitable[None]],
                     speaker: Optional["DeviceStatus"] = None, tick: float = _TICK_S,
-                    devices: tuple = ()) -> None:
+                    devices: tuple = (),
+                    voice: Optional[Callable[[], Optional[str]]] = None,
+                    on_stalled: Optional[Callable[[str], Awaitable[None]]] = None) -> None:
     """Ping the watchdog from the loop (a blocked loop stops the pings), and stop pinging
-    for good once a native call is stuck: ``on_stuck`` then ends the process."""
+    for good once a native call is stuck (``on_stuck``) or the voice loop has stalled
+    (``voice()`` says why; ``on_stalled``): those then end the process."""
     interval = notify.watchdog_interval() if notify.enabled else None
     next_ping = 0.0
     while True:
@@ -87,6 +94,10 @@ async def supervise(notify: Notifier, health: Health,
         stuck = health.stuck(now)
         if stuck is not None:
             await on_stuck(stuck)
+            return
+        stalled = voice() if voice is not None else None
+        if stalled is not None and on_stalled is not None:
+            await on_stalled(stalled)
             return
         if interval is not None and now >= next_ping:
             notify("WATCHDOG=1")
@@ -106,12 +117,42 @@ async def exit_stuck(w: Watch, notify: Callable[[str], None], transcript=None) -
                  "deadlines.%s, plus %g s grace); exiting so systemd restarts the service",
                  w.stage, what, w.elapsed(), w.limit_s, w.key, HEALTH.grace_s)
     notify(f"STATUS=stuck in {w.stage} for {w.elapsed():.0f} s; restarting")
+    await _exit_for_restart(transcript)
+
+
+async def exit_stalled(why: str, notify: Callable[[str], None], transcript=None) -> None:
+    """The voice loop stalled where no native deadline applies (``Pipeline.stalled``): the
+    same way out as a stuck native call, exit 70 for systemd to restart the service."""
+    log.critical("the voice loop is stuck: %s; exiting so systemd restarts the service", why)
+    notify("STATUS=the voice loop is stuck; restarting")
+    await _exit_for_restart(transcript)
+
+
+async def _exit_for_restart(transcript) -> None:
     if transcript is not None:
         try:
             await asyncio.wait_for(asyncio.to_thread(transcript.close), _CLOSE_TIMEOUT_S)
         except Exception as e:
             log.error("the transcript could not be flushed: %s", e)
     _hard_exit(EX_SOFTWARE)
+
+
+def stop_deadline(seconds: float, transcript=None) -> threading.Timer:
+    """A stop must end the process within ``seconds`` whatever a stage is doing (a thread
+    wedged in a device or a runtime, an await that never ends): past it, the transcript
+    gets a last short flush and the process exits 0 (the stop asked for is done)."""
+    def force() -> None:
+        left = ", ".join(f"{w.stage} ({w.elapsed():.0f} s)" for w in HEALTH.running())
+        log.error("the service did not stop within %g s%s; exiting now", seconds,
+                  f" ({left} still inside native code)" if left else "")
+        if transcript is not None:
+            transcript.flush(0.5)
+        _hard_exit(0)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _flush_logs() -> None:
@@ -247,6 +288,7 @@ async def run_daemon(cfg: Config) -> int:
             stopping = True
             log.info("%s: stopping", signame)
             notify("STOPPING=1")
+            stop_deadline(_STOP_DEADLINE_S, transcript)
             conversation.abort()        # the running turn ends within a token
             main.cancel()
 
@@ -270,13 +312,17 @@ async def run_daemon(cfg: Config) -> int:
     async def stuck(w: Watch) -> None:
         await exit_stuck(w, notify, transcript)
 
+    async def stalled(why: str) -> None:
+        await exit_stalled(why, notify, transcript)
+
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     camera = (DeviceStatus(conversation.scene, notify, "camera")
               if conversation.scene.camera is not None else None)
-    watchdog = asyncio.create_task(supervise(notify, HEALTH, stuck,
-                                             DeviceStatus(parts.sink, notify),
-                                             devices=(camera,)))
+    watchdog = asyncio.create_task(supervise(
+        notify, HEALTH, stuck, DeviceStatus(parts.sink, notify), devices=(camera,),
+        voice=lambda: None if stopping else pipeline.stalled(HEALTH.stall_limit()),
+        on_stalled=stalled))
     notify("READY=1")
     log.info("listening (llm %s, vision %s, asr %s)", cfg.llm.backend, cfg.vision.encoder, cfg.asr.model)
     code = 0
@@ -285,9 +331,19 @@ async def run_daemon(cfg: Config) -> int:
         log.info("stopped by an exit phrase (intent.exit_action: stop)")
         return code
     except asyncio.CancelledError:
-        if not stopping:
-            raise
-        return 0
+        if stopping:
+            return 0
+        # Nobody asked to stop: a task of the voice loop was cancelled.
+        log.critical("the voice loop was cancelled; exiting so systemd restarts the service")
+        code = EX_SOFTWARE
+        return code
+    except Exception as e:
+        # A task of the voice loop died of an error no turn catches (the listener's): the
+        # pings stop with it, and systemd restarts the service.
+        log.critical("the voice loop failed (%s: %s); exiting so systemd restarts the service",
+                     type(e).__name__, e, exc_info=e)
+        code = EX_SOFTWARE
+        return code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -302,9 +358,11 @@ async def run_daemon(cfg: Config) -> int:
         if recorder is not None:
             await asyncio.to_thread(recorder.close, 2.0)
         conversation.scene.close()
+        closed = True
         try:
             await asyncio.wait_for(components.close(parts), _CLOSE_TIMEOUT_S)
         except asyncio.TimeoutError:
+            closed = False
             log.error("the models and devices did not close within %g s", _CLOSE_TIMEOUT_S)
         notify.close()
         left = HEALTH.running()
@@ -312,4 +370,7 @@ async def run_daemon(cfg: Config) -> int:
             # A native call that never returned would keep the process alive at exit.
             log.error("exiting with %s still inside native code",
                       ", ".join(f"{w.stage} ({w.elapsed():.0f} s)" for w in left))
+        if left or not closed:
+            # So would a thread still closing a device or a model: the interpreter's exit
+            # waits for every worker thread.
             _hard_exit(code)
