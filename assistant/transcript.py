@@ -62,7 +62,7 @@ class TranscriptWriter(WriterThread):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._rotate_if_needed(len(data))
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
             try:
                 if self._torn and not _ends_a_line(fd):
                     data = b"\n" + data     # the torn line stays alone; readers skip it
