@@ -49,6 +49,8 @@ _CLOSE_TIMEOUT_S = 3.0
 # SIGTERM / SIGINT end the process within this, whatever a stage is doing (systemd and a
 # person at the keyboard wait 5 s at most).
 _STOP_DEADLINE_S = 4.0
+# How long a stop waits for the running turn to end after aborting it.
+_TURN_STOP_S = 1.0
 
 
 # --------------------------------------------------------------------------- STATUS
@@ -135,6 +137,14 @@ async def _exit_for_restart(transcript) -> None:
         except Exception as e:
             log.error("the transcript could not be flushed: %s", e)
     _hard_exit(EX_SOFTWARE)
+
+
+def voice_loop_gone(notify: Callable[[str], None], why: str,
+                    error: Optional[BaseException] = None) -> int:
+    """The voice loop ended without a stop being asked for: say so; the exit code (70)."""
+    log.critical("%s; exiting so systemd restarts the service", why, exc_info=error)
+    notify("STATUS=the voice loop stopped; restarting")
+    return EX_SOFTWARE
 
 
 def stop_deadline(seconds: float, transcript=None) -> threading.Timer:
@@ -291,6 +301,9 @@ async def run_daemon(cfg: Config) -> int:
             stop_deadline(_STOP_DEADLINE_S, transcript)
             conversation.abort()        # the running turn ends within a token
             main.cancel()
+            # A turn whose runtime ignores the abort is not waited for past this: its row is
+            # written (interrupted) and the shutdown goes on.
+            loop.call_later(_TURN_STOP_S, pipeline.cancel)
 
     def reload() -> None:
         if stopping:
@@ -334,15 +347,12 @@ async def run_daemon(cfg: Config) -> int:
         if stopping:
             return 0
         # Nobody asked to stop: a task of the voice loop was cancelled.
-        log.critical("the voice loop was cancelled; exiting so systemd restarts the service")
-        code = EX_SOFTWARE
+        code = voice_loop_gone(notify, "the voice loop was cancelled")
         return code
     except Exception as e:
         # A task of the voice loop died of an error no turn catches (the listener's): the
         # pings stop with it, and systemd restarts the service.
-        log.critical("the voice loop failed (%s: %s); exiting so systemd restarts the service",
-                     type(e).__name__, e, exc_info=e)
-        code = EX_SOFTWARE
+        code = voice_loop_gone(notify, f"the voice loop failed ({type(e).__name__}: {e})", e)
         return code
     finally:
         for sig, handler in previous.items():

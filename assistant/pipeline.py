@@ -106,6 +106,7 @@ class Pipeline:
         self._barged_in = False
         self._exit_code: Optional[int] = None
         self._progress_at = time.monotonic()
+        self._tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------------ the loop
 
@@ -120,6 +121,7 @@ class Pipeline:
         watch = (asyncio.create_task(self.scene.watch(self.idle, self.conversation.scene_reference),
                                      name="scene-watch")
                  if self.cfg.vision.watch and self.scene.enabled else None)
+        self._tasks = [t for t in (listen, converse, watch) if t is not None]
         try:
             done, _ = await asyncio.wait({listen, converse}, return_when=asyncio.FIRST_COMPLETED)
             if listen in done:
@@ -134,6 +136,13 @@ class Pipeline:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.onset.finish()
         return self._exit_code or 0
+
+    def cancel(self) -> None:
+        """Cancel the loop's tasks that are still running, again: a stop does not wait for
+        a turn that does not end (a runtime that ignores the abort)."""
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
 
     def idle(self) -> bool:
         """Nobody speaks and nothing is being answered or queued: the scene may be watched

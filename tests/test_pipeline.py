@@ -342,15 +342,16 @@ class SlowAsr:
         import time
         self.calls += 1
         if self.calls == 1:
-            time.sleep(self.seconds)
+            time.sleep(self.seconds)       # its result is never waited for
+            return None
         return self.asr.transcribe(pcm)
 
 
 def test_speech_recognition_past_its_deadline_gets_a_row(tmp_path, spoken, whisper_tiny, voices):
     wav = conversation_wav(tmp_path, spoken, "What do you see on the table?", "What color is the cup?")
     cfg = Config(vad=replace(Config().vad, transcribe_in_pause=False),
-                 deadlines=replace(Config().deadlines, asr_s=0.5))
-    pipe, parts = make(tmp_path, wav, SlowAsr(whisper_tiny, 2.0), voices,
+                 deadlines=replace(Config().deadlines, asr_s=3.0))
+    pipe, parts = make(tmp_path, wav, SlowAsr(whisper_tiny, 5.0), voices,
                        ScriptedLLM(["The cup is blue."]), cfg=cfg)
     rows = transcribed(pipe, tmp_path)
     asyncio.run(drive(pipe, parts))
