@@ -9,7 +9,14 @@ config that does not load is refused with one log line and the running one kept.
 
 The watchdog loop (``supervise``) pings systemd, puts the speaker's state in STATUS, and
 consults ``assistant.health``: a native call stuck past its deadline and the grace after it
-stops the pings and ends the process with exit code 70, so systemd restarts it.
+stops the pings and ends the process with exit code 70, so systemd restarts it. So does a
+voice loop that is gone (a task of it died or was cancelled) or shows no progress in a turn
+past ``Health.stall_limit`` (``Pipeline.stalled``): one bad turn never does that, every
+stage catches its own failures.
+
+A stop takes 4 s at most, whatever a stage is doing: a turn whose runtime ignores the abort
+is not waited for past 1 s (its row says it was interrupted), and past 4 s the process
+leaves at once.
 """
 
 from __future__ import annotations
@@ -289,6 +296,7 @@ async def run_daemon(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stopping = False
+    deadline: list[threading.Timer] = []     # armed by a stop, cancelled once it is done
     reloader = Reloader(cfg, pipeline, conversation)
     reloads: set[asyncio.Task] = set()
 
@@ -298,7 +306,7 @@ async def run_daemon(cfg: Config) -> int:
             stopping = True
             log.info("%s: stopping", signame)
             notify("STOPPING=1")
-            stop_deadline(_STOP_DEADLINE_S, transcript)
+            deadline.append(stop_deadline(_STOP_DEADLINE_S, transcript))
             conversation.abort()        # the running turn ends within a token
             main.cancel()
             # A turn whose runtime ignores the abort is not waited for past this: its row is
@@ -384,3 +392,5 @@ async def run_daemon(cfg: Config) -> int:
             # So would a thread still closing a device or a model: the interpreter's exit
             # waits for every worker thread.
             _hard_exit(code)
+        for timer in deadline:
+            timer.cancel()

@@ -11,6 +11,12 @@ Each sentence is spoken by the voice of its script: a sentence with Chinese char
 the Chinese voice, any other by the default voice, so the Chinese voice never reads English.
 ``say`` returns what was actually heard: after a barge-in, the sentences played whole plus
 the played share of the one that was cut, so the conversation keeps only that.
+
+Nothing that fails in one answer stops the speaking stage: a sentence that cannot be
+synthesised is skipped, a speaker that fails stops the rest of that answer (it is not an
+interruption), the end of the audio is always marked, and ``Spoken.error`` tells the turn
+what failed. ``progress_at`` (the last chunk synthesised or played) lets the daemon tell a
+long answer from a stuck one.
 """
 
 from __future__ import annotations
