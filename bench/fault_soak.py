@@ -42,7 +42,6 @@ import json
 import random
 import select
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -55,7 +54,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from soak import CLEAR, CONFIG, QUESTIONS, RATE, REPLY, Rows, free_port, sample, wait_ready  # noqa: E402,E501
+from soak import (CLEAR, CONFIG, QUESTIONS, RATE, REPLY, Rows, free_port,  # noqa: E402
+                  sample, stop_daemon, wait_ready)
 from alsa_support import make_paced_alsa, portaudio_available  # noqa: E402
 from assistant.demo import draw_scene  # noqa: E402
 from speech_fixtures import synthesize_pcm  # noqa: E402
@@ -362,13 +362,7 @@ def soak(args, work: Path) -> int:
             end = sample(proc.pid)
     finally:
         stop.set()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_daemon(proc)
         mic.close()
     elapsed = time.monotonic() - t_start
     rows, bad_lines = check_rows(transcript)
