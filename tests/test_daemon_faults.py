@@ -9,6 +9,10 @@ turn), FAKE_RKLLM_HANG_AFTER sleeps ignoring it (a runtime wedged in the driver)
 FAKE_RKLLM_HOOK_RUN picks the turn; FAKE_RKLLM_LOG is the file the fake writes every call to,
 so the test sees what the daemon asked of the runtime and when it started holding.
 
+Issue 17 adds: a NUL in a model's answer (the tiny llama.cpp model), SIGTERM while the runtime
+hangs, and two faults injected through a `sitecustomize` module on the daemon's PYTHONPATH (a
+killed voice task, a speaker whose writes never return).
+
 The fake microphone delivers its whole file at once, so every question is queued at the
 start and answered in turn; a signal is sent while the first answer is held.
 """
@@ -61,7 +65,7 @@ class Daemon:
     """`rkvlm-assistant run` in tmp_path; stderr goes to a file, read at any time."""
 
     def __init__(self, tmp_path: Path, fake_alsa, config_text: str, python_path: str = "",
-                 **hooks):
+                 extra_env: dict | None = None, **hooks):
         self.tmp = tmp_path
         (tmp_path / "config.yaml").write_text(config_text)
         self.sock = NotifySocket(tmp_path / "notify.sock")
@@ -70,6 +74,7 @@ class Daemon:
         env.update(fake_env(log=self.fake_log, **hooks))
         if python_path:
             env["PYTHONPATH"] = os.pathsep.join([python_path, env["PYTHONPATH"]])
+        env.update(extra_env or {})
         env["NOTIFY_SOCKET"] = self.sock.path
         env["WATCHDOG_USEC"] = "1000000"          # a ping every 0.5 s
         env.pop("WATCHDOG_PID", None)
@@ -133,9 +138,10 @@ def setup(tmp_path, spoken, rkllm_lib):
     write_fake_model(tmp_path / "model.rkllm", embed_dim=1536)
     fake = make_fake_alsa(tmp_path, capture_rate=MIC_RATE, playback_rate=22050)
 
-    def start(phrases, config_text=None, python_path="", **hooks) -> Daemon:
+    def start(phrases, config_text=None, python_path="", extra_env=None, **hooks) -> Daemon:
         fake.write_capture(speech_at(spoken, *phrases))
-        return Daemon(tmp_path, fake, config_text or config(rkllm_lib), python_path, **hooks)
+        return Daemon(tmp_path, fake, config_text or config(rkllm_lib), python_path, extra_env,
+                      **hooks)
 
     start.fake = fake
     start.lib = rkllm_lib
@@ -365,3 +371,49 @@ def test_a_killed_voice_task_ends_the_process_for_a_restart(setup, tmp_path):
     gone = msgs.index("STATUS=the voice loop stopped; restarting")
     pings = [i for i, m in enumerate(msgs) if m == "WATCHDOG=1"]
     assert pings and max(pings) < gone, msgs
+
+
+# The test's hook: once the file $WEDGE_FILE exists, every write to the speaker blocks for
+# good, as a device wedged in its driver does (no error, no return, no deadline of its own).
+WEDGE_HOOK = """
+import os, threading
+import sounddevice
+
+_write = sounddevice.OutputStream.write
+
+def _wedged_write(self, data):
+    if os.path.exists(os.environ["WEDGE_FILE"]):
+        threading.Event().wait()
+    return _write(self, data)
+
+sounddevice.OutputStream.write = _wedged_write
+"""
+
+
+def test_a_stuck_voice_loop_stops_the_pings_and_the_process(setup, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(WEDGE_HOOK)
+    wedge = tmp_path / "wedge"
+    wedge.touch()
+    from tiny_models import write_text_model
+    write_text_model(tmp_path / "tiny.gguf", scripted_reply="I see a red apple.")
+    # Short deadlines: the stall limit is the longest (2 s) + the grace (1 s) + 30 s.
+    cfg = llamacpp_config("idle") + ("deadlines: {asr_s: 2, llm_first_piece_s: 2, llm_s: 2, "
+                                     "encode_s: 2, tts_s: 2, abort_grace_s: 1}\n")
+    d = setup(["What do you see on the table?"], cfg, python_path=str(hook),
+              extra_env={"WEDGE_FILE": str(wedge)})
+    try:
+        code = d.wait_exit(timeout=180)
+    finally:
+        d.kill()
+    err = d.err
+    assert code == 70, err[-3000:]
+    critical = [l for l in err.splitlines() if "CRITICAL" in l]
+    assert len(critical) == 1, err[-3000:]
+    assert "the voice loop is stuck: the turn in progress has shown no progress" in critical[0]
+    assert "(limit 33 s)" in critical[0]
+    msgs = d.sock.messages
+    stuck = msgs.index("STATUS=the voice loop is stuck; restarting")
+    pings = [i for i, m in enumerate(msgs) if m == "WATCHDOG=1"]
+    assert pings and max(pings) < stuck, msgs
