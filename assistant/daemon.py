@@ -7,7 +7,14 @@ what can change without a restart is applied, the rest is named in the log and w
 
 The watchdog loop (``supervise``) pings systemd, puts the speaker's state in STATUS, and
 consults ``assistant.health``: a native call stuck past its deadline and the grace after it
-stops the pings and ends the process with exit code 70, so systemd restarts it.
+stops the pings and ends the process with exit code 70, so systemd restarts it. So does a
+voice loop that is gone (a task of it died or was cancelled) or shows no progress in a turn
+past ``Health.stall_limit`` (``Pipeline.stalled``): one bad turn never does that, every
+stage catches its own failures.
+
+A stop takes 4 s at most, whatever a stage is doing: a turn whose runtime ignores the abort
+is not waited for past 1 s (its row says it was interrupted), and past 4 s the process
+leaves at once.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Awaitable, Callable, Optional
 
@@ -36,6 +44,11 @@ log = logging.getLogger(__name__)
 _TICK_S = 0.5
 # A shutdown never waits longer than this on a device or a model that does not let go.
 _CLOSE_TIMEOUT_S = 3.0
+# SIGTERM / SIGINT end the process within this, whatever a stage is doing (systemd and a
+# person at the keyboard wait 5 s at most).
+_STOP_DEADLINE_S = 4.0
+# How long a stop waits for the running turn to end after aborting it.
+_TURN_STOP_S = 1.0
 
 
 # --------------------------------------------------------------------------- STATUS
@@ -70,9 +83,12 @@ class DeviceStatus:
 async def supervise(notify: Notifier, health: Health,
                     on_stuck: Callable[[Watch], Awaitable[None]],
                     speaker: Optional["DeviceStatus"] = None, tick: float = _TICK_S,
-                    devices: tuple = ()) -> None:
+                    devices: tuple = (),
+                    voice: Optional[Callable[[], Optional[str]]] = None,
+                    on_stalled: Optional[Callable[[str], Awaitable[None]]] = None) -> None:
     """Ping the watchdog from the loop (a blocked loop stops the pings), and stop pinging
-    for good once a native call is stuck: ``on_stuck`` then ends the process."""
+    for good once a native call is stuck (``on_stuck``) or the voice loop has stalled
+    (``voice()`` says why; ``on_stalled``): those then end the process."""
     interval = notify.watchdog_interval() if notify.enabled else None
     next_ping = 0.0
     while True:
@@ -80,6 +96,10 @@ async def supervise(notify: Notifier, health: Health,
         stuck = health.stuck(now)
         if stuck is not None:
             await on_stuck(stuck)
+            return
+        stalled = voice() if voice is not None else None
+        if stalled is not None and on_stalled is not None:
+            await on_stalled(stalled)
             return
         if interval is not None and now >= next_ping:
             notify("WATCHDOG=1")
@@ -99,12 +119,50 @@ async def exit_stuck(w: Watch, notify: Callable[[str], None], transcript=None) -
                  "deadlines.%s, plus %g s grace); exiting so systemd restarts the service",
                  w.stage, what, w.elapsed(), w.limit_s, w.key, HEALTH.grace_s)
     notify(f"STATUS=stuck in {w.stage} for {w.elapsed():.0f} s; restarting")
+    await _exit_for_restart(transcript)
+
+
+async def exit_stalled(why: str, notify: Callable[[str], None], transcript=None) -> None:
+    """The voice loop stalled where no native deadline applies (``Pipeline.stalled``): the
+    same way out as a stuck native call, exit 70 for systemd to restart the service."""
+    log.critical("the voice loop is stuck: %s; exiting so systemd restarts the service", why)
+    notify("STATUS=the voice loop is stuck; restarting")
+    await _exit_for_restart(transcript)
+
+
+async def _exit_for_restart(transcript) -> None:
     if transcript is not None:
         try:
             await asyncio.wait_for(asyncio.to_thread(transcript.close), _CLOSE_TIMEOUT_S)
         except Exception as e:
             log.error("the transcript could not be flushed: %s", e)
     _hard_exit(EX_SOFTWARE)
+
+
+def voice_loop_gone(notify: Callable[[str], None], why: str,
+                    error: Optional[BaseException] = None) -> int:
+    """The voice loop ended without a stop being asked for: say so; the exit code (70)."""
+    log.critical("%s; exiting so systemd restarts the service", why, exc_info=error)
+    notify("STATUS=the voice loop stopped; restarting")
+    return EX_SOFTWARE
+
+
+def stop_deadline(seconds: float, transcript=None) -> threading.Timer:
+    """A stop must end the process within ``seconds`` whatever a stage is doing (a thread
+    wedged in a device or a runtime, an await that never ends): past it, the transcript
+    gets a last short flush and the process exits 0 (the stop asked for is done)."""
+    def force() -> None:
+        left = ", ".join(f"{w.stage} ({w.elapsed():.0f} s)" for w in HEALTH.running())
+        log.error("the service did not stop within %g s%s; exiting now", seconds,
+                  f" ({left} still inside native code)" if left else "")
+        if transcript is not None:
+            transcript.flush(0.5)
+        _hard_exit(0)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _flush_logs() -> None:
@@ -167,6 +225,7 @@ async def run_daemon(cfg: Config) -> int:
     main = asyncio.current_task()
     stopping = False
     hup.reloader = Reloader(cfg, pipeline, conversation, server=http)
+    deadline: list[threading.Timer] = []     # armed by a stop, cancelled once it is done
 
     def stop(signame: str) -> None:
         nonlocal stopping
@@ -174,8 +233,12 @@ async def run_daemon(cfg: Config) -> int:
             stopping = True
             log.info("%s: stopping", signame)
             notify("STOPPING=1")
+            deadline.append(stop_deadline(_STOP_DEADLINE_S, transcript))
             conversation.abort()        # the running turn ends within a token
             main.cancel()
+            # A turn whose runtime ignores the abort is not waited for past this: its row is
+            # written (interrupted) and the shutdown goes on.
+            loop.call_later(_TURN_STOP_S, pipeline.cancel)
 
     # Plain signal handlers, not loop.add_signal_handler: asyncio learns of a signal through
     # its wake-up pipe, and a byte lost on a full pipe (a flood of device callbacks) would
@@ -186,13 +249,17 @@ async def run_daemon(cfg: Config) -> int:
     async def stuck(w: Watch) -> None:
         await exit_stuck(w, notify, transcript)
 
+    async def stalled(why: str) -> None:
+        await exit_stalled(why, notify, transcript)
+
     signals = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     camera = (DeviceStatus(conversation.scene, notify, "camera", idle)
               if conversation.scene.camera is not None else None)
-    watchdog = asyncio.create_task(supervise(notify, HEALTH, stuck,
-                                             DeviceStatus(parts.sink, notify, idle=idle),
-                                             devices=(camera,)))
+    watchdog = asyncio.create_task(supervise(
+        notify, HEALTH, stuck, DeviceStatus(parts.sink, notify, idle=idle), devices=(camera,),
+        voice=lambda: None if stopping else pipeline.stalled(HEALTH.stall_limit()),
+        on_stalled=stalled))
     notify("READY=1")
     log.info("listening (llm %s, vision %s, asr %s)", cfg.llm.backend, cfg.vision.encoder, cfg.asr.model)
     code = 0
@@ -201,9 +268,16 @@ async def run_daemon(cfg: Config) -> int:
         log.info("stopped by an exit phrase (intent.exit_action: stop)")
         return code
     except asyncio.CancelledError:
-        if not stopping:
-            raise
-        return 0
+        if stopping:
+            return 0
+        # Nobody asked to stop: a task of the voice loop was cancelled.
+        code = voice_loop_gone(notify, "the voice loop was cancelled")
+        return code
+    except Exception as e:
+        # A task of the voice loop died of an error no turn catches (the listener's): the
+        # pings stop with it, and systemd restarts the service.
+        code = voice_loop_gone(notify, f"the voice loop failed ({type(e).__name__}: {e})", e)
+        return code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -219,9 +293,11 @@ async def run_daemon(cfg: Config) -> int:
         if recorder is not None:
             await asyncio.to_thread(recorder.close, 2.0)
         conversation.scene.close()
+        closed = True
         try:
             await asyncio.wait_for(components.close(parts), _CLOSE_TIMEOUT_S)
         except asyncio.TimeoutError:
+            closed = False
             log.error("the models and devices did not close within %g s", _CLOSE_TIMEOUT_S)
         notify.close()
         left = HEALTH.running()
@@ -229,4 +305,9 @@ async def run_daemon(cfg: Config) -> int:
             # A native call that never returned would keep the process alive at exit.
             log.error("exiting with %s still inside native code",
                       ", ".join(f"{w.stage} ({w.elapsed():.0f} s)" for w in left))
+        if left or not closed:
+            # So would a thread still closing a device or a model: the interpreter's exit
+            # waits for every worker thread.
             _hard_exit(code)
+        for timer in deadline:
+            timer.cancel()

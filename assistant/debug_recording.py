@@ -95,10 +95,13 @@ class DebugRecorder(WriterThread):
         if self._q.qsize() >= _MAX_QUEUED:
             self.dropped += 1
             return
-        self._q.put(item)
+        self._queue(item)
 
     def _handle(self, item: tuple) -> None:
         self._write(*item)
+
+    def _dropped(self, item: tuple) -> None:
+        self.dropped += 1
 
     def _write(self, name: str, pcm: Optional[np.ndarray], frame: Optional[np.ndarray]) -> None:
         try:

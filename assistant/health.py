@@ -14,6 +14,10 @@ start time and deadline (``deadlines:`` in the config) while its thread is insid
   the service. A thread stuck in native code cannot be stopped from Python, and it would
   block a normal interpreter exit too.
 
+A hang that is not inside a native call (an await that never ends, a device write that
+never returns) is caught by the voice loop's own progress check, ``Pipeline.stalled``, with
+``Health.stall_limit``: the daemon's watchdog loop exits 70 for it too.
+
 One registry, ``HEALTH``, serves the process; the daemon configures it from the config and
 consults it from its watchdog loop.
 """
@@ -33,6 +37,11 @@ from assistant.errors import BackendError
 log = logging.getLogger(__name__)
 
 EX_SOFTWARE = 70  # sysexits.h: internal software error (a stuck native call)
+
+# Past the longest deadline and its grace, what a voice turn may still wait without a sign
+# of progress: the longest chunk of speech playing (a whole sentence from a voice that does
+# not stream).
+STALL_MARGIN_S = 30.0
 
 # stage -> (what it is, in words; its deadline key)
 STAGES = {
@@ -114,6 +123,12 @@ class Health:
 
     def limit(self, stage: str) -> float:
         return float(getattr(self.deadlines, STAGES[stage][1]))
+
+    def stall_limit(self) -> float:
+        """How long the voice loop may show no progress in a turn before it counts as
+        stuck: the longest deadline (a voice turn may wait that long behind another turn),
+        its grace, and one chunk of speech playing."""
+        return max(self.limit(s) for s in STAGES) + self.grace_s + STALL_MARGIN_S
 
     # ------------------------------------------------------------------ registration
 

@@ -38,7 +38,7 @@ from assistant.audio.voice_out import VoiceOut
 from assistant.audio.wake import WakeListener, resolve_mode
 from assistant.config import Config
 from assistant.conversation import Conversation, Request, TurnGate
-from assistant.errors import AssistantError, BackendError, ContextFullError, DeviceError
+from assistant.errors import AssistantError, ContextFullError, DeviceError
 from assistant.health import HEALTH, StageOverrun
 from assistant.intent import Intent, IntentClassifier
 from assistant.llm.base import LLMBackend
@@ -127,6 +127,8 @@ class Pipeline:
         self.skipped: collections.deque[dict] = collections.deque(maxlen=_TURNS_KEPT)
         self._earcon: Optional[asyncio.Task] = None
         self._state = ""
+        self._progress_at = time.monotonic()
+        self._tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------------ the loop
 
@@ -143,6 +145,7 @@ class Pipeline:
         watch = (asyncio.create_task(self.scene.watch(self.idle, self.conversation.scene_reference),
                                      name="scene-watch")
                  if self.cfg.vision.watch and self.scene.enabled else None)
+        self._tasks = [t for t in (listen, converse, watch) if t is not None]
         try:
             done, _ = await asyncio.wait({listen, converse}, return_when=asyncio.FIRST_COMPLETED)
             if listen in done:
@@ -159,6 +162,13 @@ class Pipeline:
             if self.wake is not None:
                 self.wake.close()
         return self._exit_code or 0
+
+    def cancel(self) -> None:
+        """Cancel the loop's tasks that are still running, again: a stop does not wait for
+        a turn that does not end (a runtime that ignores the abort)."""
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
 
     def idle(self) -> bool:
         """Nobody speaks and nothing is being answered or queued: the scene may be watched
@@ -300,41 +310,67 @@ class Pipeline:
                 await self._earcon           # the chime ends before the answer starts
             self._barged_in = False
             self._in_turn = True
+            self.progress()
             try:
                 await self._turn(utt, turn, snapshot, heard)
             except _NoTurn as e:
                 self.onset.drop(snapshot)
                 self._skip(utt, str(e), turn.transcript)
                 continue
-            except StageOverrun as e:
-                # A stuck stage (not the LLM's: _answer says sorry for that): say sorry.
-                log.error("turn %d: %s", turn.id, e)
-                turn.note = str(e)
-                self.onset.drop(snapshot)
-                lang = self._reply_language(None)
-                turn.answer = (await self.voice.say([self.cfg.persona.lines(lang).error],
-                                                    lang, turn)).text
             except asyncio.CancelledError:
                 # The service is stopping mid-turn: the turn is recorded as far as it got.
-                turn.interrupted = True
-                turn.note = turn.note or "interrupted: the service is stopping"
-                self._finish(turn)
+                self._stopping_turn(turn)
                 raise
-            except AssistantError as e:
-                # One failed turn must not end a daemon that runs for weeks.
-                log.error("turn %d failed: %s", turn.id, e)
-                turn.note = str(e)
             except Exception as e:
-                log.exception("turn %d failed", turn.id)
-                turn.note = f"internal error: {type(e).__name__}: {e}"
+                # One failed turn must not end a daemon that runs for weeks: the turn gets a
+                # row saying what failed, the person one apology, and the loop goes on.
+                self.onset.drop(snapshot)
+                turn.note = _failure(e, f"turn {turn.id} failed")
+                turn.intent = turn.intent or "unknown"
+                if not turn.answer:
+                    turn.answer = await self._apologise(turn)
             finally:
                 self._in_turn = False
                 self.onset.used(snapshot)
                 if turn.addressed:
                     self.addressing.answered()     # the follow-up window opens
+            task = asyncio.current_task()
+            # (Task.cancelling is Python 3.11+; boards with 3.10 skip this late check)
+            if task is not None and getattr(task, "cancelling", lambda: 0)():
+                # A stop that arrived while a failure was being handled: never swallowed.
+                self._stopping_turn(turn)
+                raise asyncio.CancelledError
             self._finish(turn)
             if self._exit_code is not None:
                 return
+
+    def _stopping_turn(self, turn: Turn) -> None:
+        turn.interrupted = True
+        turn.note = turn.note or "interrupted: the service is stopping"
+        self._finish(turn)
+
+    async def _apologise(self, turn: Turn) -> str:
+        """The persona's apology, once; what was heard of it."""
+        lang = self._reply_language(None)
+        return (await self.voice.say([self.cfg.persona.lines(lang).error], lang, turn)).text
+
+    def progress(self) -> None:
+        """A sign of life from the voice loop (see ``stalled``)."""
+        self._progress_at = time.monotonic()
+
+    def stalled(self, limit_s: float, now: Optional[float] = None) -> Optional[str]:
+        """Why the voice loop is stuck, or None: a turn or an answer being spoken with no
+        sign of progress (a transcript, a piece of the answer, a sentence synthesised or
+        played) for ``limit_s``. Every native call has its own deadline; this catches what
+        no deadline covers (a future never settled, a device write that never returns)."""
+        if not (self._in_turn or self.voice.busy):
+            return None
+        now = time.monotonic() if now is None else now
+        quiet = now - max(self._progress_at, self.voice.progress_at)
+        if quiet <= limit_s:
+            return None
+        what = "an answer being spoken" if not self._in_turn else "the turn in progress"
+        return f"{what} has shown no progress for {quiet:.0f} s (limit {limit_s:g} s)"
 
     # ------------------------------------------------------------------ one turn
 
@@ -409,9 +445,20 @@ class Pipeline:
                           "again", e)
         if heard is None:
             t0 = time.monotonic()
-            heard = await HEALTH.call("asr", self.parts.asr.transcribe, utt.pcm,
-                                      limit_s=self.cfg.deadlines.asr_s)
+            try:
+                heard = await HEALTH.call("asr", self.parts.asr.transcribe, utt.pcm,
+                                          limit_s=self.cfg.deadlines.asr_s)
+            except Exception as e:
+                # Whisper raised or ran past its deadline: the turn's row says so (its intent
+                # is unknown: nothing was heard), and the person hears one apology.
+                turn.took("asr", time.monotonic() - t0)
+                turn.intent = "unknown"
+                turn.note = _failure(e, f"turn {turn.id}: speech recognition failed",
+                                     prefix="speech recognition failed: ")
+                turn.answer = await self._apologise(turn)
+                return None
             turn.took("asr", time.monotonic() - t0)
+        self.progress()
         turn.transcript, turn.language = heard.text, heard.language
         if not heard.accepted:
             turn.intent = Intent.NOTHING.value
@@ -440,7 +487,7 @@ class Pipeline:
             await self.voice.say([lines.no_model], lang, turn)
             return
         sentences: asyncio.Queue = asyncio.Queue()
-        overran = False
+        overran = apologised = False
         speaking = asyncio.create_task(self.voice.say(sentences, lang, turn))
         # Until the first sound, a long opening sentence is cut at its first comma past
         # tts.first_clause_chars: the person hears something sooner; later sentences stay whole.
@@ -451,10 +498,17 @@ class Pipeline:
             splitter.max_chars = _RUN_ON_CHARS
             sentences.put_nowait(s)
 
+        def sorry(note: str, line: str) -> None:
+            nonlocal apologised
+            turn.note = note
+            sentences.put_nowait(line)
+            apologised = True
+
         try:
             try:
                 req = Request(question, language=lang, snapshot=snapshot)
                 async for piece in self.conversation.ask(req, turn):
+                    self.progress()
                     if turn.reset and "reset_said" not in turn.marks:
                         turn.mark("reset_said")
                         sentences.put_nowait(lines.reset)
@@ -463,12 +517,9 @@ class Pipeline:
                 for s in splitter.flush():
                     speak(s)
             except ContextFullError as e:
-                turn.note = str(e)
-                sentences.put_nowait(lines.full if "say \"clear\"" in str(e) else lines.too_long)
-            except BackendError as e:
-                log.error("the language model failed: %s", e)
-                turn.note = str(e)
-                sentences.put_nowait(lines.error)
+                sorry(str(e), lines.full if "say \"clear\"" in str(e) else lines.too_long)
+            except Exception as e:      # the model, or anything on its way: this turn only
+                sorry(_failure(e, "the language model failed"), lines.error)
                 overran = isinstance(e, StageOverrun)
         finally:
             sentences.put_nowait(None)
@@ -484,6 +535,15 @@ class Pipeline:
             turn.note = turn.note or "interrupted by the person speaking"
             self.conversation.keep_spoken(turn, spoken.text)
             turn.answer = spoken.text
+        elif spoken.speaker_failed:
+            # Not an interruption: nobody cut it. The answer stays whole in the transcript
+            # and the history; the note says how much of it was heard.
+            turn.note = _joined(turn.note, f"{spoken.error}; {spoken.seconds:.1f} s of the "
+                                           "answer was played")
+        elif spoken.error:
+            turn.note = _joined(turn.note, spoken.error)
+            if not apologised:
+                await self._apologise(turn)
 
     # ------------------------------------------------------------------ helpers
 
@@ -517,6 +577,7 @@ class Pipeline:
                              "transcript": transcript, "note": note})
 
     def _finish(self, turn: Turn) -> None:
+        self.progress()
         turn.mark("done")
         turn.conversation = turn.conversation or self.conversation.id
         self.turns.append(turn)
@@ -525,3 +586,17 @@ class Pipeline:
         self.notify(f"STATUS=turn {turn.id}: {turn.intent or 'nothing'}")
         if self.on_turn is not None:
             self.on_turn(turn)
+
+
+def _failure(e: BaseException, what: str, prefix: str = "") -> str:
+    """Log a turn's failure once and return the note for its row: the error's own message
+    for one of ours, its type and a traceback in the log for anything else."""
+    if isinstance(e, AssistantError):
+        log.error("%s: %s", what, e)
+        return f"{prefix}{e}" if prefix and not isinstance(e, StageOverrun) else str(e)
+    log.error("%s", what, exc_info=e)
+    return f"{prefix}internal error: {type(e).__name__}: {e}"
+
+
+def _joined(note: str, more: str) -> str:
+    return f"{note}; {more}" if note else more

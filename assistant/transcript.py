@@ -4,16 +4,25 @@ Every turn (question, clear, exit, a failed or interrupted one) becomes one line
 thread appends, flushes and fsyncs each line, so a ``kill -9`` loses at most the turn in
 flight, and the event loop never waits for the disk. The file is rotated by size
 (``transcript.jsonl`` -> ``.1`` -> ``.2`` ...). A disk that is full or read-only is one
-warning (again only after it worked in between); the assistant keeps answering.
+warning (again only after it worked in between); the assistant keeps answering. A write cut
+short by a full disk is cut off the file again (or, if even that fails, the next row starts
+on a line of its own), so one torn line never takes the next row with it.
+
+Any row can be written: a text longer than ``MAX_TEXT_CHARS`` keeps that much and a note of
+its length, and what JSON or UTF-8 cannot carry (a lone surrogate, NaN) is written escaped.
+``history`` shows the rows it can and counts the ones it skips.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
 import os
+import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from assistant.config import Config, TranscriptConfig
 from assistant.writer_thread import WriterThread
@@ -40,23 +49,35 @@ class TranscriptWriter(WriterThread):
         self.max_bytes = cfg.max_bytes
         self.keep = cfg.keep
         self._failing = False
+        self._torn = False      # a failed write may have left a line without its end
         super().__init__("transcript")
 
     def write(self, row: dict) -> None:
-        """Queue one row (never blocks)."""
-        self._q.put(row)
+        """Queue one row (never blocks). Its texts are cut to ``MAX_TEXT_CHARS`` here, so a
+        huge question never waits in the queue whole."""
+        self._queue(bounded(row))
 
     def _handle(self, row: dict) -> None:
         self._append(row)
 
     def _append(self, row: dict) -> None:
-        line = json.dumps(row, ensure_ascii=False, default=str) + "\n"
+        data = encode_row(row)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._rotate_if_needed(len(line.encode("utf-8")))
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._rotate_if_needed(len(data))
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
             try:
-                os.write(fd, line.encode("utf-8"))
+                if self._torn and not _ends_a_line(fd):
+                    data = b"\n" + data     # the torn line stays alone; readers skip it
+                start = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    _write_all(fd, data)
+                except OSError:
+                    # A full disk may take part of the line: cut it, or failing that,
+                    # make the next row start on a line of its own.
+                    self._torn = not _cut(fd, start)
+                    raise
+                self._torn = False
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -86,8 +107,79 @@ class TranscriptWriter(WriterThread):
                 os.replace(src, self.path.with_name(f"{self.path.name}.{i}"))
 
 
-def read_rows(path: Path) -> Iterator[dict]:
-    """Every row of the transcript, oldest first (rotated files included); bad lines skipped."""
+# A row keeps at most this many characters of any text (a 15 MB question would otherwise be
+# written whole); the rest is replaced by a note of the original length.
+MAX_TEXT_CHARS = 4000
+
+
+def bounded(row: dict) -> dict:
+    """The row with every text cut to ``MAX_TEXT_CHARS`` (nested ones too)."""
+    return {k: _bounded(v) for k, v in row.items()}
+
+
+def _bounded(v: Any) -> Any:
+    if isinstance(v, str) and len(v) > MAX_TEXT_CHARS:
+        return f"{v[:MAX_TEXT_CHARS]} [... cut: {len(v)} characters in all]"
+    if isinstance(v, dict):
+        return {k: _bounded(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_bounded(x) for x in v]
+    return v
+
+
+def encode_row(row: dict) -> bytes:
+    """One JSON line, UTF-8. What JSON or UTF-8 cannot carry is written escaped rather
+    than lost: a lone surrogate as the text ``\\ud800``, NaN and infinities as strings."""
+    try:
+        line = json.dumps(row, ensure_ascii=False, allow_nan=False, default=str)
+        return (line + "\n").encode("utf-8")
+    except (UnicodeEncodeError, ValueError):
+        line = json.dumps(_escaped(row), ensure_ascii=False, allow_nan=False, default=str)
+        return (line + "\n").encode("utf-8")
+
+
+def _escaped(v: Any) -> Any:
+    if isinstance(v, str):
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {_escaped(str(k)): _escaped(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_escaped(x) for x in v]
+    return v
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` or OSError: a short write (a full disk) is tried on, and a write
+    that takes nothing is an error."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "no space left: the write took nothing")
+        view = view[n:]
+
+
+def _cut(fd: int, size: int) -> bool:
+    """Cut the file back to ``size`` (the torn line goes); False when it cannot be."""
+    try:
+        os.ftruncate(fd, size)
+        return True
+    except OSError:
+        return False
+
+
+def _ends_a_line(fd: int) -> bool:
+    """The file is empty or ends with a newline."""
+    size = os.fstat(fd).st_size
+    return size == 0 or os.pread(fd, 1, size - 1) == b"\n"
+
+
+def read_rows(path: Path, skipped: Optional[list] = None) -> Iterator[dict]:
+    """Every row of the transcript, oldest first (rotated files included). A line that is
+    not a JSON object (cut by a crash or a full disk) is skipped, and appended to
+    ``skipped`` when given."""
     files = sorted(path.parent.glob(path.name + ".*"),
                    key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
     files = [p for p in files if p.suffix[1:].isdigit()] + [path]
@@ -97,24 +189,32 @@ def read_rows(path: Path) -> Iterator[dict]:
         except OSError:
             continue
         for line in text.splitlines():
+            if not line.strip():
+                continue
             try:
                 row = json.loads(line)
-            except ValueError:
-                continue     # a line cut by a crash mid-write
+            except (ValueError, RecursionError):
+                row = None   # a line cut by a crash mid-write
             if isinstance(row, dict):
                 yield row
+            elif skipped is not None:
+                skipped.append(line)
 
 
 def format_row(row: dict) -> str:
-    """One turn, readable by a person."""
+    """One turn, readable by a person. Odd values are shown as they are; a row that cannot
+    be shown at all raises (``cli_history`` skips and counts it)."""
     import datetime
 
     t = row.get("time")
-    when = (datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
-            if isinstance(t, (int, float)) else "?")
+    try:
+        when = datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError, OverflowError, OSError):
+        when = "?"      # not a number, or no date (1e300, NaN)
     intent = row.get("intent") or "?"
+    source = row.get("source")
     lines = [f"{when}  [{row.get('conversation', '?')} #{row.get('turn', '?')}] {intent}"
-             f"{'  (' + row['source'] + ')' if row.get('source') not in (None, 'voice') else ''}"]
+             f"{f'  ({source})' if source not in (None, 'voice') else ''}"]
     if row.get("transcript"):
         lines.append(f"  person: {row['transcript']}")
     if row.get("answer"):
@@ -127,20 +227,37 @@ def format_row(row: dict) -> str:
         notes.append(f"{c.get('kind', 'compaction')}: {c.get('tokens_before')} -> "
                      f"{c.get('tokens_after')} tokens")
     if row.get("note"):
-        notes.append(row["note"])
+        notes.append(str(row["note"]))
     if notes:
         lines.append("  note: " + "; ".join(notes))
     return "\n".join(lines)
 
 
+def _printable(text: str) -> str:
+    """Text any terminal takes: a lone surrogate (read from a JSON escape) shown escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def cli_history(cfg: Config, n: int, as_json: bool, conversation: Optional[str]) -> int:
     path = transcript_path(cfg)
-    rows = [r for r in read_rows(path)
+    bad: list = []
+    rows = [r for r in read_rows(path, bad)
             if conversation is None or str(r.get("conversation")) == conversation]
-    if not rows and not path.exists():
+    if not rows and not bad and not path.exists():
         print(f"no transcript yet at {path} (transcript.path; it is written once the assistant "
               f"has answered)")
         return 0
+    skipped = len(bad)
     for row in rows[-n:] if n > 0 else rows:
-        print(json.dumps(row, ensure_ascii=False) if as_json else format_row(row))
+        try:
+            text = (encode_row(row).decode("utf-8").rstrip("\n") if as_json
+                    else format_row(row))
+        except Exception:     # a row of odd types: counted, never a traceback
+            skipped += 1
+            continue
+        print(_printable(text))
+    if skipped:
+        print(f"history: {skipped} row{'s' if skipped != 1 else ''} of {path} skipped: not "
+              f"readable (a line cut by a crash or a full disk, or values of the wrong kind)",
+              file=sys.stderr)
     return 0

@@ -32,7 +32,11 @@ class Turn:
     compaction: Optional[dict] = None  # {kind: compact|reset, tokens_before, tokens_after, ...}
     reset: bool = False            # the context was reset before this answer
     finish: str = ""               # stop | length | aborted (the LLM's end)
-    interrupted: bool = False      # the person spoke over the answer
+    # The answer was cut short on purpose before it was finished: the person spoke over it
+    # (barge-in), the HTTP client hung up, or the service was stopped. A failure (speech
+    # recognition, the model, synthesis, the speaker) is never an interruption: the note
+    # names what failed.
+    interrupted: bool = False
     note: str = ""                 # why something was skipped or failed, for a person
     addressed: str = ""            # with wake.mode word/phrase: wake word, wake phrase, follow-up, during an answer
     timings: dict = field(default_factory=dict)   # "<stage>_ms" -> milliseconds

@@ -126,6 +126,17 @@ def wait_ready(proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
     raise SystemExit(f"the daemon was not ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+def stop_daemon(proc: subprocess.Popen) -> None:
+    """SIGTERM, and SIGKILL if it has not exited 30 s later."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def fmt(s: dict) -> str:
     return f"rss {s['rss_mb']:7.1f} MB, {s['fds']:3d} fds, {s['threads']:3d} threads"
 
@@ -208,13 +219,7 @@ def soak(args, baseline: int, work: Path) -> int:
             time.sleep(args.pause)
         rows.poll()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_daemon(proc)
         mic.close()
     elapsed = time.monotonic() - t_start
     got = rows.rows

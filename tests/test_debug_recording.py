@@ -170,6 +170,28 @@ def test_the_oldest_turns_are_deleted_past_the_bounds(tmp_path):
     assert all(t.id not in kept for t in turns)
 
 
+def test_a_recording_that_raises_an_unexpected_error_does_not_end_the_writer(tmp_path, caplog):
+    d = tmp_path / "rec"
+    pcm = np.zeros(RATE // 4, np.int16)
+    rec = DebugRecorder(d)
+    bad = [Turn(), Turn()]
+    good = Turn()
+    with caplog.at_level(logging.WARNING):
+        for t in bad:
+            # Seven channels: OpenCV refuses it with cv2.error, not an OSError or ValueError.
+            rec.save(t, pcm, np.zeros((8, 8, 7), np.uint8))
+        rec.save(good, pcm, np.zeros((8, 8, 3), np.uint8))
+        assert rec.flush(10)
+    rec.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "debug-recording writer could not write" in warnings[0]
+    assert rec.dropped == 2 and rec.saved == 1
+    names = {p.name for p in d.iterdir()}
+    assert {n.split("-turn")[1] for n in names if f"-turn{good.id}." in n} == {
+        f"{good.id}.wav", f"{good.id}.jpg"}
+    assert not any(n.endswith(".part") for n in names)
+
+
 def test_the_picture_of_a_scene_job_is_written_once_taken(tmp_path):
     """The snapshot job may still be running when the utterance is saved."""
     rec = DebugRecorder(tmp_path / "rec")

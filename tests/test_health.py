@@ -232,6 +232,38 @@ def test_the_watchdog_pings_until_a_call_is_stuck():
     assert len(pings) >= 5 and max(pings) <= at     # pinged, then never again
 
 
+def test_the_watchdog_stops_pinging_when_the_voice_loop_stalls():
+    h = Health(FAST)
+    notify = Recorder(interval=0.05)
+    problem: list[str] = []          # what Pipeline.stalled would say, once it says it
+    stalled_at = []
+
+    async def on_stalled(why):
+        stalled_at.append((time.monotonic(), why))
+
+    async def main():
+        task = asyncio.create_task(supervise(notify, h, None, tick=0.02,
+                                             voice=lambda: problem[0] if problem else None,
+                                             on_stalled=on_stalled))
+        await asyncio.sleep(0.3)
+        problem.append("the turn in progress has shown no progress for 341 s")
+        await asyncio.wait_for(task, 5)          # returns once on_stalled has run
+
+    run(main())
+    (at, why), = stalled_at
+    assert "no progress" in why
+    pings = [t for t, m in notify.messages if m == "WATCHDOG=1"]
+    assert len(pings) >= 3 and max(pings) <= at
+
+
+def test_the_stall_limit_follows_the_deadlines():
+    h = Health(DeadlinesConfig())
+    # The longest deadline (llm_s, 300 s), its grace (10 s), and a chunk of speech (30 s).
+    assert h.stall_limit() == 300 + 10 + 30
+    h.configure(DeadlinesConfig(llm_s=20, asr_s=45, abort_grace_s=2))
+    assert h.stall_limit() == max(45, DeadlinesConfig().llm_first_piece_s) + 2 + 30
+
+
 def test_speaker_status_goes_down_and_comes_back():
     sink = SimpleNamespace(state="ready", problem="")
     sent = []

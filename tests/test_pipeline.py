@@ -305,10 +305,152 @@ def test_a_failing_turn_does_not_end_the_conversation(tmp_path, spoken, whisper_
     # absorb the failure: it is retried).
     cfg = Config(vad=replace(Config().vad, transcribe_in_pause=False))
     pipe, parts = make(tmp_path, wav, FlakyAsr(whisper_tiny), voices, llm, cfg=cfg)
+    rows = transcribed(pipe, tmp_path)
     asyncio.run(drive(pipe, parts))
     first, second = pipe.turns
     assert "out of memory" in first.note
     assert second.answer == "The cup is blue."
+    # The failed turn has its row, saying what failed; the person heard one apology.
+    row = rows()[0]
+    assert row["intent"] == "unknown" and row["interrupted"] is False
+    assert row["note"] == ("speech recognition failed: internal error: RuntimeError: "
+                           "CTranslate2: out of memory")
+    assert row["answer"] == Config().persona.en.error
+    said = heard_back(whisper_tiny, tmp_path / "answer.wav")
+    assert said.count("sorry") == 1 and "blue" in said
+
+
+def transcribed(pipe, tmp_path):
+    """Give the pipeline's conversation a real transcript; returns a reader of its rows."""
+    from assistant.transcript import TranscriptWriter, read_rows
+
+    writer = pipe.conversation.transcript = TranscriptWriter(tmp_path / "turns.jsonl")
+
+    def rows():
+        assert writer.flush(10)
+        return list(read_rows(writer.path))
+    return rows
+
+
+class SlowAsr:
+    """Real whisper behind a native call that takes longer than deadlines.asr_s once."""
+
+    def __init__(self, asr, seconds):
+        self.asr, self.seconds, self.calls = asr, seconds, 0
+
+    def transcribe(self, pcm):
+        import time
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(self.seconds)       # its result is never waited for
+            return None
+        return self.asr.transcribe(pcm)
+
+
+def test_speech_recognition_past_its_deadline_gets_a_row(tmp_path, spoken, whisper_tiny, voices):
+    wav = conversation_wav(tmp_path, spoken, "What do you see on the table?", "What color is the cup?")
+    cfg = Config(vad=replace(Config().vad, transcribe_in_pause=False),
+                 deadlines=replace(Config().deadlines, asr_s=3.0))
+    pipe, parts = make(tmp_path, wav, SlowAsr(whisper_tiny, 5.0), voices,
+                       ScriptedLLM(["The cup is blue."]), cfg=cfg)
+    rows = transcribed(pipe, tmp_path)
+    asyncio.run(drive(pipe, parts))
+    first, second = rows()
+    assert first["intent"] == "unknown" and "asr stage overran" in first["note"]
+    assert "deadlines.asr_s" in first["note"] and first["answer"] == Config().persona.en.error
+    assert second["answer"] == "The cup is blue."
+
+
+class RaisingLLM(ScriptedLLM):
+    """A backend that raises what no backend should (a bug, not a BackendError) once."""
+
+    def run_turn(self, text, image, keep_history, on_piece, options=None):
+        if not self.calls:
+            self.calls.append({"text": text})
+            on_piece("Half an")
+            raise KeyError("logits")
+        return super().run_turn(text, image, keep_history, on_piece, options)
+
+
+def test_an_unexpected_model_error_is_apologised_for_once(tmp_path, spoken, whisper_tiny, voices):
+    wav = conversation_wav(tmp_path, spoken, "What do you see on the table?", "What color is the cup?")
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices,
+                       RaisingLLM(["unused", "The cup is blue."]))
+    rows = transcribed(pipe, tmp_path)
+    asyncio.run(drive(pipe, parts))
+    first, second = rows()
+    assert first["intent"] == "question" and "internal error: KeyError" in first["note"]
+    assert first["interrupted"] is False
+    assert second["answer"] == "The cup is blue."
+    said = heard_back(whisper_tiny, tmp_path / "answer.wav")
+    assert said.count("sorry") == 1 and "blue" in said
+
+
+class FailingSink(WavSink):
+    """A WAV sink whose device goes away after ``good`` chunks, for one answer."""
+
+    def __init__(self, path, rate, good):
+        super().__init__(path, rate)
+        self.good, self.failed = good, 0
+
+    async def play(self, pcm, more=False):
+        if self.good == 0 and not self.failed:
+            self.failed += 1
+            raise DeviceError("speaker:usb: playback failed (device unplugged)")
+        self.good -= 1
+        return await super().play(pcm, more)
+
+
+def test_a_failed_speaker_is_noted_not_called_an_interruption(tmp_path, spoken, whisper_tiny,
+                                                              voices):
+    wav = conversation_wav(tmp_path, spoken, "What do you see on the table?", "What color is the cup?")
+    llm = ScriptedLLM(["I see a red apple. It is on a wooden table.", "The cup is blue."])
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm)
+    parts.sink = pipe.voice.sink = FailingSink(tmp_path / "answer.wav", voices.sample_rate, 1)
+    rows = transcribed(pipe, tmp_path)
+    asyncio.run(drive(pipe, parts))
+    first, second = rows()
+    assert first["interrupted"] is False
+    assert first["note"].startswith("the speaker failed (speaker:usb: playback failed")
+    assert "of the answer was played" in first["note"]
+    assert "person speaking" not in first["note"]
+    assert first["answer"] == "I see a red apple. It is on a wooden table."   # as written
+    assert second["answer"] == "The cup is blue." and not second["note"]
+
+
+class WedgedSink(WavSink):
+    """A speaker whose write never returns (a device wedged in its driver): no exception,
+    no deadline, just an await that never ends."""
+
+    async def play(self, pcm, more=False):
+        await asyncio.Event().wait()
+
+
+def test_a_turn_that_makes_no_progress_is_reported_stalled(tmp_path, spoken, whisper_tiny,
+                                                          voices):
+    wav = conversation_wav(tmp_path, spoken, "What do you see on the table?")
+    pipe, parts = make(tmp_path, wav, whisper_tiny, voices, ScriptedLLM(["I see an apple."]))
+    parts.sink = pipe.voice.sink = WedgedSink(tmp_path / "answer.wav", voices.sample_rate)
+
+    async def main():
+        run = asyncio.create_task(pipe.run(greet=False))
+        assert pipe.stalled(0.5) is None                # nothing in progress yet
+        while not pipe.voice.busy:
+            await asyncio.sleep(0.05)
+        assert pipe.stalled(30) is None
+        why = None
+        for _ in range(300):       # synthesis may still fill the queue for a moment
+            await asyncio.sleep(0.1)
+            why = pipe.stalled(0.5)
+            if why is not None:
+                break
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        return why
+
+    why = asyncio.run(asyncio.wait_for(main(), 120))
+    assert why is not None and why.startswith("the turn in progress has shown no progress")
+    assert pipe.turns[0].interrupted and "service is stopping" in pipe.turns[0].note
 
 
 class RecordingVoices:

