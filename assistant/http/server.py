@@ -222,7 +222,7 @@ def make_app(cfg: Config, conversation: Conversation, parts, voice=None,
 
     for path, (name, ctype) in PAGE_FILES.items():
         app.router.add_get(path, static(name, ctype))
-    app.router.add_get("/events", hub.stream)
+    app.router.add_get("/events", hub.stream, allow_head=False)   # a stream has no head
     openai_api.add_routes(app)
     return app
 
