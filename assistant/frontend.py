@@ -119,10 +119,17 @@ class MediaWork:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="media-work")
         self._free = asyncio.Semaphore(workers)
         self._waiting = 0
+        self._busy = 0
 
     @property
     def waiting(self) -> int:
+        """Jobs in line for a worker."""
         return self._waiting
+
+    @property
+    def busy(self) -> int:
+        """Workers whose thread has not returned (their callers may have stopped waiting)."""
+        return self._busy
 
     async def run(self, stage: str, fn: Callable[..., T], *args,
                   stop: Optional[threading.Event] = None) -> T:
@@ -145,7 +152,8 @@ class MediaWork:
         except BaseException:
             self._free.release()
             raise
-        fut.add_done_callback(lambda _: self._free.release())
+        self._busy += 1
+        fut.add_done_callback(self._done)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), self.deadline_s)
         except asyncio.TimeoutError:
@@ -157,6 +165,10 @@ class MediaWork:
                     stop.set()
                 # Its outcome is nobody's now; do not warn that it was never retrieved.
                 fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def _done(self, _fut) -> None:
+        self._busy -= 1
+        self._free.release()
 
     async def _acquire(self) -> None:
         if self._free.locked() and self._waiting >= self.max_waiting:

@@ -120,7 +120,7 @@ def in_process(llm=None, http: Optional[dict] = None, parts=None, scene=None, tr
     ``.url``, ``.conv``, ``.server``, ``.loop``; ``.close()`` when done."""
     from assistant.config import Config, HttpConfig
     from assistant.conversation import Conversation
-    from assistant.http.server import HttpServer, make_gate
+    from assistant.http.server import CTX, HttpServer, make_gate
     from assistant.vision.scene import Scene
 
     cfg = cfg or Config()
@@ -141,7 +141,7 @@ def in_process(llm=None, http: Optional[dict] = None, parts=None, scene=None, tr
         loop.close()
 
     return SimpleNamespace(cfg=cfg, llm=llm, loop=loop, conv=conv, server=server,
-                           url=server.url, port=server.port, close=close)
+                           ctx=server.app[CTX], url=server.url, port=server.port, close=close)
 
 
 def raw_http(port: int, request: bytes, timeout: float = 30.0) -> tuple[int, dict, bytes]:

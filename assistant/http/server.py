@@ -252,9 +252,12 @@ class HttpServer:
         # running turn for nobody stops (the model is freed for the next one).
         # keepalive_timeout: an idle connection between requests is closed (also one that
         # sends its next request's headers too slowly); a new one has header_timeout_s.
+        # lingering_time: the rest of a body left unread (a refused request) is waited for
+        # that long before the connection is closed.
         h = self.cfg.http
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=2.0, keepalive_timeout=h.idle_timeout_s)
+                               shutdown_timeout=2.0, keepalive_timeout=h.idle_timeout_s,
+                               lingering_time=h.body_timeout_s)
         await runner.setup()
         site = DeadlineSite(runner, self.host or None, self.port, h.header_timeout_s,
                             self.app[CTX].arrivals)
