@@ -14,9 +14,9 @@ block edges). ``resample`` is that stream fed once and flushed.
 
 Memory stays bounded whatever the rates: a ratio that would need more than ``MAX_PHASES``
 filter phases (an odd rate such as 44101 Hz, or a hostile 470001 Hz) is approximated by the
-nearest one that does not (the pitch moves by less than one part in a million); the filter
-banks are cached up to ``CACHE_BYTES`` in all, and the gather for one step of outputs is
-kept to a few megabytes.
+nearest one that does not (from 8 to 192 kHz the pitch moves by at most 0.05 %, less than a
+cent); the filter banks are designed in small blocks and cached up to ``CACHE_BYTES`` in
+all, and the gather for one step of outputs is kept to a few megabytes.
 """
 
 from __future__ import annotations
@@ -122,19 +122,26 @@ def _filter_bank(up: int, down: int) -> tuple[np.ndarray, int]:
 
 
 def _design(up: int, down: int) -> tuple[np.ndarray, int]:
-    """The (up, 2K) filter phases for an up/down rate change, and K (taps each side)."""
+    """The (up, 2K) filter phases for an up/down rate change, and K (taps each side).
+
+    Designed a block of phases at a time, so the float64 temporaries stay small."""
     fc = 0.5 * _ROLLOFF * min(1.0, up / down)  # cut-off, cycles per input sample
     half = _ZERO_CROSSINGS / (2.0 * fc)  # window half-width, in input samples
     k = int(ceil(half))
-    phase = np.arange(up, dtype=np.float64)[:, None] / up
-    tau = phase + (k - 1) - np.arange(2 * k, dtype=np.float64)[None, :]
-    u = np.clip(tau / half, -1.0, 1.0)
-    window = np.i0(_KAISER_BETA * np.sqrt(1.0 - u * u)) / np.i0(_KAISER_BETA)
-    window[np.abs(tau) > half] = 0.0
-    h = 2.0 * fc * np.sinc(2.0 * fc * tau) * window
-    # Each phase sums to exactly 1, so silence stays silence and DC gain never ripples.
-    h /= h.sum(axis=1, keepdims=True)
-    return h.astype(np.float32), k
+    bank = np.empty((up, 2 * k), dtype=np.float32)
+    taps = (k - 1) - np.arange(2 * k, dtype=np.float64)[None, :]
+    block = max(1, (1 << 16) // (2 * k))
+    for first in range(0, up, block):
+        phase = np.arange(first, min(first + block, up), dtype=np.float64)[:, None] / up
+        tau = phase + taps
+        u = np.clip(tau / half, -1.0, 1.0)
+        window = np.i0(_KAISER_BETA * np.sqrt(1.0 - u * u)) / np.i0(_KAISER_BETA)
+        window[np.abs(tau) > half] = 0.0
+        h = 2.0 * fc * np.sinc(2.0 * fc * tau) * window
+        # Each phase sums to exactly 1, so silence stays silence and DC gain never ripples.
+        h /= h.sum(axis=1, keepdims=True)
+        bank[first:first + len(h)] = h
+    return bank, k
 
 
 class StreamResampler:
