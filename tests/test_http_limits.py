@@ -282,3 +282,38 @@ def test_a_request_longer_than_the_header_deadline_is_not_cut(timed):
     status, _, body = raw_http(timed.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
                                b"Connection: close\r\n\r\n")
     assert status == 200 and b"rkvlm" in body
+
+
+# ---------------------------------------------------------------------------- deadlines
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_http_turn_past_its_first_piece_deadline_is_a_503(stream):
+    """The HTTP turn's prefill has the voice turn's deadline (deadlines.llm_first_piece_s,
+    through the conversation's stream_turn): past it the turn is aborted and the client
+    gets 503 with Retry-After, not a 500 and not a wait for ever."""
+    import dataclasses
+
+    from assistant.config import Config, DeadlinesConfig
+
+    cfg = dataclasses.replace(Config(), deadlines=DeadlinesConfig(llm_first_piece_s=0.5))
+    llm = ScriptedLLM(["Too late to say."], think_s=30.0)     # a prefill that never ends
+    s = in_process(llm, cfg=cfg)
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0,
+                               timeout=60)
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as e:
+            r = client.chat.completions.create(model="rkvlm", stream=stream,
+                                               messages=[{"role": "user", "content": "Hi."}])
+            list(r) if stream else None
+        assert e.value.status_code == 503 and int(e.value.response.headers["Retry-After"]) >= 1
+        assert e.value.body["code"] == "deadline_exceeded"
+        assert "deadlines.llm_first_piece_s" in e.value.body["message"]
+        assert time.monotonic() - t0 < 20
+        # The model was aborted and is free: the next turn is answered.
+        llm.think_s = 0.0
+        r = client.chat.completions.create(model="rkvlm",
+                                           messages=[{"role": "user", "content": "Again."}])
+        assert r.choices[0].message.content == "Too late to say."
+    finally:
+        s.close()

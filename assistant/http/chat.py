@@ -26,6 +26,7 @@ from aiohttp import web
 from assistant import frontend
 from assistant.conversation import Priority, Request
 from assistant.errors import AssistantError
+from assistant.health import HEALTH, StageOverrun
 from assistant.http.errors import ApiError, bad, error_for
 from assistant.http.images import check_image, decode_image, parse_image_url
 from assistant.http.server import CTX, Context
@@ -255,7 +256,11 @@ async def _prepare(ctx: Context, params: ChatParams) -> tuple[Request, Turn]:
         rgb = await asyncio.to_thread(decode_image, params.image,
                                       ctx.cfg.http.max_image_pixels, params.image_param)
         try:
-            image = await asyncio.to_thread(encoder.encode, rgb)
+            # Watched as the voice loop's encodes are (deadlines.encode_s).
+            image = await HEALTH.call("encode", encoder.encode, rgb,
+                                      limit_s=ctx.cfg.deadlines.encode_s)
+        except StageOverrun as e:
+            raise error_for(e) from None
         except AssistantError as e:
             raise ApiError(500, f"the image could not be encoded: {e}", type="server_error",
                            code="vision_error") from None
