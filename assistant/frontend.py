@@ -79,8 +79,15 @@ def check_size(question: str, history: Sequence[tuple[str, str]], limits: Limits
 
 # ---------------------------------------------------------------------------- turns
 
-async def answer(conv: Conversation, req: Request, turn: Turn) -> AsyncIterator[str]:
-    """The answer's pieces; the turn logged and recorded when it ends, however it ends."""
+async def answer(conv: Conversation, req: Request, turn: Turn,
+                 conversation_id: Optional[str] = None) -> AsyncIterator[str]:
+    """The answer's pieces; the turn logged and recorded when it ends, however it ends.
+
+    ``conversation_id``: what the row names as its conversation (a front-end that keeps
+    its clients' conversations itself, e.g. ``wyoming:<id>``); default, the conversation's.
+    A refused turn (``Busy``) is no turn: no row."""
+    turn.intent = turn.intent or "question"
+    turn.transcript = turn.transcript or req.question
     busy = False
     try:
         async with contextlib.aclosing(conv.ask(req, turn)) as pieces:
@@ -98,6 +105,8 @@ async def answer(conv: Conversation, req: Request, turn: Turn) -> AsyncIterator[
         raise
     finally:
         if not busy:
+            if conversation_id is not None:
+                turn.conversation = conversation_id
             turn.mark("done")
             turn.log_line()
             conv.record(turn)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-from typing import Optional
+from typing import Callable, Optional
 
 from aiohttp import web
 
@@ -34,6 +34,7 @@ class Hub:
         self.recent: collections.deque[dict] = collections.deque(maxlen=_RECENT_TURNS)
         self.active: dict[int, dict] = {}
         self.state = self.idle
+        self.idle_state: Optional[Callable[[], str]] = None   # the voice loop's, when it waits for a wake
         self._clients: set[asyncio.Queue] = set()
         self._unsubscribe = None
         self._poll: Optional[asyncio.Task] = None
@@ -86,7 +87,7 @@ class Hub:
         elif self.active:
             state = "thinking"
         else:
-            state = self.idle
+            state = self.idle_state() if self.idle_state is not None else self.idle
         if state != self.state:
             self.state = state
             self.publish({"type": "state", "state": state})
