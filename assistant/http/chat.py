@@ -272,8 +272,6 @@ async def _prepare(ctx: Context, params: ChatParams) -> tuple[Request, Turn]:
                       "camera_not_available")
         use_camera = True
     turn = Turn(source="http")
-    turn.intent = "question"
-    turn.transcript = params.question
     if image is not None:    # the request's own picture (the conversation notes the camera's)
         turn.with_image, turn.scene = True, "new"
         turn.counts["image_tokens"] = image.n_tokens
@@ -296,6 +294,8 @@ async def _deltas(ctx: Context, req: Request, turn: Turn, stops: list[str]) -> A
             out = filt.feed(piece)
             if filt.hit:
                 conv.abort()
+                # Noted now: the turn's row is written when the answer's stream ends.
+                turn.note = turn.note or "cut at a stop string"
             if not started:
                 out = out.lstrip()
             if out:
@@ -307,8 +307,7 @@ async def _deltas(ctx: Context, req: Request, turn: Turn, stops: list[str]) -> A
         if tail:
             yield tail
         if filt.hit:
-            turn.finish = "stop"
-            turn.note = turn.note or "cut at a stop string"
+            turn.finish = "stop"             # for finish_reason: the runtime says "aborted"
 
 
 def _usage(turn: Turn) -> dict:
