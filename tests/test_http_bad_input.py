@@ -150,6 +150,10 @@ CASES = [
      "invalid_characters"),
     ("transcribe: a part name not UTF-8", "form", [(b"lang\xffuage", b"en")], None,
      "invalid_characters"),
+    ("transcribe: a long field", "form", [(b"prompt", b"p" * 5000)], "prompt", "invalid_value"),
+    ("transcribe: nested multipart", "form", [(b"x\"\r\nContent-Type: multipart/mixed; "
+                                              b"boundary=inner\r\nX-Y: \"z", b"--inner--")],
+     "file", "invalid_multipart"),
     ("transcribe: 470001 Hz", "form", [(b"file", wav_header(470001))], "file", "invalid_audio"),
     ("transcribe: 1 Hz", "form", [(b"file", wav_header(1))], "file", "invalid_audio"),
 ]

@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from assistant.http.errors import ApiError, bad, error_for
 from assistant.http.server import CTX, Context
-from assistant.http.validate import form_name, form_text, json_body, opt_number, opt_str
+from assistant.http.validate import (MAX_FORM_FIELD, form_name, form_text, json_body,
+                                     opt_number, opt_str)
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +112,28 @@ def _too_long(seconds: float, max_s: float) -> ApiError:
                f"shorter recording", "file", "audio_too_long")
 
 
+async def _read_part(part, cap: int, too_big) -> bytes:
+    """A part's bytes, refused (``too_big()``) as soon as they pass ``cap``: a chunked
+    upload announces no length to refuse it by."""
+    buf = bytearray()
+    while True:
+        chunk = await part.read_chunk(1 << 16)
+        if not chunk:
+            return bytes(buf)
+        buf.extend(chunk)
+        if len(buf) > cap:
+            raise too_big()
+
+
 async def _multipart(request: web.Request, limit: int) -> tuple[dict, Optional[bytes]]:
     """(text fields, the 'file' part's bytes) of a multipart/form-data request."""
     if not request.content_type.startswith("multipart/"):
         raise bad(f"send multipart/form-data with a 'file' part (found content type "
                   f"{request.content_type!r})", "file", "invalid_content_type")
+
+    def too_large() -> ApiError:
+        return ApiError(413, f"the upload is larger than {limit} bytes (http.max_body_mb)",
+                        code="request_too_large")
     try:
         reader = await request.multipart()
         fields: dict = {}
@@ -125,23 +143,21 @@ async def _multipart(request: web.Request, limit: int) -> tuple[dict, Optional[b
             part = await reader.next()
             if part is None:
                 break
+            if not isinstance(part, BodyPartReader):
+                raise bad("a form part may not hold parts of its own (nested multipart)",
+                          "file", "invalid_multipart")
             name = form_name(part.name)
             if name == "file":
-                buf = bytearray()
-                while True:
-                    chunk = await part.read_chunk(1 << 16)
-                    if not chunk:
-                        break
-                    total += len(chunk)
-                    if total > limit:
-                        raise ApiError(413, f"the upload is larger than {limit} bytes "
-                                       f"(http.max_body_mb)", code="request_too_large")
-                    buf.extend(chunk)
-                data = bytes(buf)
+                data = await _read_part(part, limit - total, too_large)
+                total += len(data)
             elif name:
-                value = await part.read(decode=True)
+                value = part.decode(await _read_part(
+                    part, MAX_FORM_FIELD, lambda: bad(f"the form field '{name}' is longer than "
+                                                      f"{MAX_FORM_FIELD} bytes", name)))
                 total += len(value)
                 fields[name] = form_text(name, value)
+            if total > limit:
+                raise too_large()
         return fields, data
     except ApiError:
         raise
