@@ -141,10 +141,12 @@ class MediaWork:
         return self._busy
 
     async def run(self, stage: str, fn: Callable[..., T], *args,
-                  stop: Optional[threading.Event] = None) -> T:
+                  stop: Optional[threading.Event] = None,
+                  max_wait_s: Optional[float] = None) -> T:
         """``fn(*args)`` on a worker. ``stop`` is set when nobody waits for the result any
-        more (deadline, client gone): a job that looks at it can end early."""
-        await self._acquire()
+        more (deadline, client gone): a job that looks at it can end early. ``max_wait_s``
+        replaces the wait limit (a reloaded config's)."""
+        await self._acquire(self.max_wait_s if max_wait_s is None else max_wait_s)
         loop = asyncio.get_running_loop()
         watch = Watch(stage, self.deadline_s)
         watch.key = "http.audio_deadline_s"
@@ -179,14 +181,14 @@ class MediaWork:
         self._busy -= 1
         self._free.release()
 
-    async def _acquire(self) -> None:
+    async def _acquire(self, max_wait_s: float) -> None:
         if self._free.locked() and self._waiting >= self.max_waiting:
             raise Busy(f"{self._waiting} speech and transcription requests are already "
                        f"waiting; try again shortly", retry_after=5.0)
         self._waiting += 1
         got = asyncio.ensure_future(self._free.acquire())
         try:
-            await asyncio.wait({got}, timeout=self.max_wait_s)
+            await asyncio.wait({got}, timeout=max_wait_s)
         except BaseException:          # the caller went away while waiting
             self._give_back(got)
             raise
@@ -195,8 +197,8 @@ class MediaWork:
         if got.done() and not got.cancelled():
             return
         self._give_back(got)
-        raise Busy(f"the speech workers were busy for {self.max_wait_s:.0f} s; try again "
-                   f"shortly", retry_after=max(1.0, self.max_wait_s / 4))
+        raise Busy(f"the speech workers were busy for {max_wait_s:.0f} s; try again "
+                   f"shortly", retry_after=max(1.0, max_wait_s / 4))
 
     def _give_back(self, got: asyncio.Future) -> None:
         """A worker slot nobody will use: not taken yet (cancel the wait) or just handed

@@ -47,7 +47,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 async def _media(ctx: Context, stage: str, fn, *args, stop: Optional[threading.Event] = None):
     try:
-        return await ctx.media.run(stage, fn, *args, stop=stop)
+        return await ctx.media.run(stage, fn, *args, stop=stop,
+                                   max_wait_s=ctx.cfg.http.max_wait_s)
     except ApiError:
         raise
     except Exception as e:

@@ -106,10 +106,15 @@ class Context:
     parts: object                 # pipeline.Components: asr, voices
     hub: Hub
     started: int
-    limits: Limits                # a chat request's size
     media: MediaWork              # speech and transcription workers
     arrivals: Arrivals            # connections that owe their first request
     cache: dict = field(default_factory=dict)     # the camera snapshot's JPEG, by shot id
+
+    @property
+    def limits(self) -> Limits:
+        """A chat request's size (from cfg, which SIGHUP may replace)."""
+        h = self.cfg.http
+        return Limits(h.max_question_chars, h.max_history, h.max_chars)
 
 
 def _cors_headers(cfg: Config, request: web.Request) -> dict:
@@ -203,7 +208,6 @@ def make_app(cfg: Config, conversation: Conversation, parts, voice=None,
     hub = Hub(conversation, voice, has_mic)
     h = cfg.http
     app[CTX] = Context(cfg, conversation, parts, hub, int(time.time()),
-                       limits=Limits(h.max_question_chars, h.max_history, h.max_chars),
                        media=MediaWork(h.audio_workers, h.audio_queue, h.max_wait_s,
                                        h.audio_deadline_s),
                        arrivals=arrivals)
