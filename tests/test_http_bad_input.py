@@ -170,7 +170,8 @@ def _openai(server, kind: str, args: dict):
             client.audio.transcriptions.create(model="whisper-1",
                                                file=("a.wav", wav_header(16000)), **args)
     except openai.APIStatusError as e:
-        return e.status_code, {k.title(): v for k, v in e.response.headers.items()}, e.response.content
+        headers = {k.title(): v for k, v in e.response.headers.items()}
+        return e.status_code, headers, e.response.content
     raise AssertionError("the request was accepted")
 
 

@@ -206,7 +206,8 @@ def timed():
     s.close()
 
 
-def closed_within(sock: socket.socket, limit: float, feed: bytes = b"", every: float = 0.1) -> tuple[float, bytes]:
+def closed_within(sock: socket.socket, limit: float, feed: bytes = b"",
+                  every: float = 0.1) -> tuple[float, bytes]:
     """Seconds until the server closes ``sock`` (sending ``feed`` a byte every ``every``
     seconds meanwhile) and what it sent; AssertionError past ``limit``."""
     sock.settimeout(every)

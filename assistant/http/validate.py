@@ -24,7 +24,8 @@ from aiohttp import web
 
 from assistant.http.errors import ApiError, bad
 
-MAX_DEPTH = 32          # the deepest a real request nests is 5 (messages[i].content[j].image_url.url)
+# The deepest a real request nests is 5 (messages[i].content[j].image_url.url).
+MAX_DEPTH = 32
 MAX_FORM_FIELD = 4096   # characters of one multipart text field
 
 
@@ -47,8 +48,18 @@ async def read_body(request: web.Request, timeout_s: float) -> bytes:
 
 
 async def json_body(request: web.Request, timeout_s: float) -> dict:
-    """The request's JSON object, every string in it checked."""
+    """The request's JSON object, every string in it checked. A large body (a picture in
+    it) is parsed and checked in a worker thread: the loop runs the voice too."""
     raw = await read_body(request, timeout_s)
+    if len(raw) > _PARSE_ON_LOOP:
+        return await asyncio.to_thread(parse_json, raw)
+    return parse_json(raw)
+
+
+_PARSE_ON_LOOP = 64 * 1024
+
+
+def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw, parse_constant=_refuse_constant)
     except RecursionError:
@@ -70,46 +81,55 @@ def _path(parent: str, key) -> str:
     return f"{parent}.{key}" if parent else key
 
 
+def _name(chain) -> str:
+    """A field's name from its chain of (parent chain, key), built only for an error."""
+    keys = []
+    while chain is not None:
+        chain, key = chain
+        keys.append(key)
+    name = ""
+    for key in reversed(keys):
+        name = _path(name, key)
+    return name
+
+
 def check_tree(body: dict) -> None:
     """Depth, and every string and key of a parsed body (iterative: no recursion)."""
-    stack: list[tuple[object, str, int]] = [(body, "", 1)]
+    stack: list[tuple[object, object, int]] = [(body, None, 1)]
     while stack:
-        node, where, depth = stack.pop()
+        node, chain, depth = stack.pop()
         if depth > MAX_DEPTH:
+            where = _name(chain)
             raise bad(f"{where or 'the request body'} nests deeper than {MAX_DEPTH} levels",
                       where or None, "too_deeply_nested")
-        if isinstance(node, dict):
-            for k, v in node.items():
-                here = _path(where, k)
-                check_text(k, here, what="the key")
-                if isinstance(v, (dict, list)):
-                    stack.append((v, here, depth + 1))
-                elif isinstance(v, str):
-                    check_text(v, here)
-        else:
-            for i, v in enumerate(node):
-                here = _path(where, i)
-                if isinstance(v, (dict, list)):
-                    stack.append((v, here, depth + 1))
-                elif isinstance(v, str):
-                    check_text(v, here)
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in items:
+            if isinstance(k, str) and _problem(k):
+                check_text(k, _name((chain, k)), what="the key")
+            if isinstance(v, str):
+                if _problem(v):
+                    check_text(v, _name((chain, k)))
+            elif isinstance(v, (dict, list)):
+                stack.append((v, (chain, k), depth + 1))
+
+
+def _problem(text: str) -> Optional[tuple[int, str]]:
+    """(where, what) of the first NUL or lone surrogate in ``text``; None when clean."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return e.start, f"a lone surrogate ({ascii(text[e.start])[1:-1]}), which is not text"
+    at = text.find("\x00")
+    return (at, "a NUL character (\\u0000)") if at >= 0 else None
 
 
 def check_text(text: str, param: str, what: str = "") -> None:
     """400 for a NUL character or a lone surrogate in ``text`` (the field ``param``)."""
-    if text.isascii():
-        bad_at = text.find("\x00")
-        problem = "a NUL character (\\u0000)"
-    else:
-        try:
-            text.encode("utf-8")
-            bad_at = text.find("\x00")
-            problem = "a NUL character (\\u0000)"
-        except UnicodeEncodeError as e:
-            bad_at = e.start
-            problem = f"a lone surrogate ({ascii(text[e.start])[1:-1]}), which is not text"
-    if bad_at >= 0:
-        raise bad(f"{what or param} holds {problem} at character {bad_at}"
+    found = _problem(text)
+    if found is not None:
+        at, problem = found
+        raise bad(f"{what or param} holds {problem} at character {at}"
                   f"{' of ' + param if what else ''}; send UTF-8 text without it",
                   param, "invalid_characters")
 
@@ -122,7 +142,8 @@ def opt_bool(body: dict, key: str, where: str = "") -> Optional[bool]:
     raise bad(f"'{name}' must be a boolean, found {type_name(v)}", name, "invalid_type")
 
 
-def opt_int(body: dict, key: str, lo: Optional[int] = None, hi: Optional[int] = None) -> Optional[int]:
+def opt_int(body: dict, key: str, lo: Optional[int] = None,
+            hi: Optional[int] = None) -> Optional[int]:
     v = body.get(key)
     if v is None:
         return None
