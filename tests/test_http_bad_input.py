@@ -63,6 +63,8 @@ CASES = [
      "invalid_characters"),
     ("speech: NUL in input", "speech", {"input": "Hello\x00 there."}, "input",
      "invalid_characters"),
+    ("speech: only control characters", "speech", {"input": "\x07\x1b\x7f"}, "input",
+     "invalid_value"),
     ("speech: NUL in voice", "speech", {"input": "Hi.", "voice": "al\x00loy"}, "voice",
      "invalid_characters"),
     ("speech: NUL in instructions", "speech", {"input": "Hi.", "instructions": "\x00"},

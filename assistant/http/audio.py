@@ -283,6 +283,8 @@ async def speech(request: web.Request) -> web.Response:
         raise bad(f"'input' is {len(text)} characters; the limit is {MAX_SPEECH_CHARS}",
                   "input")
     text = _CONTROL.sub(" ", text)
+    if not text.strip():
+        raise bad("'input' holds only control characters: nothing to speak", "input")
     fmt = opt_str(body, "response_format") or "wav"
     if fmt not in SPEECH_FORMATS:
         raise bad(f"response_format {fmt!r} is not supported; use one of: "
