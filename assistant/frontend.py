@@ -120,11 +120,13 @@ class MediaWork:
     ``deadline_s``. A job's worker is counted busy until its thread returns, even when its
     caller stopped waiting (gave up at the deadline, or its client left)."""
 
-    def __init__(self, workers: int, max_waiting: int, max_wait_s: float, deadline_s: float):
+    def __init__(self, workers: int, max_waiting: int, max_wait_s: float, deadline_s: float,
+                 deadline_key: str = "http.audio_deadline_s"):
         self.workers = workers
         self.max_waiting = max_waiting
         self.max_wait_s = max_wait_s
         self.deadline_s = deadline_s
+        self.deadline_key = deadline_key          # named when a job overruns
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="media-work")
         self._free = asyncio.Semaphore(workers)
         self._waiting = 0
@@ -149,7 +151,7 @@ class MediaWork:
         await self._acquire(self.max_wait_s if max_wait_s is None else max_wait_s)
         loop = asyncio.get_running_loop()
         watch = Watch(stage, self.deadline_s)
-        watch.key = "http.audio_deadline_s"
+        watch.key = self.deadline_key
 
         def call() -> T:
             HEALTH.begin(watch)

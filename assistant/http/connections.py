@@ -41,6 +41,13 @@ class Arrivals:
         if watched is not None:
             watched.cancel_deadline()
 
+    def waiting(self, transport, watched: "_Watched") -> None:
+        self._waiting[transport] = watched
+
+    def gone(self, transport, expired: bool = False) -> None:
+        self._waiting.pop(transport, None)
+        self.closed += expired
+
     def __len__(self) -> int:
         return len(self._waiting)
 
@@ -57,7 +64,7 @@ class _Watched(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self._transport = transport
-        self._arrivals._waiting[transport] = self
+        self._arrivals.waiting(transport, self)
         self._timer = asyncio.get_running_loop().call_later(self._timeout_s, self._expire)
         self._inner.connection_made(transport)
 
@@ -71,8 +78,7 @@ class _Watched(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        self._arrivals._waiting.pop(transport, None)
-        self._arrivals.closed += 1
+        self._arrivals.gone(transport, expired=True)
         peer = transport.get_extra_info("peername")
         log.debug("closing a connection from %s: no complete request within %g s",
                   peer, self._timeout_s)
@@ -88,7 +94,7 @@ class _Watched(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.cancel_deadline()
         if self._transport is not None:
-            self._arrivals._waiting.pop(self._transport, None)
+            self._arrivals.gone(self._transport)
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
