@@ -7,7 +7,9 @@ which message's picture went through.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
 
 import cv2
 import numpy as np
@@ -29,11 +31,17 @@ class RecordingEncoder:
 
     def __init__(self):
         self.seen: list[str] = []
+        self.running = 0
+        self.most = 0              # encodes at once
 
     def load(self) -> None:
         pass
 
     def encode(self, rgb: np.ndarray) -> ImageEmbedding:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        time.sleep(0.05)           # long enough for requests to overlap
+        self.running -= 1
         colour = colour_of(rgb.reshape(-1, 3).mean(axis=0))
         self.seen.append(colour)
         data = np.tile(np.array(COLOURS[colour], np.float32), (4, 1))
@@ -116,3 +124,24 @@ def text_of(message: dict) -> str:
     if isinstance(content, str):
         return content
     return "\n".join(p["text"] for p in content if p["type"] == "text")
+
+
+def test_pictures_are_decoded_and_encoded_one_at_a_time(server):
+    """Six requests with pictures at once: one decode and encode at a time (a big picture
+    takes tens of megabytes decoded), each answered with its own picture."""
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                                timeout=60)
+    colours = ["red", "green", "blue"] * 2
+
+    async def ask(i: int, colour: str) -> str:
+        r = await client.chat.completions.create(
+            model="rkvlm", messages=[user(f"q{i}: which colour?", colour)])
+        return r.choices[0].message.content
+
+    async def everything():
+        return await asyncio.gather(*(ask(i, c) for i, c in enumerate(colours)))
+
+    answers = asyncio.run(everything())
+    assert [a.split()[2] for a in answers] == [f"q{i}" for i in range(6)]
+    assert server.encoder.most == 1
+    assert sorted(server.encoder.seen[-6:]) == sorted(colours)

@@ -24,9 +24,9 @@ from typing import AsyncIterator, Optional
 from aiohttp import web
 
 from assistant import frontend
-from assistant.conversation import Priority, Request
+from assistant.conversation import Busy, Priority, Request
 from assistant.errors import AssistantError
-from assistant.health import HEALTH, StageOverrun
+from assistant.health import StageOverrun
 from assistant.http.errors import ApiError, bad, error_for
 from assistant.http.images import check_image, decode_image, parse_image_url
 from assistant.http.server import CTX, Context
@@ -253,13 +253,14 @@ async def _prepare(ctx: Context, params: ChatParams) -> tuple[Request, Turn]:
             raise bad("this model cannot see images here: no vision encoder is loaded "
                       "(vision.encoder is none, or camera.source is null); send text only",
                       params.image_param, "vision_not_available")
-        rgb = await asyncio.to_thread(decode_image, params.image,
-                                      ctx.cfg.http.max_image_pixels, params.image_param)
+
+        def work() -> ImageEmbedding:
+            rgb = decode_image(params.image, ctx.cfg.http.max_image_pixels, params.image_param)
+            return encoder.encode(rgb)
+
         try:
-            # Watched as the voice loop's encodes are (deadlines.encode_s).
-            image = await HEALTH.call("encode", encoder.encode, rgb,
-                                      limit_s=ctx.cfg.deadlines.encode_s)
-        except StageOverrun as e:
+            image = await ctx.pictures.run("encode", work, max_wait_s=ctx.cfg.http.max_wait_s)
+        except (ApiError, Busy, StageOverrun) as e:
             raise error_for(e) from None
         except AssistantError as e:
             raise ApiError(500, f"the image could not be encoded: {e}", type="server_error",

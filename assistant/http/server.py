@@ -2,7 +2,7 @@
 
 No second loop and no thread per request: handlers are coroutines on the loop that runs the
 voice pipeline; blocking work goes to worker threads (whisper and piper to the media
-workers of ``assistant.frontend``, image decoding and encoding with ``asyncio.to_thread``).
+workers of ``assistant.frontend``, a request's picture to one worker of its own).
 Every request but the page's own static files carries ``Authorization: Bearer
 <http.api_key>`` when a key is set; bodies are limited to ``http.max_body_mb`` (413 before
 reading when the length is announced) and must arrive within ``http.body_timeout_s``;
@@ -107,6 +107,7 @@ class Context:
     hub: Hub
     started: int
     media: MediaWork              # speech and transcription workers
+    pictures: MediaWork           # a chat request's picture: decoded, encoded
     arrivals: Arrivals            # connections that owe their first request
     cache: dict = field(default_factory=dict)     # the camera snapshot's JPEG, by shot id
 
@@ -210,6 +211,10 @@ def make_app(cfg: Config, conversation: Conversation, parts, voice=None,
     app[CTX] = Context(cfg, conversation, parts, hub, int(time.time()),
                        media=MediaWork(h.audio_workers, h.audio_queue, h.max_wait_s,
                                        h.audio_deadline_s),
+                       # One picture decoded and encoded at a time (a 16-megapixel one
+                       # takes 48 MB decoded), watched as the voice loop's encodes are.
+                       pictures=MediaWork(1, h.max_queue, h.max_wait_s,
+                                          cfg.deadlines.encode_s, "deadlines.encode_s"),
                        arrivals=arrivals)
 
     page = resources.files("assistant.http") / "page"
@@ -286,6 +291,7 @@ class HttpServer:
         await self.hub.close()
         await runner.cleanup()
         self.app[CTX].media.close()
+        self.app[CTX].pictures.close()
         log.info("HTTP server stopped")
 
 
