@@ -280,6 +280,15 @@ class HttpConfig:
     max_queue: int = _f(8, "Requests that may wait for the model at once; more get 503 with Retry-After.", lo=0, hi=1000)
     max_wait_s: float = _f(120.0, "Longest wait for the model before a request gets 503.", lo=1.0, hi=3600.0)
     cors_origins: tuple[str, ...] = _f([], "Origins allowed to call the API from a browser (CORS); empty: none.")
+    max_question_chars: int = _f(20_000, "Longest question (the last user message's text) in characters; longer ones get 400.", lo=1, hi=10_000_000)
+    max_history: int = _f(200, "Most exchanges (user and assistant message pairs) before the question in one chat request; more get 400.", lo=0, hi=100_000)
+    max_chars: int = _f(100_000, "Most characters of all the messages of one chat request together; more get 400 before anything is tokenised.", lo=1, hi=100_000_000)
+    audio_workers: int = _f(1, "Speech synthesis and transcription requests worked on at once, on threads of their own (the model's turns and the voice loop keep theirs).", lo=1, hi=64)
+    audio_queue: int = _f(4, "Speech and transcription requests that may wait for a worker; more, or a wait past http.max_wait_s, get 503 with Retry-After.", lo=0, hi=1000)
+    audio_deadline_s: float = _f(300.0, "Longest speech synthesis or transcription of one request; past it the request gets 503 (a worker that never returns restarts the service, as deadlines do).", lo=1.0, hi=86400.0)
+    header_timeout_s: float = _f(10.0, "Longest a new connection may take to send its first request's headers; a slower one is closed.", lo=0.1, hi=3600.0)
+    body_timeout_s: float = _f(60.0, "Longest a client may take to send a request's body, or to take a chunk of the answer; past it the request ends (408, or the stream is closed).", lo=0.1, hi=3600.0)
+    idle_timeout_s: float = _f(60.0, "An idle connection between two requests (keep-alive) is closed after this long; so is one that sends the next request's headers that slowly.", lo=0.1, hi=3600.0)
 
 
 @dataclass(frozen=True)

@@ -224,11 +224,24 @@ class Conversation:
             turn.took("queue", time.monotonic() - t_wait)
             self._emit("question", turn, text=req.question)
             pieces: list[str] = []
+            ended = False
             try:
-                async for piece in self._answer(req, turn, scene, pieces):
-                    self._emit("piece", turn, text=piece)
-                    yield piece
+                # Closed here, not by the garbage collector: its clean-up (the runtime's
+                # abort) must be over before the next turn gets the gate.
+                async with contextlib.aclosing(self._answer(req, turn, scene, pieces)) as answer:
+                    async for piece in answer:
+                        self._emit("piece", turn, text=piece)
+                        yield piece
+                ended = True
             finally:
+                if not ended:
+                    # Failed, cut off or abandoned (a client that hung up): the cache may
+                    # hold a question and part of an answer that no history records, so
+                    # the next turn feeds its own conversation back first.
+                    if req.stateless:
+                        self._held = "unknown"
+                    else:
+                        self._stale = True
                 turn.answer = "".join(pieces).strip()
                 self._emit("done", turn, answer=turn.answer)
 

@@ -140,3 +140,40 @@ def test_bad_arguments():
         StreamResampler(0, 16000)
     with pytest.raises(ValueError):
         resample(np.zeros((10, 2), np.float32), 48000, 16000)
+
+
+@pytest.mark.parametrize("src", [44101, 191999, 470001])
+def test_odd_rates_are_approximated_and_stay_accurate(src):
+    from assistant.audio.resample import MAX_PHASES, ratio
+
+    up, down = ratio(src, 16000)
+    assert up <= MAX_PHASES
+    assert abs(up / down * src / 16000 - 1) < 5e-4                  # the pitch: under 0.05 %
+    x = sine(1000.0, src, 0.5)
+    y = resample(x, src, 16000)
+    assert abs(len(y) - len(x) * 16000 / src) <= 2
+    # Still a 1 kHz tone at full level.
+    spectrum = np.abs(np.fft.rfft(y[1000:-1000] * np.hanning(len(y) - 2000)))
+    peak = np.argmax(spectrum) * 16000 / (len(y) - 2000)
+    assert abs(peak - 1000.0) < 10 and abs(rms_db(y[1000:-1000], 0.5)) < 0.2
+
+
+def test_a_hostile_rate_costs_little_memory_and_the_cache_is_bounded():
+    import tracemalloc
+
+    from assistant.audio import resample as rs
+
+    rs._BANKS.clear()
+    x = sine(440.0, 470001, 0.2)
+    tracemalloc.start()
+    try:
+        resample(x, 470001, 16000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 << 20, f"{peak / 2**20:.0f} MB"         # it was 2 GB
+    # Many distinct odd rates: the banks kept stay within CACHE_BYTES.
+    for src in range(44101, 44101 + 40 * 997, 997):
+        resample(x[:2000], src, 16000)
+    assert 0 < rs._BANKS.nbytes <= rs.CACHE_BYTES
+    rs._BANKS.clear()

@@ -204,7 +204,7 @@ def test_plain_model_does_not_use_the_camera(client, server):
     assert wait_rows(server, n + 1)[-1]["image"] is False
 
 
-def test_max_tokens_and_stop(client):
+def test_max_tokens_and_stop(client, server):
     r = client.chat.completions.create(model="rkvlm", max_tokens=3,
                                        messages=[{"role": "user", "content": "Tell me."}])
     assert r.choices[0].message.content == "I see a" and r.choices[0].finish_reason == "length"
@@ -220,6 +220,13 @@ def test_max_tokens_and_stop(client):
         model="rkvlm", stop=["wood", "zzz"], stream=True,
         messages=[{"role": "user", "content": "Tell me."}]) if c.choices)
     assert text == "I see a red apple on the "     # streamed: cut exactly at the stop string
+    end = time.monotonic() + 10
+    while True:
+        cut = [r for r in rows(server) if r.get("note") == "cut at a stop string"]
+        if len(cut) >= 2 or time.monotonic() > end:
+            break
+        time.sleep(0.05)
+    assert len(cut) == 2 and not any(r["interrupted"] for r in cut)
     # The conversation continues from the cut answer (the cache is rebuilt, not trusted).
     r = client.chat.completions.create(model="rkvlm", temperature=0.0, top_p=1.0, seed=7, messages=[
         {"role": "user", "content": "Tell me."}, {"role": "assistant", "content": "I see a red"},

@@ -8,41 +8,24 @@ scripted one that names the question it answers, so crossed streams would show.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
-from types import SimpleNamespace
 
 import pytest
 
-from assistant.config import Config, HttpConfig
 from assistant.conversation import Conversation, Request
-from assistant.http.server import HttpServer, make_gate
 from assistant.turn import Turn
-from assistant.vision.scene import Scene
-from test_http_support import EchoLLM, LoopThread
+from test_http_support import EchoLLM, in_process
 
 openai = pytest.importorskip("openai")
 
 
 def make_server(max_queue=4, max_wait_s=60.0, piece_delay=0.03):
-    cfg = Config()
-    cfg = dataclasses.replace(cfg, http=HttpConfig(listen="127.0.0.1:0", max_queue=max_queue,
-                                                   max_wait_s=max_wait_s))
-    llm = EchoLLM(words=6, piece_delay=piece_delay)
-    loop = LoopThread()
-
-    async def build():
-        conv = Conversation(cfg, llm, scene=Scene(None, None, cfg.vision), gate=make_gate(cfg))
-        server = HttpServer(cfg, conv, SimpleNamespace(asr=None, voices=None))
-        await server.start()
-        return conv, server
-    conv, server = loop.run(build())
-    return SimpleNamespace(cfg=cfg, llm=llm, loop=loop, conv=conv, server=server)
+    return in_process(EchoLLM(words=6, piece_delay=piece_delay),
+                      http={"max_queue": max_queue, "max_wait_s": max_wait_s})
 
 
 def close(s) -> None:
-    s.loop.run(s.server.stop())
-    s.loop.close()
+    s.close()
 
 
 async def voice_turn(conv: Conversation, question: str) -> str:

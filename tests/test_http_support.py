@@ -1,9 +1,10 @@
 """Helpers shared by the HTTP tests (no tests here): free ports, a `serve` process, an
-in-process server on a loop thread, and test backends."""
+in-process server on a loop thread (``in_process``), raw requests, and test backends."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -110,3 +112,59 @@ class FakeEncoder:
 
     def close(self) -> None:
         pass
+
+
+def in_process(llm=None, http: Optional[dict] = None, parts=None, scene=None, transcript=None,
+               cfg=None) -> SimpleNamespace:
+    """The HTTP server on its own loop thread (the daemon's side) over a Conversation:
+    ``.url``, ``.conv``, ``.server``, ``.loop``; ``.close()`` when done."""
+    from assistant.config import Config, HttpConfig
+    from assistant.conversation import Conversation
+    from assistant.http.server import CTX, HttpServer, make_gate
+    from assistant.vision.scene import Scene
+
+    cfg = cfg or Config()
+    cfg = dataclasses.replace(cfg, http=HttpConfig(**{"listen": "127.0.0.1:0", **(http or {})}))
+    loop = LoopThread()
+
+    async def build():
+        conv = Conversation(cfg, llm, scene=scene or Scene(None, None, cfg.vision),
+                            gate=make_gate(cfg), transcript=transcript)
+        server = HttpServer(cfg, conv, parts or SimpleNamespace(asr=None, voices=None))
+        await server.start()
+        return conv, server
+
+    conv, server = loop.run(build())
+
+    def close() -> None:
+        loop.run(server.stop())
+        loop.close()
+
+    return SimpleNamespace(cfg=cfg, llm=llm, loop=loop, conv=conv, server=server,
+                           ctx=server.app[CTX], url=server.url, port=server.port, close=close)
+
+
+def raw_http(port: int, request: bytes, timeout: float = 30.0) -> tuple[int, dict, bytes]:
+    """One request as the bytes given (what no client library would send): status,
+    headers (lower-case names) and body of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            if sep:
+                headers = {k.strip().lower(): v.strip() for k, _, v in
+                           (l.decode("latin-1").partition(":") for l in head.split(b"\r\n")[1:])}
+                n = int(headers.get("content-length", -1))
+                if 0 <= n <= len(body):
+                    break
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (l.decode("latin-1").partition(":") for l in lines[1:])}
+    return status, headers, body

@@ -11,11 +11,19 @@ core per second of audio, so it runs in real time on an ARM board.
 ``StreamResampler`` keeps the filter history between blocks, so a microphone stream
 resampled block by block is identical to the whole signal resampled at once (no clicks at
 block edges). ``resample`` is that stream fed once and flushed.
+
+Memory stays bounded whatever the rates: a ratio that would need more than ``MAX_PHASES``
+filter phases (an odd rate such as 44101 Hz, or a hostile 470001 Hz) is approximated by the
+nearest one that does not (from 8 to 192 kHz the pitch moves by at most 0.05 %, less than a
+cent); the filter banks are designed in small blocks and cached up to ``CACHE_BYTES`` in
+all, and the gather for one step of outputs is kept to a few megabytes.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+import threading
+from collections import OrderedDict
+from fractions import Fraction
 from math import ceil, gcd
 
 import numpy as np
@@ -28,6 +36,10 @@ _ROLLOFF = 0.9
 _KAISER_BETA = 8.0
 
 _CHUNK = 4096  # outputs computed per step, to bound the temporary gather matrix
+_GATHER = 1 << 20  # ... and taps gathered per step at most (4 MB of float32)
+# Every common pair of rates needs at most 640 phases (11025 Hz -> 16 kHz).
+MAX_PHASES = 1024
+CACHE_BYTES = 32 << 20
 
 
 def int16_to_float(x: np.ndarray) -> np.ndarray:
@@ -58,21 +70,78 @@ def to_mono(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32).mean(axis=1)
 
 
-@lru_cache(maxsize=16)
+def ratio(src_rate: int, dst_rate: int) -> tuple[int, int]:
+    """(up, down) with up/down = dst/src, reduced; approximated when up would need more
+    than MAX_PHASES filter phases."""
+    g = gcd(src_rate, dst_rate)
+    up, down = dst_rate // g, src_rate // g
+    if up > MAX_PHASES:
+        approx = Fraction(src_rate, dst_rate).limit_denominator(MAX_PHASES)
+        up, down = approx.denominator, approx.numerator
+    return up, down
+
+
+class _BankCache:
+    """Filter banks by (up, down), least recently used dropped past ``limit`` bytes."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._banks: OrderedDict[tuple[int, int], tuple[np.ndarray, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(b.nbytes for b, _ in self._banks.values())
+
+    def get(self, up: int, down: int) -> tuple[np.ndarray, int]:
+        with self._lock:
+            hit = self._banks.get((up, down))
+            if hit is not None:
+                self._banks.move_to_end((up, down))
+                return hit
+        made = _design(up, down)
+        with self._lock:
+            self._banks[(up, down)] = made
+            total = sum(b.nbytes for b, _ in self._banks.values())
+            while total > self.limit and len(self._banks) > 1:
+                _, (old, _) = self._banks.popitem(last=False)
+                total -= old.nbytes
+        return made
+
+    def clear(self) -> None:
+        with self._lock:
+            self._banks.clear()
+
+
+_BANKS = _BankCache(CACHE_BYTES)
+
+
 def _filter_bank(up: int, down: int) -> tuple[np.ndarray, int]:
-    """The (up, 2K) filter phases for an up/down rate change, and K (taps each side)."""
+    return _BANKS.get(up, down)
+
+
+def _design(up: int, down: int) -> tuple[np.ndarray, int]:
+    """The (up, 2K) filter phases for an up/down rate change, and K (taps each side).
+
+    Designed a block of phases at a time, so the float64 temporaries stay small."""
     fc = 0.5 * _ROLLOFF * min(1.0, up / down)  # cut-off, cycles per input sample
     half = _ZERO_CROSSINGS / (2.0 * fc)  # window half-width, in input samples
     k = int(ceil(half))
-    phase = np.arange(up, dtype=np.float64)[:, None] / up
-    tau = phase + (k - 1) - np.arange(2 * k, dtype=np.float64)[None, :]
-    u = np.clip(tau / half, -1.0, 1.0)
-    window = np.i0(_KAISER_BETA * np.sqrt(1.0 - u * u)) / np.i0(_KAISER_BETA)
-    window[np.abs(tau) > half] = 0.0
-    h = 2.0 * fc * np.sinc(2.0 * fc * tau) * window
-    # Each phase sums to exactly 1, so silence stays silence and DC gain never ripples.
-    h /= h.sum(axis=1, keepdims=True)
-    return h.astype(np.float32), k
+    bank = np.empty((up, 2 * k), dtype=np.float32)
+    taps = (k - 1) - np.arange(2 * k, dtype=np.float64)[None, :]
+    block = max(1, (1 << 16) // (2 * k))
+    for first in range(0, up, block):
+        phase = np.arange(first, min(first + block, up), dtype=np.float64)[:, None] / up
+        tau = phase + taps
+        u = np.clip(tau / half, -1.0, 1.0)
+        window = np.i0(_KAISER_BETA * np.sqrt(1.0 - u * u)) / np.i0(_KAISER_BETA)
+        window[np.abs(tau) > half] = 0.0
+        h = 2.0 * fc * np.sinc(2.0 * fc * tau) * window
+        # Each phase sums to exactly 1, so silence stays silence and DC gain never ripples.
+        h /= h.sum(axis=1, keepdims=True)
+        bank[first:first + len(h)] = h
+    return bank, k
 
 
 class StreamResampler:
@@ -88,9 +157,7 @@ class StreamResampler:
             raise ValueError(f"sample rates must be positive, got {src_rate} -> {dst_rate}")
         self.src_rate = int(src_rate)
         self.dst_rate = int(dst_rate)
-        g = gcd(self.src_rate, self.dst_rate)
-        self.up = self.dst_rate // g
-        self.down = self.src_rate // g
+        self.up, self.down = ratio(self.src_rate, self.dst_rate)
         self._bank, self._k = (None, 0) if self.up == self.down else _filter_bank(self.up, self.down)
         self.reset()
 
@@ -150,8 +217,9 @@ class StreamResampler:
             windows = sliding_window_view(self._buf, 2 * k)[first::down][: n_end - self._n_out]
             pieces.append(np.einsum("ij,j->i", windows, self._bank[0]))
         elif up > 1:
-            for start in range(self._n_out, n_end, _CHUNK):
-                n = np.arange(start, min(start + _CHUNK, n_end), dtype=np.int64)
+            step = max(16, min(_CHUNK, _GATHER // (2 * k)))
+            for start in range(self._n_out, n_end, step):
+                n = np.arange(start, min(start + step, n_end), dtype=np.int64)
                 first = (n * down) // up - (k - 1) - self._buf_start  # each window's first tap
                 windows = self._buf[first[:, None] + np.arange(2 * k)[None, :]]
                 pieces.append(np.einsum("ij,ij->i", windows, self._bank[(n * down) % up]))
@@ -170,8 +238,8 @@ class StreamResampler:
 def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     """Resample mono int16 or float audio; returns the same dtype (float -> float32).
 
-    The output has ``ceil(len(x) * dst_rate / src_rate)`` samples and is aligned with the
-    input (no delay).
+    The output has ``ceil(len(x) * dst_rate / src_rate)`` samples (of the approximated
+    ratio, see ``ratio``) and is aligned with the input (no delay).
     """
     x = np.asarray(x)
     if src_rate == dst_rate:

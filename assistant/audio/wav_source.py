@@ -37,6 +37,10 @@ _EXTENSIBLE = 0xFFFE
 _UNKNOWN_SIZE = 0xFFFFFFFF
 
 _CONVERT_HINT = "convert it, e.g. `ffmpeg -i INPUT -ar 16000 -ac 1 OUTPUT.wav`"
+# Sample rates read at all: telephone audio to studio audio. A header announcing anything
+# else is broken or hostile, and resampling from it would cost memory for nothing.
+MIN_RATE = 8000
+MAX_RATE = 192000
 
 
 def _bad(path: Path, problem: str) -> InputError:
@@ -78,8 +82,7 @@ def _read_with_wave(path: Path) -> tuple[np.ndarray, int]:
                                           w.getframerate(), w.getnframes())
         if width not in (1, 2, 3, 4):
             raise _bad(path, f"unsupported sample width of {width * 8} bits; {_CONVERT_HINT}")
-        if rate <= 0:
-            raise _bad(path, f"corrupt WAV header (sample rate {rate})")
+        _check_rate(path, rate)
         raw = w.readframes(nframes)
     block = channels * width
     declared = nframes * block
@@ -124,12 +127,21 @@ def _read_with_riff(path: Path) -> tuple[np.ndarray, int]:
     raise _bad(path, "corrupt WAV file: no audio data chunk")
 
 
+def _check_rate(path: Path, rate: int) -> None:
+    if rate <= 0:
+        raise _bad(path, f"corrupt WAV header (sample rate {rate})")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise _bad(path, f"the WAV header announces a sample rate of {rate} Hz; only "
+                         f"{MIN_RATE}-{MAX_RATE} Hz is read; {_CONVERT_HINT}")
+
+
 def _decode_checked(path: Path, raw: bytes, tag: int, channels: int, rate: int, block: int,
                     bits: int) -> np.ndarray:
     width = bits // 8
     if channels < 1 or rate <= 0 or block != channels * width:
         raise _bad(path, f"corrupt WAV header ({channels} channels, {rate} Hz, {bits} bits, "
                          f"block size {block})")
+    _check_rate(path, rate)
     ok = (tag == _PCM and width in (1, 2, 3, 4) and bits % 8 == 0) or (tag == _FLOAT and width in (4, 8))
     if not ok:
         kind = "float" if tag == _FLOAT else "PCM" if tag == _PCM else f"encoding 0x{tag:04x}"

@@ -1,27 +1,22 @@
 """The HTTP server: an aiohttp application on the daemon's own asyncio loop.
 
 No second loop and no thread per request: handlers are coroutines on the loop that runs the
-voice pipeline; blocking work (image decoding, whisper, piper, encoding) goes to worker
-threads with ``asyncio.to_thread``. Every request but the page's own static files carries
-``Authorization: Bearer <http.api_key>`` when a key is set; bodies are limited to
-``http.max_body_mb`` (413 before reading when the length is announced); CORS headers are
-sent only for the origins in ``http.cors_origins``. Every error is OpenAI's error object:
-``{"error": {"message", "type", "param", "code"}}``.
-
-The page's live view comes from ``Hub``: it listens to the conversation (every turn of every
-front-end) and to the voice output (speaking or not), and streams both as server-sent events
-on ``GET /events``.
+voice pipeline; blocking work goes to worker threads (whisper and piper to the media
+workers of ``assistant.frontend``, a request's picture to one worker of its own).
+Every request but the page's own static files carries ``Authorization: Bearer
+<http.api_key>`` when a key is set; bodies are limited to ``http.max_body_mb`` (413 before
+reading when the length is announced) and must arrive within ``http.body_timeout_s``;
+connections that send no request in time are closed (``connections.py``). CORS headers are
+sent only for the origins in ``http.cors_origins``. Every error is OpenAI's error object
+(``errors.py``). The page's live view is ``events.Hub`` on ``GET /events``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import hmac
 import ipaddress
-import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,7 +27,10 @@ from aiohttp import web
 from assistant.config import Config, ConfigError
 from assistant.conversation import Conversation, TurnGate
 from assistant.errors import DeviceError
-from assistant.turn import Turn
+from assistant.frontend import Limits, MediaWork
+from assistant.http.connections import Arrivals, DeadlineSite
+from assistant.http.errors import ApiError, from_http_exception
+from assistant.http.events import Hub
 
 log = logging.getLogger(__name__)
 
@@ -45,59 +43,6 @@ PAGE_FILES = {
 }
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; "
             "style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'")
-
-# Turns the page gets when it (re)connects.
-_RECENT_TURNS = 50
-# Events a slow page may fall behind by before it is dropped (it reconnects).
-_CLIENT_QUEUE = 2000
-_HEARTBEAT_S = 15.0
-_STATE_POLL_S = 0.2
-
-
-# ---------------------------------------------------------------------------- errors
-
-class ApiError(Exception):
-    """An error answered with OpenAI's error object."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-    def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=self.headers)
-
-
-_STATUS_CODES = {400: "bad_request", 401: "invalid_api_key", 404: "not_found",
-                 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type",
-                 503: "busy"}
-
-
-def _from_http_exception(e: web.HTTPException) -> ApiError:
-    status = e.status
-    if status == 404:
-        msg = "no such endpoint; see GET /v1/models, POST /v1/chat/completions, " \
-              "POST /v1/audio/transcriptions, POST /v1/audio/speech"
-    elif status == 405:
-        msg = f"method not allowed here (allowed: {e.headers.get('Allow', '?')})"
-    elif status == 413:
-        msg = e.text if e.text and "exceeds" in e.text else "the request body is too large"
-        msg = f"{msg} (http.max_body_mb)"
-    else:
-        msg = e.reason or "error"
-    type_ = "server_error" if status >= 500 else "invalid_request_error"
-    return ApiError(status, msg, type=type_, code=_STATUS_CODES.get(status))
-
 
 # ---------------------------------------------------------------------------- listen address
 
@@ -149,127 +94,6 @@ def make_gate(cfg: Config) -> TurnGate:
     return TurnGate(max_waiting=cfg.http.max_queue, max_wait_s=cfg.http.max_wait_s)
 
 
-# ---------------------------------------------------------------------------- live events
-
-class Hub:
-    """Turns and state for the page: every front-end's turns, as they happen."""
-
-    def __init__(self, conversation: Conversation, voice=None, has_mic: bool = False):
-        self.conversation = conversation
-        self.voice = voice                          # VoiceOut (its .speaking), or None
-        self.idle = "listening" if has_mic else "ready"
-        self.recent: collections.deque[dict] = collections.deque(maxlen=_RECENT_TURNS)
-        self.active: dict[int, dict] = {}
-        self.state = self.idle
-        self.idle_state: Optional[Callable[[], str]] = None   # the voice loop's, when it waits for a wake
-        self._clients: set[asyncio.Queue] = set()
-        self._unsubscribe = None
-        self._poll: Optional[asyncio.Task] = None
-
-    def start(self) -> None:
-        self._unsubscribe = self.conversation.subscribe(self._on_event)
-        if self.voice is not None:
-            self._poll = asyncio.get_running_loop().create_task(self._watch_voice())
-
-    async def close(self) -> None:
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-        if self._poll is not None:
-            self._poll.cancel()
-            await asyncio.gather(self._poll, return_exceptions=True)
-        for q in list(self._clients):
-            self._put(q, None)                     # each event stream ends
-
-    # -- sources
-
-    def _on_event(self, event: str, turn: Turn, data: dict) -> None:
-        if event == "question":
-            row = {"id": turn.id, "source": turn.source, "question": data.get("text", ""),
-                   "answer": "", "image": False, "done": False, "time": turn.wall_time}
-            self.active[turn.id] = row
-            self.publish({"type": "question", **row})
-        elif event == "piece":
-            row = self.active.get(turn.id)
-            if row is not None:
-                row["answer"] += data.get("text", "")
-            self.publish({"type": "piece", "id": turn.id, "text": data.get("text", "")})
-        elif event == "done":
-            row = self.active.pop(turn.id, None) or {"id": turn.id, "source": turn.source,
-                                                     "question": turn.transcript}
-            row.update(answer=data.get("answer", ""), image=turn.with_image, done=True,
-                       finish=turn.finish, note=turn.note)
-            self.recent.append(row)
-            self.publish({"type": "done", **row})
-        self._update_state()
-
-    async def _watch_voice(self) -> None:
-        while True:
-            await asyncio.sleep(_STATE_POLL_S)
-            self._update_state()
-
-    def _update_state(self) -> None:
-        if self.voice is not None and getattr(self.voice, "speaking", False):
-            state = "speaking"
-        elif self.active:
-            state = "thinking"
-        else:
-            state = self.idle_state() if self.idle_state is not None else self.idle
-        if state != self.state:
-            self.state = state
-            self.publish({"type": "state", "state": state})
-
-    # -- clients
-
-    def publish(self, event: dict) -> None:
-        for q in list(self._clients):
-            self._put(q, event)
-
-    def _put(self, q: asyncio.Queue, event: Optional[dict]) -> None:
-        try:
-            q.put_nowait(event)
-        except asyncio.QueueFull:
-            # Too far behind: end its stream; the page reconnects and gets the recent turns.
-            self._clients.discard(q)
-            while not q.empty():
-                q.get_nowait()
-            q.put_nowait(None)
-
-    def snapshot(self) -> dict:
-        turns = list(self.recent) + [dict(r) for r in self.active.values()]
-        return {"type": "hello", "state": self.state, "turns": turns,
-                "camera": self.conversation.scene is not None
-                and self.conversation.scene.camera is not None}
-
-    async def stream(self, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
-        await resp.prepare(request)
-        q: asyncio.Queue = asyncio.Queue(maxsize=_CLIENT_QUEUE)
-        self._clients.add(q)
-        try:
-            await resp.write(_sse(self.snapshot()))
-            while True:
-                try:
-                    event = await asyncio.wait_for(q.get(), _HEARTBEAT_S)
-                except asyncio.TimeoutError:
-                    await resp.write(b": keep-alive\n\n")
-                    continue
-                if event is None:
-                    break
-                await resp.write(_sse(event))
-        except (ConnectionResetError, ConnectionError):
-            pass
-        finally:
-            self._clients.discard(q)
-        return resp
-
-
-def _sse(event: dict) -> bytes:
-    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
-
-
 # ---------------------------------------------------------------------------- the app
 
 CTX = web.AppKey("ctx", object)
@@ -282,7 +106,16 @@ class Context:
     parts: object                 # pipeline.Components: asr, voices
     hub: Hub
     started: int
+    media: MediaWork              # speech and transcription workers
+    pictures: MediaWork           # a chat request's picture: decoded, encoded
+    arrivals: Arrivals            # connections that owe their first request
     cache: dict = field(default_factory=dict)     # the camera snapshot's JPEG, by shot id
+
+    @property
+    def limits(self) -> Limits:
+        """A chat request's size (from cfg, which SIGHUP may replace)."""
+        h = self.cfg.http
+        return Limits(h.max_question_chars, h.max_history, h.max_chars)
 
 
 def _cors_headers(cfg: Config, request: web.Request) -> dict:
@@ -304,8 +137,14 @@ def make_app(cfg: Config, conversation: Conversation, parts, voice=None,
     from assistant.http import openai_api
 
     limit = int(cfg.http.max_body_mb * 1024 * 1024)
-    key = cfg.http.api_key or ""
+    key = (cfg.http.api_key or "").encode()
     public = set(PAGE_FILES)
+    arrivals = Arrivals()
+
+    @web.middleware
+    async def arrived(request: web.Request, handler):
+        arrivals.arrived(request)           # its connection's header deadline is met
+        return await handler(request)
 
     @web.middleware
     async def cors(request: web.Request, handler):
@@ -326,20 +165,20 @@ def make_app(cfg: Config, conversation: Conversation, parts, voice=None,
             resp = await handler(request)
         except ApiError as e:
             if e.status >= 500:
-                log.log(logging.INFO if e.status == 503 else logging.ERROR, "%s %s: %d %s",
+                log.log(logging.INFO if e.status == 503 else logging.ERROR, "%s %r: %d %s",
                         request.method, request.path, e.status, e.message)
             resp = e.response()
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            resp = _from_http_exception(e).response()
+            resp = from_http_exception(e).response()
             for h in ("Allow",):
                 if h in e.headers:
                     resp.headers[h] = e.headers[h]
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception as e:
-            log.exception("%s %s failed", request.method, request.path)
+            log.exception("%s %r failed", request.method, request.path)
             resp = ApiError(500, f"internal error: {type(e).__name__}: {e}",
                             type="server_error", code="internal_error").response()
         if not resp.prepared:
@@ -351,8 +190,10 @@ def make_app(cfg: Config, conversation: Conversation, parts, voice=None,
         if request.path not in public and key:
             given = request.headers.get("Authorization", "")
             scheme, _, token = given.partition(" ")
+            # aiohttp keeps header bytes that are not UTF-8 as surrogates: give them back
+            # as bytes (a wrong key, not an internal error).
             if scheme.lower() != "bearer" or not hmac.compare_digest(
-                    token.strip().encode(), key.encode()):
+                    token.strip().encode("utf-8", "surrogateescape"), key):
                 raise ApiError(401, "missing or wrong API key: send the header "
                                "'Authorization: Bearer <http.api_key>'",
                                code="invalid_api_key",
@@ -364,9 +205,17 @@ def make_app(cfg: Config, conversation: Conversation, parts, voice=None,
                            code="request_too_large")
         return await handler(request)
 
-    app = web.Application(client_max_size=limit, middlewares=[cors, errors, guard])
+    app = web.Application(client_max_size=limit, middlewares=[arrived, cors, errors, guard])
     hub = Hub(conversation, voice, has_mic)
-    app[CTX] = Context(cfg, conversation, parts, hub, int(time.time()))
+    h = cfg.http
+    app[CTX] = Context(cfg, conversation, parts, hub, int(time.time()),
+                       media=MediaWork(h.audio_workers, h.audio_queue, h.max_wait_s,
+                                       h.audio_deadline_s),
+                       # One picture decoded and encoded at a time (a 16-megapixel one
+                       # takes 48 MB decoded), watched as the voice loop's encodes are.
+                       pictures=MediaWork(1, h.max_queue, h.max_wait_s,
+                                          cfg.deadlines.encode_s, "deadlines.encode_s"),
+                       arrivals=arrivals)
 
     page = resources.files("assistant.http") / "page"
     files = {name: (page / name).read_bytes() for name, _ in set(PAGE_FILES.values())}
@@ -382,7 +231,7 @@ def make_app(cfg: Config, conversation: Conversation, parts, voice=None,
 
     for path, (name, ctype) in PAGE_FILES.items():
         app.router.add_get(path, static(name, ctype))
-    app.router.add_get("/events", hub.stream)
+    app.router.add_get("/events", hub.stream, allow_head=False)   # a stream has no head
     openai_api.add_routes(app)
     return app
 
@@ -410,10 +259,17 @@ class HttpServer:
         """Listen; DeviceError when the address cannot be had (in use, not on this host)."""
         # handler_cancellation: a client that goes away cancels its request, so a queued or
         # running turn for nobody stops (the model is freed for the next one).
+        # keepalive_timeout: an idle connection between requests is closed (also one that
+        # sends its next request's headers too slowly); a new one has header_timeout_s.
+        # lingering_time: the rest of a body left unread (a refused request) is waited for
+        # that long before the connection is closed.
+        h = self.cfg.http
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=2.0)
+                               shutdown_timeout=2.0, keepalive_timeout=h.idle_timeout_s,
+                               lingering_time=h.body_timeout_s)
         await runner.setup()
-        site = web.TCPSite(runner, self.host or None, self.port, reuse_address=True)
+        site = DeadlineSite(runner, self.host or None, self.port, h.header_timeout_s,
+                            self.app[CTX].arrivals)
         try:
             await site.start()
         except OSError as e:
@@ -434,6 +290,8 @@ class HttpServer:
         runner, self._runner = self._runner, None
         await self.hub.close()
         await runner.cleanup()
+        self.app[CTX].media.close()
+        self.app[CTX].pictures.close()
         log.info("HTTP server stopped")
 
 
@@ -450,7 +308,3 @@ async def start_server(cfg: Config, conversation: Conversation, parts, voice=Non
         log.error("%s; the voice assistant runs without the HTTP API", e)
         return None
     return server
-
-
-def retry_after(seconds: float) -> str:
-    return str(max(1, math.ceil(seconds)))

@@ -230,11 +230,19 @@ async def stream_turn(backend: LLMBackend, text: str, image: Optional[ImageEmbed
             if left is None or not queue.empty():
                 item = await queue.get()
             else:
+                # Not wait_for: before Python 3.12 it swallows a cancellation that comes
+                # with a piece (a client that hangs up would go unnoticed).
+                getter = asyncio.ensure_future(queue.get())
                 try:
-                    item = await asyncio.wait_for(queue.get(), max(left, 0.0))
-                except asyncio.TimeoutError:
+                    done, _ = await asyncio.wait({getter}, timeout=max(left, 0.0))
+                except BaseException:
+                    getter.cancel()
+                    raise
+                if not done:
+                    getter.cancel()
                     overran = watch.given_up = True
-                    raise watch.overrun() from None
+                    raise watch.overrun()
+                item = getter.result()
             if item is _STARTED:
                 continue
             if isinstance(item, tuple) and item and item[0] is _DONE:
