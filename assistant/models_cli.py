@@ -37,7 +37,7 @@ def _err(text: str) -> None:
 def cli_list(cfg: Config, models_dir: Path) -> int:
     from assistant.audio import model_paths
 
-    print(f"Language models (portable: llama.cpp; board: RKLLM + RKNN on the NPU)")
+    print("Language models (portable: llama.cpp; board: RKLLM + RKNN on the NPU)")
     print(f"  hub: {catalog.hub_endpoint()}  cache: {catalog.hub_cache_dir()}"
           + ("  (HF_HUB_OFFLINE: no downloads)" if catalog.hub_offline() else ""))
     print(f"  placed by hand: {models_dir}/NAME/")

@@ -20,7 +20,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from assistant.config import WakeConfig
 from assistant.errors import ModelMissingError

@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Callable, Optional
+from typing import Optional
 
 from aiohttp import web
 
