@@ -192,6 +192,7 @@ async def run_daemon(cfg: Config) -> int:
     if cfg.http.enabled:
         from assistant.http.server import check_listen, make_gate, start_server
         check_listen(cfg)      # a non-loopback address without http.api_key: exit 78
+    from assistant.frontend import media_work
     from assistant.wyoming import check_uri, start_wyoming
     check_uri(cfg)             # a non-loopback address without wyoming.allow_lan: exit 78
     HEALTH.configure(cfg.deadlines)
@@ -215,12 +216,15 @@ async def run_daemon(cfg: Config) -> int:
         """What the voice loop does between turns: listening, or waiting for wake word."""
         return pipeline.addressing.state
 
-    # The HTTP API and page on this loop; if it cannot listen, the voice loop goes on.
+    # The HTTP API and page on this loop; if it cannot listen, the voice loop goes on. Its
+    # speech and transcription workers are Home Assistant's too: one line for both.
+    media = media_work(cfg)
     http = (await start_server(cfg, conversation, parts, voice=pipeline.voice, has_mic=True,
-                               required=False) if cfg.http.enabled else None)
+                               required=False, media=media) if cfg.http.enabled else None)
     if http is not None:
         http.hub.idle_state = idle
-    wyoming = await start_wyoming(cfg, conversation, parts, required=False)   # Home Assistant
+    wyoming = await start_wyoming(cfg, conversation, parts, required=False,   # Home Assistant
+                                  media=media)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stopping = False
@@ -288,6 +292,7 @@ async def run_daemon(cfg: Config) -> int:
             await http.stop()
         if wyoming is not None:
             await wyoming.stop()
+        media.close()
         if transcript is not None:
             await asyncio.to_thread(transcript.close)   # every queued turn reaches the disk
         if recorder is not None:

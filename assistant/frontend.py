@@ -1,9 +1,9 @@
-"""What every front-end on the conversation shares: the HTTP API now, Wyoming next.
+"""What every front-end on the conversation shares: the HTTP API and the Wyoming server.
 
 A front-end (not the voice loop) turns its protocol into three calls:
 
-- ``check_size(question, history, limits)``: a stateless request's size, bounded before
-  anything is tokenised (``TooLarge`` names the part at fault);
+- ``check_size(question, history, size_limits(cfg))``: a stateless request's size, bounded
+  before anything is tokenised (``TooLarge`` names the part at fault);
 - ``answer(conversation, request, turn)``: the answer's pieces, queued behind the person in
   the room (the conversation's turn gate), with the request's own history (``Request.history``:
   the conversation feeds it back when the model holds something else). Whatever happens the
@@ -15,7 +15,11 @@ A front-end (not the voice loop) turns its protocol into three calls:
   threads of their own (they never take the threads the model's turns and the voice loop
   use), queued like chat turns (``Busy`` past the queue or the wait limit) and watched
   against a deadline (``StageOverrun``; a call that never returns restarts the service, as
-  every watched native call does).
+  every watched native call does). The process has one (``media_work(cfg)``, made by
+  ``run`` and ``serve`` and handed to both front-ends), so HTTP's and Home Assistant's
+  speech work wait in one line for the same workers.
+
+``voice_names`` is how both name the configured piper voices.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Optional, Sequence, TypeVar
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterable, Optional, Sequence, TypeVar
 
 from assistant.conversation import Busy, Conversation, Request
-from assistant.errors import AssistantError, InputError
+from assistant.errors import AssistantError, DeviceError, InputError
 from assistant.health import HEALTH, Watch
 from assistant.turn import Turn
 
@@ -49,6 +54,12 @@ class Limits:
     question_chars: int
     history: int           # exchanges before the question
     chars: int             # every message's text together
+
+
+def size_limits(cfg) -> Limits:
+    """The limits of ``cfg`` (read per request: SIGHUP may replace the config)."""
+    h = cfg.http
+    return Limits(h.max_question_chars, h.max_history, h.max_chars)
 
 
 class TooLarge(InputError):
@@ -110,6 +121,22 @@ async def answer(conv: Conversation, req: Request, turn: Turn,
             turn.mark("done")
             turn.log_line()
             conv.record(turn)
+
+
+# ---------------------------------------------------------------------------- servers
+
+async def started(server: T, required: bool, without: str) -> Optional[T]:
+    """``server`` after ``await server.start()``. With ``required=False`` (``run``: the voice
+    loop goes on) a failure to listen (DeviceError) is logged, saying the assistant runs
+    ``without`` it, and None returned."""
+    try:
+        await server.start()
+    except DeviceError as e:
+        if required:
+            raise
+        log.error("%s; the assistant runs without %s", e, without)
+        return None
+    return server
 
 
 # ---------------------------------------------------------------------------- media work
@@ -179,6 +206,45 @@ class MediaWork:
                 # Its outcome is nobody's now; do not warn that it was never retrieved.
                 fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
+    async def stream(self, stage: str, make: Callable[[], Iterable[T]],
+                     max_wait_s: Optional[float] = None) -> AsyncIterator[T]:
+        """The items of ``make()``, made on a worker as one job (one place in line, one
+        deadline for them all) and handed over as each comes, so the first can be used
+        while the rest are made. A consumer that stops early stops the job at its next
+        item. Use it with ``contextlib.aclosing``."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def produce() -> None:
+            for item in make():
+                if stop.is_set():
+                    return
+                loop.call_soon_threadsafe(items.put_nowait, item)
+
+        job = asyncio.ensure_future(self.run(stage, produce, stop=stop, max_wait_s=max_wait_s))
+        try:
+            while True:
+                got = asyncio.ensure_future(items.get())
+                try:
+                    await asyncio.wait({got, job}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not got.done():
+                        got.cancel()            # an item it had not taken stays queued
+                if got.done() and not got.cancelled():
+                    yield got.result()
+                    continue
+                # The job ended: its items were all queued before its end was seen.
+                while not items.empty():
+                    yield items.get_nowait()
+                job.result()                    # Busy, StageOverrun, the job's own error
+                return
+        finally:
+            stop.set()
+            if not job.done():
+                job.cancel()                    # out of line, or no longer waited for
+                await asyncio.gather(job, return_exceptions=True)
+
     def _done(self, _fut) -> None:
         self._busy -= 1
         self._free.release()
@@ -213,3 +279,27 @@ class MediaWork:
     def close(self) -> None:
         """Queued jobs are dropped; running ones finish on their own threads."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def media_work(cfg) -> MediaWork:
+    """The process's speech and transcription workers (``http.audio_*``), shared by the
+    HTTP API and the Wyoming server."""
+    h = cfg.http
+    return MediaWork(h.audio_workers, h.audio_queue, h.max_wait_s, h.audio_deadline_s)
+
+
+# ---------------------------------------------------------------------------- voices
+
+def voice_names(cfg, voices) -> dict:
+    """Configured voice name -> synthesizer: its file name, and the config value
+    (``tts.voice``, ``tts.voice_zh``) as written."""
+    if voices is None:
+        return {}
+    out: dict = {}
+    for value, synth in ((cfg.tts.voice, voices.default), (cfg.tts.voice_zh, voices.zh)):
+        if synth is None:
+            continue
+        out[synth.name] = synth
+        if value:
+            out.setdefault(Path(str(value)).name.removesuffix(".onnx"), synth)
+    return out

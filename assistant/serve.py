@@ -45,6 +45,7 @@ async def assemble_headless(cfg: Config):
 
 async def run_serve(cfg: Config) -> int:
     from assistant.http.server import check_listen, make_gate, start_server
+    from assistant.frontend import media_work
     from assistant.wyoming import check_uri, start_wyoming
 
     check_listen(cfg)                      # ConfigError -> 78, before any model loads
@@ -61,7 +62,7 @@ async def run_serve(cfg: Config) -> int:
     parts = await assemble_headless(cfg)
     transcript = (TranscriptWriter(transcript_path(cfg), cfg.transcript)
                   if cfg.transcript.enabled else None)
-    server = wyoming = None
+    server = wyoming = media = None
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stopping = False
@@ -90,9 +91,11 @@ async def run_serve(cfg: Config) -> int:
     watchdog = asyncio.create_task(supervise(notify, HEALTH, stuck))
     try:
         conversation = make_conversation(cfg, parts, transcript, gate=make_gate(cfg))
-        server = await start_server(cfg, conversation, parts, required=True)
+        # One line of speech and transcription work for HTTP and Home Assistant alike.
+        media = media_work(cfg)
+        server = await start_server(cfg, conversation, parts, required=True, media=media)
         hup.reloader = Reloader(cfg, None, conversation, server=server)
-        wyoming = await start_wyoming(cfg, conversation, parts)       # Home Assistant
+        wyoming = await start_wyoming(cfg, conversation, parts, media=media)  # Home Assistant
         notify("READY=1")
         notify(f"STATUS=serving on {server.url}")
         await asyncio.Event().wait()       # until a signal
@@ -111,6 +114,8 @@ async def run_serve(cfg: Config) -> int:
             await server.stop()
         if wyoming is not None:
             await wyoming.stop()
+        if media is not None:
+            media.close()
         if transcript is not None:
             await asyncio.to_thread(transcript.close)
         await components.close(parts)

@@ -1,5 +1,6 @@
 """The Wyoming front-end around the conversation: clients that go away, answers queued behind
-the person in the room, the LAN rule, the zeroconf announcement, and `serve` starting it.
+the person in the room, speech work in the line it shares with the HTTP API, the LAN rule,
+the zeroconf announcement, and `serve` starting it.
 
 Where a turn must last long enough to be cut or overtaken, the model is the scripted one
 that streams a piece every ``piece_delay`` (the tiny llama.cpp model answers in
@@ -14,6 +15,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -21,8 +23,10 @@ import numpy as np
 import pytest
 
 from alsa_support import make_fake_alsa, portaudio_available
+from assistant.audio.asr import Transcript as AsrTranscript
 from assistant.audio.resample import resample
-from assistant.config import Config, ConfigError, WyomingConfig, parse
+from assistant.audio.tts import Chunk
+from assistant.config import Config, ConfigError, HttpConfig, WyomingConfig, parse
 from assistant.conversation import Conversation, Request
 from assistant.transcript import TranscriptWriter
 from assistant.demo import draw_scene
@@ -33,15 +37,17 @@ from tiny_models import write_mmproj, write_text_model
 
 pytest.importorskip("wyoming")
 from wyoming.asr import Transcript  # noqa: E402
+from wyoming.audio import AudioChunk, AudioStart, AudioStop  # noqa: E402
 from wyoming.client import AsyncTcpClient  # noqa: E402
 from wyoming.info import Describe  # noqa: E402
+from wyoming.tts import Synthesize  # noqa: E402
 
 from assistant.wyoming.server import WyomingServer, check_uri  # noqa: E402
 from assistant.wyoming.zeroconf import SERVICE_TYPE, Announcer, wanted  # noqa: E402
 
 
-def make_server(piece_delay=0.15, transcript=None, **wyoming):
-    cfg = dataclasses.replace(Config(), wyoming=WyomingConfig(
+def make_server(piece_delay=0.15, transcript=None, http=None, **wyoming):
+    cfg = dataclasses.replace(Config(), http=HttpConfig(**(http or {})), wyoming=WyomingConfig(
         enabled=True, uri="tcp://127.0.0.1:0", **wyoming))
     llm = EchoLLM(words=8, piece_delay=piece_delay)
     loop = LoopThread()
@@ -147,6 +153,44 @@ def test_home_assistant_waits_behind_the_person_in_the_room():
         assert asyncio.run(go()) == EchoLLM.answer_for("voice", 8)
         order = [d["text"].split(":")[0] for ev, src, d in s.events if ev == "question"]
         assert order == ["first", "voice", "second"]
+    finally:
+        close(s)
+
+
+def test_home_assistant_requests_are_bounded_by_the_http_sizes():
+    s = make_server(piece_delay=0, http={"max_question_chars": 40, "max_chars": 300},
+                    conversation_max_exchanges=50)
+    sent = []
+    ask = s.conv.ask
+
+    def spy(req, turn):
+        sent.append(req.history)
+        return ask(req, turn)
+    s.conv.ask = spy
+    try:
+        async def go():
+            async with client(s.port) as c:
+                await c.write_event(Transcript("long: " + "x" * 40,
+                                               context={"conversation_id": "h"}).event())
+                refused = await c.read_event()
+            for i in range(7):
+                await handled(s.port, f"q{i}: hello there", "h")
+            return refused
+        refused = asyncio.run(go())
+        # A question past http.max_question_chars: Home Assistant says why; no turn.
+        assert refused.type == "not-handled"
+        assert refused.data["text"] == s.cfg.persona.lines(None).too_long
+        assert len(sent) == 7 and not any("long" in d["text"] for ev, _, d in s.events
+                                          if ev == "question")
+        # The server keeps the history, so past http.max_chars its oldest exchanges are
+        # left out (Home Assistant could not shorten it); the newest that fit go.
+        stored = s.server.services.store.get("h").history()[:-1]     # before the last
+        last, question = sent[-1], "q6: hello there"
+
+        def size(exchanges):
+            return len(question) + sum(len(q) + len(a) for q, a in exchanges)
+        assert 0 < len(last) < len(stored) and last == stored[len(stored) - len(last):]
+        assert size(last) <= 300 < size(stored[len(stored) - len(last) - 1:])
     finally:
         close(s)
 
@@ -366,3 +410,184 @@ wyoming: {{enabled: true, uri: "tcp://127.0.0.1:{port}"}}
     rows = [json.loads(l) for l in path.read_text().splitlines()]
     assert {r["source"] for r in rows} == {"voice", "wyoming"}, rows
     assert all(r["answer"] == reply for r in rows)
+
+
+# ---------------------------------------------------------------------------- speech work
+#
+# Whisper and piper are doubles here that work only when the test lets them go: the point is
+# what happens to requests that arrive while the speech workers are still busy, and the real
+# models finish too fast (and too variably) to hold a worker for a known time.
+
+class HeldSpeech:
+    """A whisper and a piper voice that each hold their worker until ``go`` is set (or
+    ``hold_s`` passes), counting how many run at once across both."""
+
+    name = "held"                  # piper's side
+    sample_rate = 16000
+    language = "en_US"
+    multilingual = False           # whisper's side
+
+    def __init__(self, hold_s: float = 30.0):
+        self.go = threading.Event()
+        self.hold_s = hold_s
+        self.running = self.most = 0
+        self._lock = threading.Lock()
+
+    def _hold(self) -> None:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            self.go.wait(self.hold_s)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def transcribe(self, pcm, language=None):
+        self._hold()
+        return AsrTranscript(text="held words", language="en", accepted=True, reason="ok",
+                             no_speech_prob=0.0, avg_logprob=0.0, audio_s=len(pcm) / 16000,
+                             elapsed_s=0.0)
+
+    def stream(self, text):
+        self._hold()
+        yield Chunk(np.ones(1600, np.int16), 1.0)
+
+    def synthesize(self, text, pause_after=False):          # the HTTP API's call
+        self._hold()
+        return np.ones(1600, np.int16)
+
+    def silence(self, ms=None):
+        return np.zeros(160, np.int16)
+
+
+def speech_servers(held: HeldSpeech, **http):
+    """The HTTP API and the Wyoming server on one loop over one conversation, sharing one
+    set of speech workers as `run` and `serve` make them."""
+    from assistant.frontend import media_work
+    from assistant.http.server import HttpServer, make_gate
+
+    cfg = dataclasses.replace(
+        Config(), http=HttpConfig(listen="127.0.0.1:0", **http),
+        wyoming=WyomingConfig(enabled=True, uri="tcp://127.0.0.1:0"))
+    parts = SimpleNamespace(asr=held, voices=SimpleNamespace(
+        default=held, zh=None, for_language=lambda lang: held))
+    loop = LoopThread()
+
+    async def build():
+        media = media_work(cfg)
+        conv = Conversation(cfg, EchoLLM(words=2), scene=Scene(None, None, cfg.vision),
+                            gate=make_gate(cfg))
+        http_server = HttpServer(cfg, conv, parts, media=media)
+        wyoming = WyomingServer(cfg, conv, parts, media=media)
+        await http_server.start()
+        await wyoming.start()
+        return media, http_server, wyoming
+    media, http_server, wyoming = loop.run(build())
+
+    def close() -> None:
+        loop.run(http_server.stop())
+        loop.run(wyoming.stop())
+        media.close()
+        loop.close()
+    return SimpleNamespace(media=media, url=http_server.url, port=wyoming.port, loop=loop,
+                           close=close)
+
+
+async def until_ended(c, last: str) -> list:
+    events = []
+    while not events or events[-1].type != last:
+        e = await c.read_event()
+        assert e is not None, [x.type for x in events]
+        events.append(e)
+    return events
+
+
+async def wyoming_synthesize(port: int, text: str = "Hello there.") -> list:
+    async with client(port) as c:
+        await c.write_event(Synthesize(text).event())
+        return await until_ended(c, "audio-stop")
+
+
+async def wyoming_transcribe(port: int) -> list:
+    async with client(port) as c:
+        await c.write_event(AudioStart(16000, 2, 1).event())
+        await c.write_event(AudioChunk(16000, 2, 1, bytes(16000)).event())
+        await c.write_event(AudioStop().event())
+        return await until_ended(c, "transcript-stop")
+
+
+def test_wyoming_speech_past_the_shared_line_is_refused_and_the_server_goes_on():
+    import aiohttp
+
+    held = HeldSpeech()
+    s = speech_servers(held, audio_workers=1, audio_queue=1)
+    try:
+        async def http_speech():
+            async with aiohttp.ClientSession() as session:
+                async with session.post(s.url + "/v1/audio/speech",
+                                        json={"input": "Hello.", "voice": "alloy"}) as r:
+                    return r.status, await r.read()
+
+        async def until(cond):
+            while not cond():
+                await asyncio.sleep(0.01)
+
+        async def go():
+            # HTTP takes the one worker; Home Assistant's synthesis waits in the one place.
+            web = asyncio.create_task(http_speech())
+            await until(lambda: held.running == 1)
+            waiting = asyncio.create_task(wyoming_synthesize(s.port))
+            await until(lambda: s.media.waiting == 1)
+            # The line is full: refused at once, each with the events that end its request.
+            heard = await wyoming_transcribe(s.port)
+            spoken = await wyoming_synthesize(s.port)
+            # The server goes on: describe and the conversation are not behind speech.
+            async with client(s.port) as c:
+                await c.write_event(Describe().event())
+                info = await until_ended(c, "info")
+            answer = await handled(s.port, "meanwhile: hi", "ha")
+            held.go.set()
+            return heard, spoken, info, answer, await web, await waiting
+        heard, spoken, info, answer, web, waiting = asyncio.run(go())
+        assert [e.type for e in heard] == ["transcript-start", "error", "transcript",
+                                           "transcript-stop"]
+        assert heard[1].data["code"] == "busy" and "already waiting" in heard[1].data["text"]
+        assert heard[2].data["text"] == ""
+        assert [e.type for e in spoken] == ["error", "audio-stop"]
+        assert spoken[0].data["code"] == "busy"
+        assert info[-1].type == "info" and answer == EchoLLM.answer_for("meanwhile", 2)
+        # The ones in line were served once the worker was free, one at a time.
+        assert web[0] == 200 and web[1][:4] == b"RIFF"
+        assert [e.type for e in waiting] == ["audio-start", "audio-chunk", "audio-stop"]
+        assert held.most == 1
+        # And the next transcription is served.
+        after = asyncio.run(wyoming_transcribe(s.port))
+        assert [e.type for e in after][-2:] == ["transcript", "transcript-stop"]
+        assert after[-2].data["text"] == "held words"
+    finally:
+        held.go.set()
+        s.close()
+
+
+def test_wyoming_speech_past_the_deadline_is_an_error_and_the_worker_stays_counted():
+    held = HeldSpeech()
+    s = speech_servers(held, audio_workers=1, audio_deadline_s=1.0)
+    try:
+        t0 = time.monotonic()
+        spoken = asyncio.run(wyoming_synthesize(s.port))
+        assert time.monotonic() - t0 < 20                        # given up, not waited for
+        assert [e.type for e in spoken] == ["error", "audio-stop"]
+        assert spoken[0].data["code"] == "deadline_exceeded"
+        assert "http.audio_deadline_s" in spoken[0].data["text"]
+        assert held.running == 1 and s.media.busy == 1           # its thread still runs
+        held.go.set()
+        end = time.monotonic() + 10
+        while s.media.busy and time.monotonic() < end:
+            time.sleep(0.02)
+        assert s.media.busy == 0
+        assert [e.type for e in asyncio.run(wyoming_synthesize(s.port))] == [
+            "audio-start", "audio-chunk", "audio-stop"]
+    finally:
+        held.go.set()
+        s.close()

@@ -6,8 +6,9 @@
   such as ``alloy`` mean the default voice, or the Chinese one for Chinese text),
   ``response_format: wav`` -> piper.
 
-Both run on ``frontend.MediaWork`` (their own threads, a bounded line, a deadline): a flood
-of them gets 503 with Retry-After and never takes the threads chat turns need.
+Both run on the process's ``frontend.MediaWork`` (their own threads, a bounded line, a
+deadline), shared with the Wyoming server's speech work: a flood of them gets 503 with
+Retry-After and never takes the threads chat turns need.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import tempfile
 import threading
 import time
 import wave
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from aiohttp import BodyPartReader, web
 
+from assistant.frontend import voice_names
 from assistant.http.errors import ApiError, bad, error_for
 from assistant.http.server import CTX, Context
 from assistant.http.validate import (MAX_FORM_FIELD, form_name, form_text, json_body,
@@ -236,21 +237,6 @@ def wav_bytes(pcm: np.ndarray, rate: int) -> bytes:
     return buf.getvalue()
 
 
-def voice_names(ctx: Context) -> dict:
-    """Configured voice name -> synthesizer (its file name, and the config value)."""
-    voices = getattr(ctx.parts, "voices", None)
-    if voices is None:
-        return {}
-    out = {voices.default.name: voices.default}
-    if ctx.cfg.tts.voice:
-        out.setdefault(Path(str(ctx.cfg.tts.voice)).name.removesuffix(".onnx"), voices.default)
-    if voices.zh is not None:
-        out[voices.zh.name] = voices.zh
-        if ctx.cfg.tts.voice_zh:
-            out.setdefault(Path(str(ctx.cfg.tts.voice_zh)).name.removesuffix(".onnx"), voices.zh)
-    return out
-
-
 def speak(synth, text: str, stop: threading.Event) -> bytes:
     """The WAV of ``text``, a sentence at a time, so a job nobody waits for any more
     (deadline, client gone) ends at the next sentence. Blocking: a media worker."""
@@ -294,7 +280,7 @@ async def speech(request: web.Request) -> web.Response:
         raise bad("'speed' other than 1.0 is not supported (the pace is tts.length_scale)",
                   "speed")
     name = opt_str(body, "voice")
-    names = voice_names(ctx)
+    names = voice_names(ctx.cfg, voices)
     if name is None or name.lower() in OPENAI_VOICES:
         synth = voices.for_language("zh" if _CJK.search(text) else "en")
     elif name in names:

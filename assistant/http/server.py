@@ -27,7 +27,7 @@ from aiohttp import web
 from assistant.config import Config, ConfigError
 from assistant.conversation import Conversation, TurnGate
 from assistant.errors import DeviceError
-from assistant.frontend import Limits, MediaWork
+from assistant.frontend import Limits, MediaWork, media_work, size_limits, started
 from assistant.http.connections import Arrivals, DeadlineSite
 from assistant.http.errors import ApiError, from_http_exception
 from assistant.http.events import Hub
@@ -106,7 +106,7 @@ class Context:
     parts: object                 # pipeline.Components: asr, voices
     hub: Hub
     started: int
-    media: MediaWork              # speech and transcription workers
+    media: MediaWork              # speech and transcription workers (Wyoming's too)
     pictures: MediaWork           # a chat request's picture: decoded, encoded
     arrivals: Arrivals            # connections that owe their first request
     cache: dict = field(default_factory=dict)     # the camera snapshot's JPEG, by shot id
@@ -114,8 +114,7 @@ class Context:
     @property
     def limits(self) -> Limits:
         """A chat request's size (from cfg, which SIGHUP may replace)."""
-        h = self.cfg.http
-        return Limits(h.max_question_chars, h.max_history, h.max_chars)
+        return size_limits(self.cfg)
 
 
 def _cors_headers(cfg: Config, request: web.Request) -> dict:
@@ -131,9 +130,9 @@ def _cors_headers(cfg: Config, request: web.Request) -> dict:
 
 
 def make_app(cfg: Config, conversation: Conversation, parts, voice=None,
-             has_mic: bool = False) -> web.Application:
+             has_mic: bool = False, media: Optional[MediaWork] = None) -> web.Application:
     """The application: API routes, the page, the event stream; middlewares for CORS, errors,
-    limits and auth."""
+    limits and auth. ``media``: the process's speech workers (``frontend.media_work``)."""
     from assistant.http import openai_api
 
     limit = int(cfg.http.max_body_mb * 1024 * 1024)
@@ -209,8 +208,7 @@ def make_app(cfg: Config, conversation: Conversation, parts, voice=None,
     hub = Hub(conversation, voice, has_mic)
     h = cfg.http
     app[CTX] = Context(cfg, conversation, parts, hub, int(time.time()),
-                       media=MediaWork(h.audio_workers, h.audio_queue, h.max_wait_s,
-                                       h.audio_deadline_s),
+                       media=media if media is not None else media_work(cfg),
                        # One picture decoded and encoded at a time (a 16-megapixel one
                        # takes 48 MB decoded), watched as the voice loop's encodes are.
                        pictures=MediaWork(1, h.max_queue, h.max_wait_s,
@@ -240,10 +238,13 @@ class HttpServer:
     """The app on a TCP site of the running loop: ``await start()``, ``await stop()``."""
 
     def __init__(self, cfg: Config, conversation: Conversation, parts, voice=None,
-                 has_mic: bool = False):
+                 has_mic: bool = False, media: Optional[MediaWork] = None):
+        """``media``: the speech workers shared with the Wyoming server (whoever made them
+        closes them); None: the server's own."""
         self.cfg = cfg
         self.host, self.port = check_listen(cfg)
-        self.app = make_app(cfg, conversation, parts, voice, has_mic)
+        self._own_media = media is None
+        self.app = make_app(cfg, conversation, parts, voice, has_mic, media)
         self._runner: Optional[web.AppRunner] = None
 
     @property
@@ -290,21 +291,16 @@ class HttpServer:
         runner, self._runner = self._runner, None
         await self.hub.close()
         await runner.cleanup()
-        self.app[CTX].media.close()
+        if self._own_media:
+            self.app[CTX].media.close()
         self.app[CTX].pictures.close()
         log.info("HTTP server stopped")
 
 
 async def start_server(cfg: Config, conversation: Conversation, parts, voice=None,
-                       has_mic: bool = False, required: bool = True) -> Optional[HttpServer]:
+                       has_mic: bool = False, required: bool = True,
+                       media: Optional[MediaWork] = None) -> Optional[HttpServer]:
     """Make and start the server. With ``required=False`` (``run``: the voice loop goes on)
     a failure to listen is logged and None returned."""
-    server = HttpServer(cfg, conversation, parts, voice, has_mic)
-    try:
-        await server.start()
-    except DeviceError as e:
-        if required:
-            raise
-        log.error("%s; the voice assistant runs without the HTTP API", e)
-        return None
-    return server
+    return await started(HttpServer(cfg, conversation, parts, voice, has_mic, media),
+                         required, "the HTTP API")

@@ -9,7 +9,10 @@ then at ``audio-stop`` the text as a ``transcript-chunk``, the ``transcript`` an
 once the audio has ended; clients that do not stream read only the ``transcript``.
 
 Whisper's verdict is kept: audio it judges not to be speech (silence, noise, its
-"Thank you." for a fan) gives an empty transcript, as the HTTP API's does.
+"Thank you." for a fan) gives an empty transcript, as the HTTP API's does. Whisper runs on
+the process's speech workers (``frontend.MediaWork``) in line with HTTP's transcriptions and
+speech: past the line or ``http.audio_deadline_s`` the client gets an ``error`` (code
+``busy`` or ``deadline_exceeded``), then the empty transcript that ends its request.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from wyoming.event import Event
 
 from assistant.audio.base import SAMPLE_RATE
 from assistant.audio.resample import StreamResampler, to_mono
+from assistant.conversation import Busy
 from assistant.errors import AssistantError
-from assistant.health import HEALTH
-from assistant.wyoming.events import ProtocolError, int_field, language_code, text_field
+from assistant.wyoming.events import (ProtocolError, error_code, int_field, language_code,
+                                      text_field)
 
 log = logging.getLogger(__name__)
 
@@ -131,17 +135,20 @@ class AsrSession:
         # Refused audio: the error said why, and an empty transcript still ends the request
         # for clients that wait for one (Home Assistant does).
         if len(pcm) and not refused:
-            t0 = time.monotonic()
-            # Watched like the voice loop's: deadlines.asr_s, a stuck call restarts.
+            def work():
+                t0 = time.monotonic()
+                return self.services.asr.transcribe(pcm, language), time.monotonic() - t0
+
             try:
-                heard = await HEALTH.call("asr", self.services.asr.transcribe, pcm, language)
+                heard, took = await self.services.media.run(
+                    "asr", work, max_wait_s=self.services.max_wait_s)
             except AssistantError as e:
-                raise ProtocolError(f"speech recognition failed: {e}", type(e).__name__,
-                                    then=(Transcript(text="").event(),
-                                          TranscriptStop().event())) from None
+                why = str(e) if isinstance(e, Busy) else f"speech recognition failed: {e}"
+                raise ProtocolError(why, error_code(e), then=(Transcript(text="").event(),
+                                                              TranscriptStop().event())) from None
             text, language = (heard.text if heard.accepted else ""), heard.language
             log.info("wyoming transcription: %.1f s of audio in %.2f s: %r (%s)",
-                     len(pcm) / SAMPLE_RATE, time.monotonic() - t0, heard.text, heard.reason)
+                     len(pcm) / SAMPLE_RATE, took, heard.text, heard.reason)
         if text:
             await self.send(TranscriptChunk(text).event())
         await self.send(Transcript(text=text, language=language).event())

@@ -16,6 +16,9 @@ from typing import Any, Optional
 
 from wyoming.event import Event
 
+from assistant.conversation import Busy
+from assistant.health import StageOverrun
+
 MAX_LINE = 64 * 1024          # one header line (the stream reader's limit)
 MAX_DATA = 1 << 20            # JSON data after the header
 MAX_PAYLOAD = 16 << 20        # one payload (an audio chunk)
@@ -27,6 +30,18 @@ class BadEvent(Exception):
     def __init__(self, message: str, fatal: bool = False):
         super().__init__(message)
         self.fatal = fatal
+
+
+def error_code(e: BaseException) -> str:
+    """The ``error`` event's code for a failure: HTTP's codes where HTTP has one (``busy``
+    where HTTP answers 503), else the error's class."""
+    if isinstance(e, ProtocolError):
+        return e.code
+    if isinstance(e, Busy):
+        return "busy"
+    if isinstance(e, StageOverrun):
+        return "deadline_exceeded"
+    return type(e).__name__
 
 
 class ProtocolError(Exception):

@@ -1,22 +1,23 @@
 """Wyoming ``handle``: Home Assistant's conversation agent, answered by the assistant.
 
 ``transcript`` (the person's sentence, ``context.conversation_id``, ``language``) becomes a
-stateless request to the shared conversation, exactly as an HTTP request is one: the id's
-earlier exchanges are its history, it waits behind the person in the room (``Priority.TEXT``),
-and the camera's scene goes with it. The answer streams back as ``handled-start``,
-``handled-chunk``s, then ``handled`` (the whole text, for clients that do not stream) and
-``handled-stop``; a question that cannot be answered gets ``not-handled`` with a sentence
-Home Assistant can speak. Every turn is a transcript row (``source: wyoming``).
+stateless request to the shared conversation through ``frontend.answer``, exactly as an HTTP
+request is one: the id's earlier exchanges are its history, it waits behind the person in
+the room (``Priority.TEXT``), the camera's scene goes with it, and it is bounded by the same
+``http.max_*`` sizes (``frontend.check_size``). The answer streams back as
+``handled-start``, ``handled-chunk``s, then ``handled`` (the whole text, for clients that do
+not stream) and ``handled-stop``; a question that cannot be answered gets ``not-handled``
+with a sentence Home Assistant can speak. Every turn is a transcript row (``source:
+wyoming``, ``conversation: wyoming:<id>``).
 
-A client that goes away mid-answer cancels the connection's task: the answer stream is
-closed (the conversation's own path for a turn cut short, as for an HTTP client that hangs
-up), the turn is recorded as interrupted ("client disconnected") and the exchange is not
-kept.
+The server keeps the history, so Home Assistant cannot shorten it: a history past the size
+limits is sent without its oldest exchanges instead of being refused. A client that goes
+away mid-answer cancels the connection's task: the answer stream is closed (``frontend.answer``
+records the turn as interrupted, "client disconnected") and the exchange is not kept.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from typing import Optional
@@ -24,16 +25,32 @@ from typing import Optional
 from wyoming.event import Event
 from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop, NotHandled
 
+from assistant import frontend
 from assistant.conversation import Busy, Priority, Request
 from assistant.errors import AssistantError, BackendError, ContextFullError
+from assistant.frontend import TooLarge, check_size, size_limits
 from assistant.turn import Turn
 from assistant.wyoming.events import ProtocolError, language_code, object_field, text_field
 
 log = logging.getLogger(__name__)
 
 SOURCE = "wyoming"
-MAX_QUESTION_CHARS = 4096
 LANGUAGES = ("en", "zh")      # the reply languages the persona has lines and hints for
+
+
+def fitting_history(question: str, history: list[tuple[str, str]],
+                    limits: frontend.Limits) -> list[tuple[str, str]]:
+    """The newest of ``history`` that fits the limits with ``question``; TooLarge when the
+    question alone does not."""
+    history = history[len(history) - limits.history:] if limits.history else []
+    while True:
+        try:
+            check_size(question, history, limits)
+            return history
+        except TooLarge as e:
+            if e.part == "question" or not history:
+                raise
+            history = history[1:]
 
 
 class HandleSession:
@@ -55,14 +72,18 @@ class HandleSession:
             await self.send(NotHandled(text="I did not hear a question.",
                                        context=context or None).event())
             return True
-        if len(text) > MAX_QUESTION_CHARS:
-            await self.send(NotHandled(text=self._lines(language).too_long,
-                                       context=context or None).event())
-            return True
         thread = self.services.store.get(cid)
         context = {**context, "conversation_id": thread.id}
         async with thread.lock:
-            answer = await self._answer(thread, text, language, context)
+            try:
+                history = fitting_history(text, thread.history(),
+                                          size_limits(self.services.conversation.cfg))
+            except TooLarge as e:
+                log.info("wyoming conversation %s: %s", thread.id, e)
+                await self.send(NotHandled(text=self._lines(language).too_long,
+                                           context=context).event())
+                return True
+            answer = await self._answer(thread.id, text, history, language, context)
             if answer is None:
                 return True
             thread.add(text, answer)          # kept before the client hears the end
@@ -73,21 +94,20 @@ class HandleSession:
     def _lines(self, language: Optional[str]):
         return self.services.cfg.persona.lines(language)
 
-    async def _answer(self, thread, text: str, language: Optional[str],
+    async def _answer(self, cid: str, text: str, history: list, language: Optional[str],
                       context: dict) -> Optional[str]:
         """Stream the answer's chunks; returns it, or None when the turn did not complete
         (``not-handled`` sent)."""
         conv = self.services.conversation
         scene = conv.scene
         req = Request(text, source=SOURCE, priority=Priority.TEXT, language=language,
-                      history=thread.history(),
-                      use_camera=scene is not None and scene.enabled)
+                      history=history, use_camera=scene is not None and scene.enabled)
         turn = Turn(source=SOURCE)
-        turn.intent, turn.transcript, turn.language = "question", text, language or ""
+        turn.language = language or ""
         pieces: list[str] = []
-        record = True
         try:
-            async with contextlib.aclosing(conv.ask(req, turn)) as stream:
+            async with contextlib.aclosing(
+                    frontend.answer(conv, req, turn, f"{SOURCE}:{cid}")) as stream:
                 async for piece in stream:
                     if not pieces:
                         piece = piece.lstrip()
@@ -97,28 +117,16 @@ class HandleSession:
                     pieces.append(piece)
                     await self.send(HandledChunk(piece).event())
         except Busy as e:
-            record = False                # as HTTP: a refused turn is no turn
-            log.info("wyoming conversation %s: %s", thread.id, e)
+            log.info("wyoming conversation %s: %s", cid, e)
             await self.send(NotHandled(text=f"I am busy; please ask again in "
                                        f"{max(1, round(e.retry_after))} seconds.",
                                        context=context).event())
             return None
-        except (asyncio.CancelledError, ConnectionError):
-            turn.interrupted = True       # as an HTTP client that hangs up
-            turn.note = "client disconnected"
-            raise
         except AssistantError as e:
-            turn.note = turn.note or str(e)
-            log.error("wyoming conversation %s, turn %d: %s", thread.id, turn.id, e)
+            log.error("wyoming conversation %s, turn %d: %s", cid, turn.id, e)
             await self.send(NotHandled(text=self._refusal(e, language),
                                        context=context).event())
             return None
-        finally:
-            if record:
-                turn.conversation = f"{SOURCE}:{thread.id}"
-                turn.mark("done")
-                turn.log_line()
-                conv.record(turn)
         if not pieces:
             await self.send(HandledStart(context=context).event())
         return "".join(pieces).strip()

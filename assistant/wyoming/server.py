@@ -6,7 +6,10 @@ so a long answer or a stream of text to speak never stops the reading: ``describ
 answered at once whatever else the connection does, and a client that goes away is seen at
 once and its work cancelled. Malformed events get an ``error`` event and the connection
 goes on where it can (events.py); an event with wrong data gets an ``error`` naming the
-field. Blocking work (whisper, piper, the model) runs in worker threads inside the sessions.
+field. Blocking work runs off the loop: whisper and piper on the process's speech workers
+(``frontend.MediaWork``, shared with the HTTP API: queued, refused with an ``error`` event of
+code ``busy`` past the line, given up past ``http.audio_deadline_s``), the model's turns
+through the conversation.
 
 Wyoming has no authentication, so a non-loopback ``wyoming.uri`` is refused unless
 ``wyoming.allow_lan`` says the network may use it: the rule the HTTP API applies with its
@@ -27,10 +30,11 @@ from wyoming.event import Event, async_write_event
 
 from assistant.config import Config, ConfigError
 from assistant.errors import AssistantError, DeviceError
+from assistant.frontend import MediaWork, media_work, started
 from assistant.http.server import is_loopback
 from assistant.wyoming.asr import AsrSession
 from assistant.wyoming.conversations import ConversationStore
-from assistant.wyoming.events import MAX_LINE, BadEvent, ProtocolError, read_event
+from assistant.wyoming.events import MAX_LINE, BadEvent, ProtocolError, error_code, read_event
 from assistant.wyoming.handle import HandleSession
 from assistant.wyoming.info import info_event
 from assistant.wyoming.tts import TtsSession
@@ -79,17 +83,25 @@ def check_uri(cfg: Config) -> Optional[tuple[str, int]]:
 
 @dataclass
 class Services:
-    """What the sessions serve from: the shared conversation and the loaded speech models."""
+    """What the sessions serve from: the shared conversation, the loaded speech models and
+    the process's speech workers."""
 
     cfg: Config
     conversation: object               # assistant.conversation.Conversation
     asr: object = None                 # assistant.audio.asr.Transcriber
     voices: object = None              # assistant.audio.tts.VoiceSet
+    media: MediaWork = field(default=None)
     store: ConversationStore = field(default=None)
 
     def __post_init__(self):
         if self.store is None:
             self.store = ConversationStore(self.cfg.wyoming)
+
+    @property
+    def max_wait_s(self) -> float:
+        """How long speech work may wait for a worker: ``http.max_wait_s`` of the running
+        config (the conversation's, which SIGHUP replaces), as for HTTP's."""
+        return self.conversation.cfg.http.max_wait_s
 
 
 class Connection:
@@ -160,7 +172,7 @@ class Connection:
                 for done in e.then:
                     await self.send(done)
             except AssistantError as e:
-                await self.error(str(e), type(e).__name__)
+                await self.error(str(e), error_code(e))
             except ConnectionError:
                 return
             except Exception as e:              # one bad request must not end the server
@@ -177,11 +189,16 @@ class Connection:
 class WyomingServer:
     """The listening socket and its connections: ``await start()``, ``await stop()``."""
 
-    def __init__(self, cfg: Config, conversation, parts, make_zeroconf=None):
+    def __init__(self, cfg: Config, conversation, parts, make_zeroconf=None,
+                 media: Optional[MediaWork] = None):
+        """``media``: the speech workers shared with the HTTP API (whoever made them closes
+        them); None: the server's own."""
         self.cfg = cfg
         self.host, self.port = check_uri(cfg) or parse_uri(cfg)
+        self._own_media = media is None
         self.services = Services(cfg, conversation, getattr(parts, "asr", None),
-                                 getattr(parts, "voices", None))
+                                 getattr(parts, "voices", None),
+                                 media if media is not None else media_work(cfg))
         self._server: Optional[asyncio.AbstractServer] = None
         self._connections: set[asyncio.Task] = set()
         self._make_zeroconf = make_zeroconf
@@ -239,29 +256,24 @@ class WyomingServer:
             with contextlib.suppress(Exception):
                 await self.announcer.stop()
             self.announcer = None
-        if self._server is None:
-            return
-        server, self._server = self._server, None
-        server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
-        await server.wait_closed()
-        log.info("Wyoming server stopped")
+        if self._server is not None:
+            server, self._server = self._server, None
+            server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
+            await server.wait_closed()
+            log.info("Wyoming server stopped")
+        if self._own_media:
+            self.services.media.close()
 
 
-async def start_wyoming(cfg: Config, conversation, parts,
-                        required: bool = True) -> Optional[WyomingServer]:
+async def start_wyoming(cfg: Config, conversation, parts, required: bool = True,
+                        media: Optional[MediaWork] = None) -> Optional[WyomingServer]:
     """The server started, or None when ``wyoming.enabled`` is false. With ``required=False``
-    (``run``: the voice loop goes on) a failure to listen is logged and None returned."""
+    (``run``: the voice loop goes on) a failure to listen is logged and None returned.
+    ``media``: the process's speech workers (``frontend.media_work``), shared with HTTP."""
     if not cfg.wyoming.enabled:
         return None
-    server = WyomingServer(cfg, conversation, parts)
-    try:
-        await server.start()
-    except DeviceError as e:
-        if required:
-            raise
-        log.error("%s; the assistant runs without the Wyoming server", e)
-        return None
-    return server
+    return await started(WyomingServer(cfg, conversation, parts, media=media), required,
+                         "the Wyoming server")

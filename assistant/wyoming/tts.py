@@ -12,13 +12,19 @@
 ``voice``: ``name`` (a configured voice, by its file name or its tts.voice value) or
 ``language`` (zh picks tts.voice_zh); neither: the default voice. Audio goes out at the
 voice's own rate, 16-bit mono.
+
+Piper runs on the process's speech workers (``frontend.MediaWork``) in line with HTTP's
+speech and transcriptions: a ``synthesize`` is one job, a stream's sentence is one (a
+client slow to send its text holds no worker). Past the line or ``http.audio_deadline_s``
+the client gets an ``error`` (code ``busy`` or ``deadline_exceeded``), then the
+``audio-stop`` that ends the audio it waits for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -27,27 +33,14 @@ from wyoming.tts import SynthesizeStopped
 
 from assistant.audio.sentences import SentenceSplitter
 from assistant.errors import AssistantError
-from assistant.health import HEALTH
-from assistant.wyoming.events import ProtocolError, language_code, object_field, text_field
+from assistant.frontend import voice_names
+from assistant.wyoming.events import (ProtocolError, error_code, language_code, object_field,
+                                      text_field)
 
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 10_000
 SAMPLES_PER_CHUNK = 2048
-
-
-def voices_by_name(cfg, voices) -> dict:
-    """Configured voice name -> synthesizer: its file name and the config value."""
-    if voices is None:
-        return {}
-    out = {}
-    for value, synth in ((cfg.tts.voice, voices.default), (cfg.tts.voice_zh, voices.zh)):
-        if synth is None:
-            continue
-        out[synth.name] = synth
-        if value:
-            out.setdefault(Path(str(value)).name.removesuffix(".onnx"), synth)
-    return out
 
 
 class TtsSession:
@@ -62,12 +55,8 @@ class TtsSession:
         kind = event.type
         if kind == "synthesize":
             if self.splitter is None:
-                try:
+                with _ended_by_audio_stop():
                     await self._synthesize(event)
-                except (ProtocolError, AssistantError) as e:
-                    # After the error, the audio-stop the client waits for.
-                    raise ProtocolError(str(e), getattr(e, "code", type(e).__name__),
-                                        then=(AudioStop().event(),)) from None
         elif kind == "synthesize-start":
             self.synth = self._voice(event)
             self.splitter, self.spoken = SentenceSplitter(), 0
@@ -99,23 +88,44 @@ class TtsSession:
         synth = self._voice(event)
         splitter = SentenceSplitter()
         sentences = splitter.feed(text) + splitter.flush()
-        await self.send(self._start(synth))
-        for i, sentence in enumerate(sentences):
-            if i:
-                await self._send_pcm(synth, synth.silence())
-            async for pcm in self._speech(synth, sentence):
-                await self._send_pcm(synth, pcm)
-        await self.send(AudioStop().event())
+
+        def speech() -> Iterator[np.ndarray]:
+            for i, sentence in enumerate(sentences):
+                if i:
+                    yield synth.silence()
+                yield from (chunk.pcm for chunk in synth.stream(sentence))
+
+        await self._audio(synth, speech)
 
     async def _sentence(self, sentence: str) -> None:
         """One sentence of a stream: its own audio-start / chunks / audio-stop."""
-        synth = self.synth
-        await self.send(self._start(synth))
-        if self.spoken:
-            await self._send_pcm(synth, synth.silence())
+        synth, pause = self.synth, self.spoken > 0
         self.spoken += 1
-        async for pcm in self._speech(synth, sentence):
-            await self._send_pcm(synth, pcm)
+
+        def speech() -> Iterator[np.ndarray]:
+            if pause:
+                yield synth.silence()
+            yield from (chunk.pcm for chunk in synth.stream(sentence))
+
+        with _ended_by_audio_stop():
+            await self._audio(synth, speech)
+
+    async def _audio(self, synth, speech) -> None:
+        """``audio-start``, the chunks of ``speech()``, ``audio-stop``. ``speech`` is one job
+        on the speech workers and each chunk is sent as it is made (a split voice's first
+        after a fraction of a sentence); ``audio-start`` waits for the job to start, so a
+        refused one is an ``error`` and the ``audio-stop`` alone."""
+        services = self.services
+        started = False
+        async with contextlib.aclosing(services.media.stream(
+                "tts", speech, max_wait_s=services.max_wait_s)) as pcms:
+            async for pcm in pcms:
+                if not started:
+                    await self.send(self._start(synth))
+                    started = True
+                await self._send_pcm(synth, pcm)
+        if not started:
+            await self.send(self._start(synth))
         await self.send(AudioStop().event())
 
     @staticmethod
@@ -129,17 +139,6 @@ class TtsSession:
             await self.send(AudioChunk(rate=synth.sample_rate, width=2, channels=1,
                                        audio=data[i:i + step]).event())
 
-    @staticmethod
-    async def _speech(synth, text: str) -> AsyncIterator[np.ndarray]:
-        """The sentence's audio chunk by chunk, each made in a worker thread and watched
-        like the voice loop's (deadlines.tts_s; a stuck call restarts)."""
-        chunks = synth.stream(text)
-        while True:
-            chunk = await HEALTH.call("tts", next, chunks, None)
-            if chunk is None:
-                return
-            yield chunk.pcm
-
     def _voice(self, event: Event):
         voices = self.services.voices
         if voices is None:
@@ -147,7 +146,7 @@ class TtsSession:
         wanted = object_field(event, "voice")
         name = wanted.get("name")
         if name:
-            names = voices_by_name(self.services.cfg, voices)
+            names = voice_names(self.services.cfg, voices)
             if name not in names:
                 raise ProtocolError(f"{event.type}: unknown voice {name!r}; use one of: "
                                     f"{', '.join(sorted(names))}", "unknown_voice")
@@ -155,3 +154,13 @@ class TtsSession:
         language = wanted.get("language")
         return voices.for_language(language_code(language) if isinstance(language, str)
                                    else None)
+
+
+@contextlib.contextmanager
+def _ended_by_audio_stop():
+    """A failure as an ``error`` event followed by the ``audio-stop`` the client waits for
+    (Home Assistant's does)."""
+    try:
+        yield
+    except (ProtocolError, AssistantError) as e:
+        raise ProtocolError(str(e), error_code(e), then=(AudioStop().event(),)) from None
