@@ -213,6 +213,8 @@ class MediaWork:
         while the rest are made. A consumer that stops early stops the job at its next
         item. Use it with ``contextlib.aclosing``."""
         loop = asyncio.get_running_loop()
+        # Not bounded: a job's items are bounded by its input (a sentence's or a text's
+        # audio), and a worker must never wait on a slow consumer.
         items: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
 

@@ -28,7 +28,7 @@ from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop, Not
 from assistant import frontend
 from assistant.conversation import Busy, Priority, Request
 from assistant.errors import AssistantError, BackendError, ContextFullError
-from assistant.frontend import TooLarge, check_size, size_limits
+from assistant.frontend import Limits, TooLarge, check_size
 from assistant.turn import Turn
 from assistant.wyoming.events import ProtocolError, language_code, object_field, text_field
 
@@ -39,7 +39,7 @@ LANGUAGES = ("en", "zh")      # the reply languages the persona has lines and hi
 
 
 def fitting_history(question: str, history: list[tuple[str, str]],
-                    limits: frontend.Limits) -> list[tuple[str, str]]:
+                    limits: Limits) -> list[tuple[str, str]]:
     """The newest of ``history`` that fits the limits with ``question``; TooLarge when the
     question alone does not."""
     history = history[len(history) - limits.history:] if limits.history else []
@@ -76,8 +76,7 @@ class HandleSession:
         context = {**context, "conversation_id": thread.id}
         async with thread.lock:
             try:
-                history = fitting_history(text, thread.history(),
-                                          size_limits(self.services.conversation.cfg))
+                history = fitting_history(text, thread.history(), self.services.limits)
             except TooLarge as e:
                 log.info("wyoming conversation %s: %s", thread.id, e)
                 await self.send(NotHandled(text=self._lines(language).too_long,

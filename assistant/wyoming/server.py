@@ -30,7 +30,7 @@ from wyoming.event import Event, async_write_event
 
 from assistant.config import Config, ConfigError
 from assistant.errors import AssistantError, DeviceError
-from assistant.frontend import MediaWork, media_work, started
+from assistant.frontend import Limits, MediaWork, media_work, size_limits, started
 from assistant.http.server import is_loopback
 from assistant.wyoming.asr import AsrSession
 from assistant.wyoming.conversations import ConversationStore
@@ -97,10 +97,16 @@ class Services:
         if self.store is None:
             self.store = ConversationStore(self.cfg.wyoming)
 
+    # From the running config (the conversation's, which SIGHUP replaces), as HTTP reads
+    # its own per request.
+    @property
+    def limits(self) -> Limits:
+        """A conversation request's size: the HTTP API's (``http.max_*``)."""
+        return size_limits(self.conversation.cfg)
+
     @property
     def max_wait_s(self) -> float:
-        """How long speech work may wait for a worker: ``http.max_wait_s`` of the running
-        config (the conversation's, which SIGHUP replaces), as for HTTP's."""
+        """How long speech work may wait for a worker: ``http.max_wait_s``, as HTTP's."""
         return self.conversation.cfg.http.max_wait_s
 
 
