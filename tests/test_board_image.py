@@ -17,7 +17,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import pytest
 
 from assistant.llm import catalog
 from hub_server import HubServer
-from test_http_support import free_port, wait_for_port
+from test_http_support import free_port, stop_process, wait_for_port
 from tiny_models import write_mmproj, write_text_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,13 +207,7 @@ def test_a_board_image_from_install_to_a_turn_in_history(root, tmp_path):
             answer = json.loads(resp.read())["choices"][0]["message"]["content"]
         assert answer == REPLY
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0, err[-3000:]
+        err = stop_process(proc)
     # The pulled model (the scripted answer above is its own), from the service's cache.
     assert f"llama.cpp model {entry.model.name} loaded" in err, err[-3000:]
     transcript = root / "var/lib/rkvlm-assistant/transcript.jsonl"

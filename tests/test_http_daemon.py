@@ -4,7 +4,6 @@ and speaker, and the API on the same asyncio loop, sharing one model."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import time
 import urllib.request
@@ -15,7 +14,7 @@ import pytest
 from alsa_support import make_fake_alsa, portaudio_available
 from assistant.audio.resample import resample
 from assistant.demo import draw_scene
-from test_http_support import free_port, wait_for_port
+from test_http_support import free_port, stop_process, wait_for_port
 from tiny_models import write_mmproj, write_text_model
 
 pytestmark = pytest.mark.skipif(not portaudio_available(), reason="needs libportaudio2")
@@ -40,7 +39,6 @@ def first_event(url: str) -> dict:
 
 def test_run_serves_voice_and_http_together(tmp_path, spoken):
     import sys
-    import os
 
     draw_scene(tmp_path / "scene.jpg")
     write_text_model(tmp_path / "tiny.gguf", scripted_reply=REPLY)
@@ -94,13 +92,7 @@ http: {{listen: "127.0.0.1:{port}"}}
                 break
             time.sleep(0.2)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0, err[-3000:]
+        err = stop_process(proc)
     assert "HTTP API and page on" in err and "HTTP server stopped" in err
     rows = [json.loads(l) for l in (tmp_path / "turns.jsonl").read_text().splitlines()]
     assert {r["source"] for r in rows} == {"voice", "http"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +48,19 @@ def start_serve(workdir: Path, env_extra: Optional[dict] = None, command: str = 
     return subprocess.Popen([sys.executable, "-m", "assistant", "--config", "config.yaml", command],
                             cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 60) -> str:
+    """SIGTERM, then the process's stderr; killed (and the test failed) if it does not
+    exit in ``timeout`` s, failed unless it exits 0 (a clean stop)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, (err or "")[-3000:]
+    return err
 
 
 class LoopThread:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ from assistant.transcript import TranscriptWriter
 from assistant.demo import draw_scene
 from assistant.turn import Turn
 from assistant.vision.scene import Scene
-from test_http_support import EchoLLM, LoopThread, free_port, start_serve, wait_for_port
+from test_http_support import EchoLLM, LoopThread, free_port, start_serve, stop_process, wait_for_port
 from tiny_models import write_mmproj, write_text_model
 
 pytest.importorskip("wyoming")
@@ -331,13 +330,7 @@ def test_a_failed_announcement_leaves_the_server_serving(caplog):
 
 def stop(proc: subprocess.Popen) -> str:
     """SIGTERM: a clean exit (0) that started and stopped the Wyoming server; its log."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    assert proc.returncode == 0, err[-3000:]
+    err = stop_process(proc)
     assert "Wyoming server on tcp://127.0.0.1" in err and "Wyoming server stopped" in err
     return err
 
