@@ -27,6 +27,7 @@ from assistant.audio.base import AudioSink, AudioSource
 from assistant.audio.echo import EchoGuard
 from assistant.audio.pause_asr import PauseTranscriber
 from assistant.audio.sentences import SentenceSplitter
+from assistant.audio.smart_turn import make_turn_ender
 from assistant.audio.vad import Endpointer, SpeechDiscarded, SpeechStarted, Utterance
 from assistant.audio.voice_out import VoiceOut
 from assistant.config import Config
@@ -66,6 +67,7 @@ class Components:
     encoder: object = None
     camera_down: str = ""             # why the camera did not open at start (retried later)
     llm_lock: threading.Lock = field(default_factory=threading.Lock)
+    smart_turn: object = None         # a loaded SmartTurnModel to share; None: loaded at run
 
 
 def make_conversation(cfg: Config, parts: Components, transcript=None,
@@ -89,7 +91,10 @@ class Pipeline:
         self.recorder = recorder      # assistant.debug_recording.DebugRecorder, or None
         self.notify = notify or (lambda status: None)
         self.intents = IntentClassifier(cfg.intent)
-        self.endpointer = Endpointer(cfg.vad)
+        # vad.end_of_turn: smart_turn: the model ends a complete question after a short
+        # silence; the endpointer's own limit is then the longer max_pause_ms.
+        self.turn_end = make_turn_ender(cfg, parts.smart_turn)
+        self.endpointer = Endpointer(cfg.vad, cfg.vad.max_pause_ms if self.turn_end else None)
         # With barge-in the microphone is open while the assistant speaks: its own voice
         # coming back from the speaker must not count as a person talking over it.
         self.echo = (EchoGuard(cfg.audio.echo_match)
@@ -113,6 +118,8 @@ class Pipeline:
         greeting = self.cfg.persona.lines(self._reply_language(None)).greeting
         if greet and greeting:
             await self.voice.say([greeting], self._reply_language(None))
+        if self.turn_end is not None and not self.turn_end.model.loaded:
+            await asyncio.to_thread(self.turn_end.model.load)
         self.notify("STATUS=listening")
         listen = asyncio.create_task(self._listen(), name="listen")
         converse = asyncio.create_task(self._converse(), name="converse")
@@ -188,6 +195,9 @@ class Pipeline:
             self._on_vad(ev)
         if self.pause_asr.enabled and self.endpointer.in_speech:
             for ev in self.pause_asr.after_frame(self.endpointer, busy=self._in_turn):
+                self._on_vad(ev)
+        if self.turn_end is not None and self.endpointer.in_speech:
+            for ev in self.turn_end.after_frame(self.endpointer):
                 self._on_vad(ev)
 
     def _on_vad(self, ev) -> None:
