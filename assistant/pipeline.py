@@ -138,6 +138,7 @@ class Pipeline:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.conversation.finish_idle_work()
             await self.onset.finish()
         return self._exit_code or 0
 
@@ -267,6 +268,8 @@ class Pipeline:
                 self._in_turn = False
                 self.onset.used(snapshot)
             self._finish(turn)
+            # A context past llm.compact_at is compacted in the quiet after this answer.
+            self.conversation.work_when_idle(self.idle)
             if self._exit_code is not None:
                 return
 
