@@ -14,9 +14,10 @@ it honest:
   ``llm.compact_share`` of the context), resets (and says so) or refuses. A runtime that
   still overflows gets one compaction and one retry;
 - **ahead of the next question**: once an answer leaves the context past ``llm.compact_at``,
-  the voice front-end has it compacted while nobody speaks (``work_when_idle``), and the
-  scene's image evaluated again as the opening of the next turn, so the next question finds
-  room; compaction at question time stays the fallback.
+  the voice front-end has it compacted while the answer is spoken and the person listens
+  (``work_when_idle``: the model is free then; on a board the NPU does it while the CPU
+  speaks), and the scene's image evaluated again as the opening of the next turn, so the
+  next question finds room; compaction at question time stays the fallback.
 
 Turns are scheduled by priority: the person in the room (voice) goes ahead of queued HTTP
 requests; the queue is bounded and a request that cannot get a turn in time is refused
@@ -529,8 +530,8 @@ class Conversation:
                 and b.tokens_used > llm.compact_at * b.context_size)
 
     def work_when_idle(self, idle: Callable[[], bool]) -> None:
-        """After a voice turn: if the context wants compacting, do it once ``idle()`` (nobody
-        speaks, nothing is said or queued). One such job at a time."""
+        """After a voice answer: if the context wants compacting, do it once ``idle()`` (the
+        person is silent, no question on its way). One such job at a time."""
         if (self._idle_task is None or self._idle_task.done()) and self.wants_compaction():
             self._idle_task = asyncio.create_task(self._when_idle(idle), name="idle-compaction")
 

@@ -148,6 +148,12 @@ class Pipeline:
         return not (self._in_turn or self.voice.busy or self.voice.speaking
                     or self.endpointer.in_speech or not self._utterances.empty())
 
+    def quiet(self) -> bool:
+        """Nobody speaks and no question is on its way to the model (an answer may be
+        spoken): the model's idle work may run."""
+        return not (self.endpointer.in_speech or not self._utterances.empty()
+                    or (self._in_turn and not self.voice.busy))
+
     async def _listen(self) -> None:
         """Audio -> VAD events; the microphone is reopened if it goes away."""
         backoff = 0
@@ -268,8 +274,6 @@ class Pipeline:
                 self._in_turn = False
                 self.onset.used(snapshot)
             self._finish(turn)
-            # A context past llm.compact_at is compacted in the quiet after this answer.
-            self.conversation.work_when_idle(self.idle)
             if self._exit_code is not None:
                 return
 
@@ -355,6 +359,9 @@ class Pipeline:
                         speak(s)
                 for s in splitter.flush():
                     speak(s)
+                # The model is free: a context past llm.compact_at is compacted while the
+                # answer is spoken and the person listens (off the next question's path).
+                self.conversation.work_when_idle(self.quiet)
             except ContextFullError as e:
                 turn.note = str(e)
                 sentences.put_nowait(lines.full if "say \"clear\"" in str(e) else lines.too_long)
