@@ -43,6 +43,7 @@ from assistant.config import Config
 from assistant.errors import AssistantError, BackendError, ContextFullError
 from assistant.health import StageOverrun
 from assistant.llm.base import ImageEmbedding, LLMBackend, TurnOptions, stream_turn
+from assistant.stages import stages
 from assistant.transcript import TranscriptWriter
 from assistant.turn import Turn
 from assistant.vision.scene import Scene, SceneResult, Shot
@@ -675,7 +676,11 @@ class Conversation:
     # ------------------------------------------------------------------ the record
 
     def record(self, turn: Turn) -> None:
-        """The turn's transcript row (queued to the writer thread)."""
+        """The turn's transcript row (queued to the writer thread); listeners get where its
+        time went ("timings": assistant.stages) once the turn is over."""
+        took = stages(turn.summary())
+        if took is not None:
+            self._emit("timings", turn, stages=took)
         if self.transcript is not None and turn.intent and turn.intent != "nothing":
             row = turn.as_json()
             row["time"] = turn.wall_time
