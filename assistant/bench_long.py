@@ -160,6 +160,9 @@ def report(turns: list[Turn], conv, n: int, took_s: float) -> dict:
         stats = {"median": round(statistics.median(v), 1),
                  "p90": round(v[min(len(v) - 1, math.ceil(0.9 * len(v)) - 1)], 1),
                  "max": round(v[-1], 1), "runs": [round(w, 1) for w in waits]}
+    # The questions right after a compaction done while idle (their image evaluated then).
+    after = [t.summary().get("last_word_to_first_audio_ms") for t in turns
+             if "image_evaluated_while_idle" in t.counts or "waited_for_idle_compaction_ms" in t.counts]
     slowest = max(turns, key=lambda t: t.summary().get("last_word_to_first_audio_ms") or 0,
                   default=None)
     return {
@@ -176,5 +179,6 @@ def report(turns: list[Turn], conv, n: int, took_s: float) -> dict:
         "compactions_at_question_time": at_question,
         "waited_for_idle_compaction_ms": {"turns": len(waited),
                                           "max": max(waited) if waited else None},
+        "after_idle_compaction_ms": [round(w, 1) for w in after if w is not None],
         "took_s": round(took_s, 1),
     }
