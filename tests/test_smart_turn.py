@@ -132,3 +132,23 @@ def test_the_voice_loop_ends_the_turn_by_the_model_with_whisper_in_the_pause(
     assert turn.speech_end - turn.last_word < 2.4
     # Whisper started in the pause; the turn used that pass (waited for what was left of it).
     assert "asr_in_pause_ms" in turn.counts
+
+
+class BrokenModel:
+    """A model whose runtime fails on every call (a fault: nothing real fails on demand)."""
+
+    loaded = True
+
+    def predict(self, pcm):
+        raise RuntimeError("onnxruntime: bad input")
+
+
+def test_a_failing_model_leaves_the_silence_limit_and_says_so_once(endpointing, caplog):
+    cfg = smart_cfg(max_pause_ms=900)
+    pcm = np.concatenate([np.zeros(RATE // 2, np.int16), endpointing.speak("Is the light on?", 1.0),
+                          np.zeros(2 * RATE, np.int16)] * 2)
+    ender = TurnEnder(cfg.vad, BrokenModel())
+    with caplog.at_level(logging.WARNING):
+        utts = asyncio.run(cut_recording(pcm, cfg.vad, ender))
+    assert len(utts) == 2 and all(u.silence_ms >= 900 for u in utts)
+    assert caplog.text.count("Smart Turn failed") == 1 and "bad input" in caplog.text

@@ -141,6 +141,7 @@ class TurnEnder:
         # The pass over the speech so far, keyed by the stream time of its last voiced frame.
         self._ask: Optional[tuple[float, asyncio.Task, float]] = None
         self.last: Optional[dict] = None      # the verdict that ended the last utterance
+        self._warned = False                  # a failing model is reported once
 
     def after_frame(self, ep: Endpointer) -> list[VadEvent]:
         if ep.silence_ms < self.cfg.smart_turn_silence_ms:
@@ -157,8 +158,10 @@ class TurnEnder:
         task = ask[1]
         if not task.done():
             return []
-        if task.cancelled() or task.exception() is not None:
-            if task.exception() is not None and not getattr(self, "_warned", False):
+        if task.cancelled():
+            return []
+        if task.exception() is not None:
+            if not self._warned:
                 self._warned = True
                 log.warning("Smart Turn failed (%s); the silence limit ends this utterance",
                             task.exception())
