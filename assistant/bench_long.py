@@ -3,9 +3,9 @@ context fills and is compacted, and the scene changes now and then.
 
 A person at a microphone (``TurnTakingMic``: frames at real-time pace) asks ``questions``
 questions spoken by piper, one after another. Each answer's wait (last word to first sound)
-is measured with every stage at the board's speed; the rest of the answer is then
-fast-forwarded (simulated NPU stages skipped, piper not run) but goes into the history
-whole, and the person listens to it (the answer's length at the voice's speaking rate, from
+is measured with every stage at the board's speed; on a board profile the rest of the
+answer is then fast-forwarded (simulated NPU stages skipped, piper not run) but goes into
+the history whole, and the person listens to it (the answer's length at the voice's speaking rate, from
 its first sound) and stays silent ``GAP_S`` more: the model's free time, when
 ``llm.compact_at`` compaction runs. The camera shows another scene every ``SCENE_EVERY``
 questions, ``IDLE_LEAD_S`` before the question (the idle watch on, as in idle_encoded). On a
