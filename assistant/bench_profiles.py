@@ -160,6 +160,13 @@ class FastForward:
     def __exit__(self, *exc) -> None:
         self._on.clear()
 
+    def start(self) -> None:
+        """Skip from now on (the rest of a turn whose wait was measured)."""
+        self._on.set()
+
+    def stop(self) -> None:
+        self._on.clear()
+
     def sleep(self, seconds: float, cancel: Optional[threading.Event] = None) -> None:
         if self._on.is_set() or seconds <= 0:
             return
@@ -280,10 +287,14 @@ class SimulatedLLM(LLMBackend):
 
     def prefill(self, image: ImageEmbedding) -> bool:
         """The image's prefill at the published rate, ahead of the question (what the
-        llama.cpp backend does, and what RKLLM's prefix reuse gives where it works)."""
-        if self.pending or self.used + image.n_tokens + 4 > self.ctx:
+        llama.cpp backend does, and what RKLLM's prefix reuse gives where it works). History
+        fed back and not yet evaluated goes first: RKLLM's prefill-only run of the next
+        turn's opening holds both."""
+        if self.used + image.n_tokens + 4 > self.ctx:
             return False
-        self.clock.sleep((image.n_tokens + 4) / self.p.prefill_tok_s, self._abort)
+        self._abort.clear()
+        self.clock.sleep(self.prefill_s(self.pending, image.n_tokens + 4), self._abort)
+        self.pending = 0
         self.used += image.n_tokens + 4
         self.ahead = image
         return True
@@ -319,6 +330,9 @@ class Slowdown:
         self.basis = basis
         self.here_rtf: Optional[float] = None
         self.cancel = threading.Event()   # cuts a pending wait short (the bench ends a turn)
+        # The stage is not run at all (TTS): the rest of a turn whose wait was measured, in
+        # the long conversation, which needs the answers in the history, not their sound.
+        self.skip = threading.Event()
 
     @property
     def k(self) -> float:
@@ -361,6 +375,8 @@ class ScaledSynthesizer:
         self.slow = slow
 
     def synthesize(self, text: str, *args, **kwargs):
+        if self.slow.skip.is_set():
+            return self._blip()
         t0 = time.monotonic()
         out = self.inner.synthesize(text, *args, **kwargs)
         self.slow.after(time.monotonic() - t0)
@@ -368,6 +384,10 @@ class ScaledSynthesizer:
 
     def stream(self, text: str):
         """Each chunk as late as the board would make it (the first one included)."""
+        if self.slow.skip.is_set():
+            from assistant.audio.tts import Chunk
+            yield Chunk(self._blip(), 1.0)
+            return
         chunks = self.inner.stream(text)
         while True:
             t0 = time.monotonic()
@@ -376,6 +396,9 @@ class ScaledSynthesizer:
             if chunk is None:
                 return
             yield chunk
+
+    def _blip(self) -> np.ndarray:
+        return np.zeros(int(0.05 * self.inner.sample_rate), np.int16)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

@@ -230,8 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "rk3588-qwen2.5-vl-3b, rk3576-smolvlm-256m, ...; rk3576 and rk3588 "
                         "are Qwen2-VL-2B): the NPU stages replayed from published figures, "
                         "whisper and piper slowed to the board's speed")
-    s.add_argument("--scenario", choices=["all", "same_scene", "new_scene", "idle_encoded"],
+    s.add_argument("--scenario", choices=["all", "same_scene", "new_scene", "idle_encoded",
+                                          "long_conversation"],
                    default="all", help="which scenario to run (default all)")
+    s.add_argument("--questions", type=int, default=None,
+                   help="questions of long_conversation (default 60)")
     s.add_argument("--json", action="store_true", help="print the figures as JSON")
     s.set_defaults(func=cmd_bench)
 

@@ -144,6 +144,10 @@ class VadConfig:
     end_silence_ms: int = _f(700, "Silence that ends an utterance.", lo=100, hi=5000)
     transcribe_in_pause: bool = _f(True, "When the person pauses, whisper starts on the words so far (while no answer runs); if the pause turns out to end the utterance, that transcript is the turn's, so speech recognition overlaps the end-of-speech wait.")
     quick_end_ms: int = _f(0, "Quick endpointing: when the transcript made in a pause reads as a finished sentence, end the utterance after this much silence instead of end_silence_ms. 0: off (measured: it cut 6 of 8 questions with a pause inside; see README).", lo=0, hi=5000)
+    end_of_turn: Literal["silence", "smart_turn"] = _f("silence", "What ends an utterance: silence (end_silence_ms of it), or smart_turn (after smart_turn_silence_ms of silence Pipecat's Smart Turn model hears whether the question is complete: complete ends it there, incomplete keeps listening up to max_pause_ms). Smart Turn's model ships in the pipecat-ai wheel (the smart-turn extra); without it, silence with a warning.")
+    smart_turn_silence_ms: int = _f(200, "With end_of_turn: smart_turn, the silence after which the speech so far goes to the model.", lo=30, hi=5000)
+    max_pause_ms: int = _f(1500, "With end_of_turn: smart_turn, the silence that ends an utterance the model heard as incomplete.", lo=100, hi=10000)
+    smart_turn_model: Optional[str] = _f(None, "A Smart Turn v3 .onnx file; null: the one in the installed pipecat-ai wheel.", file=True)
     min_speech_ms: int = _f(300, "Utterances with less voiced audio than this (clicks, coughs) are dropped.", lo=0, hi=5000)
     max_utterance_s: float = _f(15.0, "An utterance is cut here even if the person keeps talking.", lo=1.0, hi=120.0)
 
@@ -246,6 +250,7 @@ class LlmConfig:
     on_context_full: Literal["compact", "reset", "error"] = _f(
         "compact", "When the next turn does not fit: compact keeps the most recent exchanges (as text, within compact_share of the context) and answers; reset forgets the conversation, says so and answers; error refuses the turn.")
     compact_share: float = _f(0.5, "With on_context_full: compact, the share of the context the kept exchanges may fill.", lo=0.0, hi=0.9)
+    compact_at: float = _f(0.85, "After an answer, when the context is fuller than this share, the conversation is compacted (and the scene's image fed back) while the person is silent, so the next question finds room; 0: only when a question does not fit.", lo=0.0, hi=1.0)
     prefill_early: bool = _f(True, "When the scene is new, put its image into the model's context while the person is still talking, so the question's turn evaluates only the question (llama.cpp: into the KV cache; RKLLM: see llm.rkllm.prefill_early).")
     llamacpp: LlamaCppConfig = _f(LlamaCppConfig(), "Portable backend settings (llm.backend: llamacpp).")
     rkllm: RkllmConfig = _f(RkllmConfig(), "NPU backend settings (llm.backend: rkllm).")

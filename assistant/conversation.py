@@ -12,7 +12,12 @@ it honest:
 - **the budget**: before a turn its cost is asked from the backend; when it does not fit,
   ``llm.on_context_full`` compacts (the newest exchanges fed back as text, within
   ``llm.compact_share`` of the context), resets (and says so) or refuses. A runtime that
-  still overflows gets one compaction and one retry.
+  still overflows gets one compaction and one retry;
+- **ahead of the next question**: once an answer leaves the context past ``llm.compact_at``,
+  the voice front-end has it compacted while the answer is spoken and the person listens
+  (``work_when_idle``: the model is free then; on a board the NPU does it while the CPU
+  speaks), and the scene's image evaluated again as the opening of the next turn, so the
+  next question finds room; compaction at question time stays the fallback.
 
 Turns are scheduled by priority: the person in the room (voice) goes ahead of queued HTTP
 requests; the queue is bounded and a request that cannot get a turn in time is refused
@@ -38,11 +43,15 @@ from assistant.config import Config
 from assistant.errors import AssistantError, BackendError, ContextFullError
 from assistant.health import StageOverrun
 from assistant.llm.base import ImageEmbedding, LLMBackend, TurnOptions, stream_turn
+from assistant.stages import stages
 from assistant.transcript import TranscriptWriter
 from assistant.turn import Turn
 from assistant.vision.scene import Scene, SceneResult, Shot
 
 log = logging.getLogger(__name__)
+
+# How often work waiting for quiet looks again (the person talks or an answer is spoken).
+_IDLE_POLL_S = 0.05
 
 
 class Priority(IntEnum):
@@ -180,6 +189,10 @@ class Conversation:
         self._stale = False                      # the voice context must be fed back
         self._listeners: list[Callable[[str, Turn, dict], None]] = []
         self.compactions = 0
+        self.idle_compactions = 0                # of those, done while nobody spoke
+        self._ahead: Optional[Shot] = None       # its image, evaluated as the next turn's opening
+        self._idle_busy = False                  # idle work holds the model now
+        self._idle_task: Optional[asyncio.Task] = None
 
     # ------------------------------------------------------------------ observers
 
@@ -204,7 +217,9 @@ class Conversation:
 
     def scene_reference(self) -> Optional[Shot]:
         """The image a fresh snapshot is compared with (None: the context holds none)."""
-        return self.image if self._held == "voice" and not self._stale else None
+        if self._held != "voice" or self._stale:
+            return None
+        return self.image if self.image is not None else self._ahead
 
     # ------------------------------------------------------------------ turns
 
@@ -219,9 +234,11 @@ class Conversation:
         if self.backend is None:
             raise BackendError("no language model is loaded")
         turn.source, turn.conversation = req.source, self.id
-        t_wait = time.monotonic()
+        t_wait, idle_work = time.monotonic(), self._idle_busy
         async with self.gate.slot(req.priority):
             turn.took("queue", time.monotonic() - t_wait)
+            if idle_work:
+                self._waited_for_idle_work(turn, time.monotonic() - t_wait)
             self._emit("question", turn, text=req.question)
             pieces: list[str] = []
             ended = False
@@ -255,6 +272,9 @@ class Conversation:
                 scene = await self.scene.take(reference, req.snapshot)
                 turn.took("vision_wait", time.monotonic() - t0)
             image = self._scene_image(scene, turn, req.stateless)
+        ahead = None if req.stateless else self._take_ahead(turn, image)
+        if ahead is not None:
+            image = ahead.embedding
         text = self._with_hint(req.question, req.language)
         plan = await self._locked(self._fit, req, text, image, turn, False)
         if plan.needs_image and scene is not None and scene.shot is not None:
@@ -316,7 +336,9 @@ class Conversation:
         else:
             self.exchanges.append(Exchange(req.question, answer, req.language or "",
                                            plan.image is not None, turn.id))
-            if plan.image is not None and scene is not None and scene.shot is not None:
+            if ahead is not None and plan.image is ahead.embedding:
+                self.image = ahead           # the shot that has the embedding
+            elif plan.image is not None and scene is not None and scene.shot is not None:
                 self.image = scene.shot
 
     def _scene_image(self, scene: Optional[SceneResult], turn: Turn,
@@ -378,14 +400,14 @@ class Conversation:
                 b.load_history(history)
                 self._held = tuple(history)
                 self._stale = True           # the voice context is gone
-                self.image = None
+                self.image = self._ahead = None
                 log.info("turn %d: %s conversation of %d exchanges fed back in %.0f ms "
                          "(%d tokens)", turn.id, req.source, len(history),
                          (time.monotonic() - t0) * 1e3, b.tokens_used)
         elif self._held != "voice" or self._stale:
             kept = [e.pair for e in self.in_context]
             b.load_history(kept)
-            self._held, self._stale, self.image = "voice", False, None
+            self._held, self._stale, self.image, self._ahead = "voice", False, None, None
             log.info("turn %d: voice conversation fed back (%d exchanges, %d tokens) in %.0f ms",
                      turn.id, len(kept), b.tokens_used, (time.monotonic() - t0) * 1e3)
             turn.took("switch", time.monotonic() - t0)
@@ -427,16 +449,10 @@ class Conversation:
             return [e.pair for e in self.in_context]
         return list(self._held) if isinstance(self._held, tuple) else []
 
-    def _compact(self, req: Request, text: str, image: Optional[ImageEmbedding], turn: Turn,
-                 before: int, need: int, harder: bool) -> _Plan:
-        """Keep the newest exchanges that fit within compact_share, feed them back."""
-        b, llm = self.backend, self.cfg.llm
+    def _newest(self, pairs: list, system: int, need: int, share: float) -> list:
+        """The newest exchanges that fit within ``share`` of the context and leave ``need``."""
+        b = self.backend
         ctx = b.context_size
-        pairs = self._held_pairs()
-        share = llm.compact_share * (0.5 if harder else 1.0)
-        # The image goes back in with this question if the context loses it.
-        with_image = image
-        system = before - b.history_cost(pairs)
 
         def fits(n: int) -> bool:
             cost = b.history_cost(pairs[len(pairs) - n:])
@@ -448,7 +464,18 @@ class Conversation:
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        kept = pairs[len(pairs) - lo:] if lo else []
+        return list(pairs[len(pairs) - lo:]) if lo else []
+
+    def _compact(self, req: Request, text: str, image: Optional[ImageEmbedding], turn: Turn,
+                 before: int, need: int, harder: bool) -> _Plan:
+        """Keep the newest exchanges that fit within compact_share, feed them back."""
+        b, llm = self.backend, self.cfg.llm
+        ctx = b.context_size
+        pairs = self._held_pairs()
+        share = llm.compact_share * (0.5 if harder else 1.0)
+        # The image goes back in with this question if the context loses it.
+        with_image = image
+        kept = self._newest(pairs, before - b.history_cost(pairs), need, share)
         b.load_history(kept)
         after = b.tokens_used
         dropped = len(pairs) - len(kept)
@@ -457,7 +484,7 @@ class Conversation:
         else:
             self.first_in_context = len(self.exchanges) - len(kept)
             self._held, self._stale = "voice", False
-            self.image = None
+            self.image = self._ahead = None
         self.compactions += 1
         turn.compaction = {"kind": "compact", "tokens_before": before, "tokens_after": after,
                            "exchanges_dropped": dropped, "exchanges_kept": len(kept)}
@@ -501,6 +528,7 @@ class Conversation:
                 await self._locked(self.backend.cancel_prefill)   # dropped meanwhile
                 return False
             if ok:
+                self._ahead = None           # the backend holds this opening instead
                 log.info("image of the new scene evaluated ahead of the question in %.0f ms",
                          (time.monotonic() - t0) * 1e3)
             return ok
@@ -509,6 +537,113 @@ class Conversation:
         """The speech was not a question after all: cut its image prefill away."""
         if self.backend is not None:
             await self._locked(self.backend.cancel_prefill)
+
+    # ------------------------------------------------------------------ while nobody speaks
+
+    def wants_compaction(self) -> bool:
+        """The voice context is past ``llm.compact_at``: compact it before the next question."""
+        b, llm = self.backend, self.cfg.llm
+        return (b is not None and llm.compact_at > 0 and llm.on_context_full == "compact"
+                and self._held == "voice" and not self._stale and bool(self.in_context)
+                and b.tokens_used > llm.compact_at * b.context_size)
+
+    def work_when_idle(self, idle: Callable[[], bool]) -> None:
+        """After a voice answer: if the context wants compacting, do it once ``idle()`` (the
+        person is silent, no question on its way). One such job at a time."""
+        if (self._idle_task is None or self._idle_task.done()) and self.wants_compaction():
+            self._idle_task = asyncio.create_task(self._when_idle(idle), name="idle-compaction")
+
+    async def finish_idle_work(self) -> None:
+        """At the end: a job still waiting for quiet is dropped; one holding the model ends."""
+        task, self._idle_task = self._idle_task, None
+        if task is None:
+            return
+        if not self._idle_busy:
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def _when_idle(self, idle: Callable[[], bool]) -> None:
+        try:
+            while self.wants_compaction():
+                while not idle():
+                    await asyncio.sleep(_IDLE_POLL_S)
+                if await self.compact_idle(idle):
+                    return
+        except AssistantError as e:
+            # Only a head start is lost: the next question compacts if it must.
+            log.warning("the compaction while idle failed: %s", e)
+
+    async def compact_idle(self, idle: Callable[[], bool] = lambda: True) -> bool:
+        """Compact the voice context now (the newest exchanges within ``compact_share``, room
+        left for a question with its image), then evaluate the current scene's image as the
+        opening of the next turn: the next question about the same scene evaluates only
+        itself. A question that comes meanwhile waits for the part under way only: the
+        image is left to it. False when not done (not needed, or someone spoke first)."""
+        async with self.gate.slot(Priority.VOICE):
+            if not self.wants_compaction() or not idle():
+                return False
+            self._idle_busy = True
+            try:
+                shot = self._current_shot()
+                t0 = time.monotonic()
+                before, after, kept, dropped = await self._locked(self._compact_now, shot)
+                took = time.monotonic() - t0
+                log.info("compacted while idle in %.0f ms: %d -> %d tokens, the %d newest "
+                         "exchanges kept (%d dropped)", took * 1e3, before, after, kept, dropped)
+                if shot is None or self.gate.waiting:
+                    return True
+                t0 = time.monotonic()
+                if await self._locked(self.backend.prefill, shot.embedding):
+                    self._ahead = shot
+                    log.info("the scene's image evaluated again while idle in %.0f ms",
+                             (time.monotonic() - t0) * 1e3)
+                return True
+            finally:
+                self._idle_busy = False
+
+    def _current_shot(self) -> Optional[Shot]:
+        """The scene's image to put back: a settled new scene the idle watch encoded, else
+        the one the context held."""
+        ready = self.scene.ready if self.scene is not None else None
+        if (ready is not None and ready.embedding is not None
+                and (self.image is None or not self.scene.is_same(ready, self.image)[0])):
+            return ready
+        held = self.image if self.image is not None else self._ahead
+        return held if held is not None and held.embedding is not None else None
+
+    def _compact_now(self, shot: Optional[Shot]) -> tuple[int, int, int, int]:
+        """Worker thread, model lock held: feed back the newest exchanges."""
+        b = self.backend
+        pairs = self._held_pairs()
+        before = b.tokens_used
+        image = shot.embedding if shot is not None else None
+        # Room for a question like the last one, with the image.
+        need = b.turn_cost(self.exchanges[-1].question if self.exchanges else "", image)
+        kept = self._newest(pairs, before - b.history_cost(pairs), need, self.cfg.llm.compact_share)
+        b.load_history(kept)
+        self.first_in_context = len(self.exchanges) - len(kept)
+        self._held, self._stale = "voice", False
+        self.image = self._ahead = None
+        self.compactions += 1
+        self.idle_compactions += 1
+        return before, b.tokens_used, len(kept), len(pairs) - len(kept)
+
+    def _take_ahead(self, turn: Turn, image: Optional[ImageEmbedding]) -> Optional[Shot]:
+        """A voice question about the scene whose image the idle work evaluated as this
+        turn's opening: it carries that image (the backend evaluates only the question)."""
+        ahead, self._ahead = self._ahead, None
+        if (ahead is None or image is not None or turn.scene != "same" or self._held != "voice"
+                or self._stale):
+            return None
+        turn.with_image = True       # the same scene: its image is in the context again
+        turn.counts["image_evaluated_while_idle"] = ahead.embedding.n_tokens
+        return ahead
+
+    @staticmethod
+    def _waited_for_idle_work(turn: Turn, waited: float) -> None:
+        turn.counts["waited_for_idle_compaction_ms"] = round(waited * 1000)
+        log.info("turn %d: waited %.0f ms for the compaction done while idle", turn.id,
+                 waited * 1000)
 
     # ------------------------------------------------------------------ control
 
@@ -542,7 +677,7 @@ class Conversation:
     def _forget(self, new_id: bool) -> None:
         self.exchanges.clear()
         self.first_in_context = 0
-        self.image = None
+        self.image = self._ahead = None
         self._held, self._stale = "voice", False
         if new_id:
             self.id = _new_id()
@@ -558,7 +693,11 @@ class Conversation:
     # ------------------------------------------------------------------ the record
 
     def record(self, turn: Turn) -> None:
-        """The turn's transcript row (queued to the writer thread)."""
+        """The turn's transcript row (queued to the writer thread); listeners get where its
+        time went ("timings": assistant.stages) once the turn is over."""
+        took = stages(turn.summary())
+        if took is not None:
+            self._emit("timings", turn, stages=took)
         if self.transcript is not None and turn.intent and turn.intent != "nothing":
             row = turn.as_json()
             row["time"] = turn.wall_time

@@ -33,6 +33,7 @@ from assistant.audio.earcon import chime
 from assistant.audio.echo import EchoGuard
 from assistant.audio.pause_asr import PauseTranscriber
 from assistant.audio.sentences import SentenceSplitter
+from assistant.audio.smart_turn import make_turn_ender
 from assistant.audio.vad import Endpointer, SpeechDiscarded, SpeechStarted, Utterance
 from assistant.audio.voice_out import VoiceOut
 from assistant.audio.wake import WakeListener, resolve_mode
@@ -80,6 +81,7 @@ class Components:
     encoder: object = None
     camera_down: str = ""             # why the camera did not open at start (retried later)
     llm_lock: threading.Lock = field(default_factory=threading.Lock)
+    smart_turn: object = None         # a loaded SmartTurnModel to share; None: loaded at run
 
 
 def make_conversation(cfg: Config, parts: Components, transcript=None,
@@ -103,7 +105,10 @@ class Pipeline:
         self.recorder = recorder      # assistant.debug_recording.DebugRecorder, or None
         self.notify = notify or (lambda status: None)
         self.intents = IntentClassifier(cfg.intent)
-        self.endpointer = Endpointer(cfg.vad)
+        # vad.end_of_turn: smart_turn: the model ends a complete question after a short
+        # silence; the endpointer's own limit is then the longer max_pause_ms.
+        self.turn_end = make_turn_ender(cfg, parts.smart_turn)
+        self.endpointer = Endpointer(cfg.vad, cfg.vad.max_pause_ms if self.turn_end else None)
         # With barge-in the microphone is open while the assistant speaks: its own voice
         # coming back from the speaker must not count as a person talking over it.
         self.echo = (EchoGuard(cfg.audio.echo_match)
@@ -139,6 +144,8 @@ class Pipeline:
             await self.wake.load()
         if greet and greeting:
             await self.voice.say([greeting], self._reply_language(None))
+        if self.turn_end is not None and not self.turn_end.model.loaded:
+            await asyncio.to_thread(self.turn_end.model.load)
         self._update_state()
         listen = asyncio.create_task(self._listen(), name="listen")
         converse = asyncio.create_task(self._converse(), name="converse")
@@ -158,6 +165,7 @@ class Pipeline:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.conversation.finish_idle_work()
             await self.onset.finish()
             if self.wake is not None:
                 self.wake.close()
@@ -175,6 +183,12 @@ class Pipeline:
         (and a person waiting for the answer would speak again)."""
         return not (self._in_turn or self.voice.busy or self.voice.speaking
                     or self.endpointer.in_speech or not self._utterances.empty())
+
+    def quiet(self) -> bool:
+        """Nobody speaks and no question is on its way to the model (an answer may be
+        spoken): the model's idle work may run."""
+        return not (self.endpointer.in_speech or not self._utterances.empty()
+                    or (self._in_turn and not self.voice.busy))
 
     async def _listen(self) -> None:
         """Audio -> VAD events; the microphone is reopened if it goes away."""
@@ -247,9 +261,14 @@ class Pipeline:
             return
         for ev in self.endpointer.process(frame):
             self._on_vad(ev)
-        if (self.pause_asr.enabled and self.endpointer.in_speech
-                and (self._addressed or self.addressing.mode == "phrase")):
+        # Whisper in the pause and Smart Turn only for speech that may become a question
+        # (a television nobody addressed costs them nothing).
+        heeded = self._addressed or self.addressing.mode == "phrase"
+        if self.pause_asr.enabled and self.endpointer.in_speech and heeded:
             for ev in self.pause_asr.after_frame(self.endpointer, busy=self._in_turn):
+                self._on_vad(ev)
+        if self.turn_end is not None and self.endpointer.in_speech and heeded:
+            for ev in self.turn_end.after_frame(self.endpointer):
                 self._on_vad(ev)
 
     def _on_vad(self, ev) -> None:
@@ -516,6 +535,9 @@ class Pipeline:
                         speak(s)
                 for s in splitter.flush():
                     speak(s)
+                # The model is free: a context past llm.compact_at is compacted while the
+                # answer is spoken and the person listens (off the next question's path).
+                self.conversation.work_when_idle(self.quiet)
             except ContextFullError as e:
                 sorry(str(e), lines.full if "say \"clear\"" in str(e) else lines.too_long)
             except Exception as e:      # the model, or anything on its way: this turn only

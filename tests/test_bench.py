@@ -41,13 +41,20 @@ def check_scenario(sc: dict) -> None:
 
 
 def test_measured_profile_reports_every_scenario(config):
+    # long_conversation shortened to a smoke run of 2 questions (60 by default).
     r = cli("--config", "c.yaml", "bench", "--profile", "measured", "--rounds", "1", "--json",
-            cwd=config)
+            "--questions", "2", cwd=config)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["profile"] == "measured" and report["rounds"] == 1
     assert report["simulated"] == [] and "asr" in report["measured"]
-    assert set(report["scenarios"]) == set(SCENARIOS)
+    assert set(report["scenarios"]) == set(SCENARIOS) | {"long_conversation"}
+    long = report["scenarios"].pop("long_conversation")
+    assert long["questions"] == 2 and long["answered"] == 2 and long["context"] == 4096
+    figure = long["pipelined"]["last_word_to_first_audio_ms"]
+    assert set(figure) >= {"median", "p90", "max"} and isinstance(figure["max"], float)
+    assert isinstance(long["compactions"], int) and "compactions_while_idle" in long
+    assert isinstance(long["max_over_same_scene_median"], float)
     for sc in report["scenarios"].values():
         check_scenario(sc)
         assert "overhead_ms" in sc["alone_ms"]

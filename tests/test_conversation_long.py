@@ -66,11 +66,12 @@ persona: {system_prompt: "You are Rocky. Answer briefly.", language: en}
 camera: {source: scene.avi}
 """
     # (The camera's clock steps per snapshot: no idle watching, which would take more.)
+    # Compaction at question time, the fallback: llm.compact_at: 0 (none while idle).
     if kind == "llamacpp":
         write_text_model(tmp_path / "tiny.gguf", scripted_reply="I see a red apple.")
         write_mmproj(tmp_path / "tiny-mmproj.gguf")
         return common + """
-llm: {max_context_len: 512, max_new_tokens: 48, temperature: 0,
+llm: {max_context_len: 512, max_new_tokens: 48, temperature: 0, compact_at: 0,
       llamacpp: {model: tiny.gguf, mmproj: tiny-mmproj.gguf}}
 vision: {encoder: llamacpp, watch: false}
 """
@@ -84,7 +85,7 @@ vision: {encoder: llamacpp, watch: false}
     write_model(tmp_path / "vision.rknn", (392, 392), [[1, 196, 1536]])
     # The fake runtime echoes the prompt: 16 words of answer keep exchanges small.
     return common + f"""
-llm: {{backend: rkllm, max_context_len: 512, max_new_tokens: 16,
+llm: {{backend: rkllm, max_context_len: 512, max_new_tokens: 16, compact_at: 0,
       rkllm: {{library: "{lib}", runtime_version: auto, model: qwen2-vl.rkllm}}}}
 vision: {{encoder: rknn, watch: false, rknn: {{model: vision.rknn}}}}
 """

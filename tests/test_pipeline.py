@@ -151,7 +151,9 @@ def test_backend_error_is_spoken_and_the_loop_goes_on(tmp_path, spoken, whisper_
 def test_full_context_follows_the_policy(tmp_path, spoken, whisper_tiny, voices, policy):
     wav = conversation_wav(tmp_path, spoken, "What do you see on the table?",
                            "What color is the cup?", "What is on the left?")
-    cfg = Config(llm=LlmConfig(max_new_tokens=20, on_context_full=policy))
+    # Compaction at question time (none while idle, llm.compact_at: 0: see
+    # test_conversation_idle.py for that).
+    cfg = Config(llm=LlmConfig(max_new_tokens=20, on_context_full=policy, compact_at=0))
     llm = ScriptedLLM(["I see an apple on a table and a chair next to it.", "The cup is blue.",
                        "A green book."], context=56)
     pipe, parts = make(tmp_path, wav, whisper_tiny, voices, llm, cfg=cfg)

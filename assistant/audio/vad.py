@@ -2,7 +2,8 @@
 
 Speech starts when enough voiced audio (``start_ms``) is seen within a short window; the
 ``pre_roll_ms`` before that is kept so the first syllable survives. The utterance ends after
-``end_silence_ms`` of silence or at ``max_utterance_s``. Utterances with less than
+``end_silence_ms`` of silence (``max_pause_ms`` when Smart Turn decides sooner, see
+assistant.audio.smart_turn) or at ``max_utterance_s``. Utterances with less than
 ``min_speech_ms`` of voiced audio (clicks, coughs, a door) are discarded, and the pipeline is
 told so it can drop the early camera work it started.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -56,7 +58,7 @@ _TAIL_MS = 200
 class Endpointer:
     """Feed frames of exactly ``frame_ms``; get SpeechStarted / Utterance / SpeechDiscarded."""
 
-    def __init__(self, cfg: VadConfig):
+    def __init__(self, cfg: VadConfig, end_silence_ms: Optional[int] = None):
         import webrtcvad  # the webrtcvad-wheels distribution
 
         self.cfg = cfg
@@ -69,7 +71,9 @@ class Endpointer:
         # tolerant of one unvoiced frame inside a syllable, deaf to isolated clicks.
         self._window = collections.deque(maxlen=self._start_frames + 2)
         self._pre_roll = collections.deque(maxlen=max(1, cfg.pre_roll_ms // ms))
-        self._end_frames = max(1, cfg.end_silence_ms // ms)
+        # The silence that ends an utterance by itself (Smart Turn's max_pause_ms, if given).
+        self.end_silence_ms = end_silence_ms or cfg.end_silence_ms
+        self._end_frames = max(1, self.end_silence_ms // ms)
         self._max_frames = int(cfg.max_utterance_s * 1000 // ms)
         self._min_voiced_frames = cfg.min_speech_ms // ms
         self._tail_frames = _TAIL_MS // ms

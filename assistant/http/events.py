@@ -74,6 +74,12 @@ class Hub:
                        finish=turn.finish, note=turn.note)
             self.recent.append(row)
             self.publish({"type": "done", **row})
+        elif event == "timings":
+            # After the turn (its first sound is known then): the page's bar of its wait.
+            for row in self.recent:
+                if row["id"] == turn.id:
+                    row["stages"] = data["stages"]
+            self.publish({"type": "timings", "id": turn.id, "stages": data["stages"]})
         self._update_state()
 
     async def _watch_voice(self) -> None:

@@ -105,6 +105,38 @@ function finishTurn(t) {
   scrollDown();
 }
 
+// Where a spoken turn's wait went, from the last word to the first sound (assistant/stages.py).
+const STAGES = [["wait", "end-of-turn wait"], ["asr", "speech recognition after the cut"],
+                ["llm", "the model up to the first clause"], ["tts", "speech synthesis up to the first sound"]];
+const BAR_FULL_MS = 4000;          // this wait draws the longest bar (16rem); longer ones too
+
+function showStages(entry, st) {
+  entry.el.querySelector(".stages")?.remove();
+  if (!st || !(st.total > 0)) return;
+  const box = document.createElement("div");
+  box.className = "stages";
+  const bar = document.createElement("div");
+  bar.className = "bar";
+  bar.style.width = `${(16 * Math.min(1, st.total / BAR_FULL_MS)).toFixed(2)}rem`;
+  const parts = [];
+  for (const [key, what] of STAGES) {
+    const ms = st[key] || 0;
+    parts.push(`${what} ${Math.round(ms)} ms`);
+    if (ms <= 0) continue;
+    const seg = document.createElement("span");
+    seg.className = `seg ${key}`;
+    seg.style.flexGrow = String(ms);
+    seg.title = `${what}: ${Math.round(ms)} ms`;
+    bar.append(seg);
+  }
+  const label = document.createElement("span");
+  label.className = "total";
+  label.textContent = `${(st.total / 1000).toFixed(2)} s to the first sound`;
+  box.title = parts.join(", ");
+  box.append(bar, label);
+  entry.el.append(box);
+}
+
 function onEvent(ev) {
   switch (ev.type) {
     case "hello":
@@ -114,6 +146,7 @@ function onEvent(ev) {
       for (const t of ev.turns) {
         const entry = turnEl(t);
         if (t.done) finishTurn(t); else { entry.answer = t.answer; entry.a.textContent = t.answer; }
+        if (t.stages) showStages(entry, t.stages);
       }
       setState(ev.state);
       $("camera-box").hidden = !ev.camera;
@@ -136,6 +169,11 @@ function onEvent(ev) {
       finishTurn(ev);
       refreshCamera();
       break;
+    case "timings": {
+      const entry = turns.get(ev.id);
+      if (entry) showStages(entry, ev.stages);
+      break;
+    }
     case "state":
       setState(ev.state);
       break;
