@@ -19,7 +19,7 @@ import math
 import statistics
 import time
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
