@@ -88,6 +88,18 @@ def check_size(question: str, history: Sequence[tuple[str, str]], limits: Limits
                        f"{limits.chars} (http.max_chars): send a shorter history", "history")
 
 
+def text_problem(text: str) -> Optional[tuple[int, str]]:
+    """(where, what) of the first NUL or lone surrogate in ``text``; None when clean. Neither
+    is text a model, piper or the transcript should get, whatever the protocol."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return e.start, f"a lone surrogate ({ascii(text[e.start])[1:-1]}), which is not text"
+    at = text.find("\x00")
+    return (at, "a NUL character (\\u0000)") if at >= 0 else None
+
+
 # ---------------------------------------------------------------------------- turns
 
 async def answer(conv: Conversation, req: Request, turn: Turn,

@@ -381,3 +381,30 @@ def test_malformed_events_are_answered_and_the_server_keeps_serving(server):
         s.close()
     # The server still serves everyone else.
     assert asyncio.run(ask(server.port, "Still there?", "after-bad"))[-2].data["text"] == REPLY
+
+
+def test_nul_surrogates_and_deep_nesting_are_refused_and_the_server_keeps_serving(server):
+    """Text with a NUL or a lone surrogate never reaches the model, piper or the transcript
+    (an error event naming it, as HTTP's 400 does); a header nested 10,000 deep is one
+    malformed event, not a RecursionError that ends the connection."""
+    s = _raw(server.port)
+    try:
+        deep = b'{"type": "transcript", "data": {"text": "hi", "x": ' + b"[" * 10_000 + \
+            b"]" * 10_000 + b"}}\n"
+        s.sendall(deep)
+        s.sendall(b'{"type": "transcript", "data": {"text": "what do you see\\u0000"}}\n')
+        s.sendall(b'{"type": "synthesize", "data": {"text": "hello \\ud800 there"}}\n')
+        s.sendall(b'{"type": "describe"}\n')
+        got = []
+        while not any(e["type"] == "info" for e in got) or \
+                sum(e["type"] == "error" for e in got) < 3:
+            got += _read_json_events(s, 1)
+            assert len(got) < 20, got
+        errors = [e["data"] for e in got if e["type"] == "error"]
+        assert errors[0]["code"] == "malformed_event" and "deep" in errors[0]["text"]
+        assert [e["code"] for e in errors[1:3]] == ["invalid_characters"] * 2, errors
+        assert "NUL" in errors[1]["text"] and "surrogate" in errors[2]["text"]
+        assert not any(e["type"] in ("handled", "audio-chunk") for e in got), got
+    finally:
+        s.close()
+    assert asyncio.run(ask(server.port, "Still there?", "after-nul"))[-2].data["text"] == REPLY

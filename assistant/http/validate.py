@@ -22,6 +22,7 @@ from typing import Optional
 
 from aiohttp import web
 
+from assistant.frontend import text_problem
 from assistant.http.errors import ApiError, bad
 
 # The deepest a real request nests is 5 (messages[i].content[j].image_url.url).
@@ -104,29 +105,18 @@ def check_tree(body: dict) -> None:
                       where or None, "too_deeply_nested")
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for k, v in items:
-            if isinstance(k, str) and _problem(k):
+            if isinstance(k, str) and text_problem(k):
                 check_text(k, _name((chain, k)), what="the key")
             if isinstance(v, str):
-                if _problem(v):
+                if text_problem(v):
                     check_text(v, _name((chain, k)))
             elif isinstance(v, (dict, list)):
                 stack.append((v, (chain, k), depth + 1))
 
 
-def _problem(text: str) -> Optional[tuple[int, str]]:
-    """(where, what) of the first NUL or lone surrogate in ``text``; None when clean."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            return e.start, f"a lone surrogate ({ascii(text[e.start])[1:-1]}), which is not text"
-    at = text.find("\x00")
-    return (at, "a NUL character (\\u0000)") if at >= 0 else None
-
-
 def check_text(text: str, param: str, what: str = "") -> None:
     """400 for a NUL character or a lone surrogate in ``text`` (the field ``param``)."""
-    found = _problem(text)
+    found = text_problem(text)
     if found is not None:
         at, problem = found
         raise bad(f"{what or param} holds {problem} at character {at}"

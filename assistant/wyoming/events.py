@@ -17,6 +17,7 @@ from typing import Any, Optional
 from wyoming.event import Event
 
 from assistant.conversation import Busy
+from assistant.frontend import text_problem
 from assistant.health import StageOverrun
 
 MAX_LINE = 64 * 1024          # one header line (the stream reader's limit)
@@ -65,6 +66,8 @@ async def read_event(reader: asyncio.StreamReader) -> Optional[Event]:
         return None              # the end of the stream (a cut line with it)
     try:
         header = json.loads(line)
+    except RecursionError:
+        raise BadEvent("an event header nested too deep") from None
     except ValueError:
         raise BadEvent("an event header that is not JSON (one JSON object per line)") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
@@ -87,7 +90,7 @@ async def read_event(reader: asyncio.StreamReader) -> Optional[Event]:
     if extra:
         try:
             more = json.loads(extra)
-        except ValueError:
+        except (ValueError, RecursionError):
             more = None
         if not isinstance(more, dict):
             raise BadEvent(f"event {header['type']!r}: its data is not a JSON object")
@@ -104,6 +107,10 @@ def text_field(event: Event, key: str = "text", required: bool = True) -> Option
     if not isinstance(value, str):
         raise ProtocolError(f"{event.type}: \"{key}\" must be a string, found "
                             f"{type(value).__name__ if value is not None else 'nothing'}")
+    found = text_problem(value)
+    if found is not None:       # never for the model, piper or the transcript
+        raise ProtocolError(f"{event.type}: \"{key}\" holds {found[1]} at character "
+                            f"{found[0]}; send UTF-8 text without it", "invalid_characters")
     return value
 
 
