@@ -3,8 +3,11 @@ cut in two, and how long after the last word a whole question is cut.
 
 48 questions spoken by piper (bench/quick_end.py's set): 24 with a pause inside ("What colour
 is ... the car on the left?", the pause 400 to 1,200 ms) and 24 without, at three speaking
-rates (piper's length_scale 0.8, 1.0, 1.25), clean and with white noise at 20 dB SNR. Each goes
-through the real endpointer (webrtcvad) frame by frame, with
+rates (piper's length_scale 0.8, 1.0, 1.25), clean and with white noise at 20 dB SNR. The
+pausing questions come twice: ``spliced`` (silence put in at a word boundary of the sentence
+said whole: the words before it sound like any other words) and ``um`` (the hesitation said,
+"What colour is, um, ... the car on the left?", then the same silence: what a person stopping
+to think sounds like). Each goes through the real endpointer (webrtcvad) frame by frame, with
 
 - ``silence_500`` / ``silence_700`` / ``silence_1000``: the utterance ends after that much
   silence (``vad.end_of_turn: silence``);
@@ -15,7 +18,11 @@ through the real endpointer (webrtcvad) frame by frame, with
   answers).
 
 ``cut_off_pct``: questions that came out as more than one utterance; ``end_ms_mean``: over
-the questions that came out whole, the time from the last voiced frame to the cut.
+the questions that came out whole, the time from the last voiced frame to the cut
+(``end_ms_mean_unpaused``: over the 24 said without a pause only, the same questions for
+every method). JSON:
+``methods`` is the spliced set (with the 24 whole questions), ``um.methods`` the same with
+the hesitation said.
 
     .venv/bin/python bench/endpointing.py [--json]
 """
@@ -110,15 +117,19 @@ def speak_with_pause(a: str, b: str, length_scale: float, pause_ms: int) -> np.n
     return _trim(_pcm(voice, np.concatenate([audio[:at], gap, audio[at:]])))
 
 
-def fixtures() -> list[dict]:
-    """Every question once, each with its own rate, noise and (pausing ones) pause."""
+HESITATION = ", um,"   # said before the pause in the ``um`` set
+
+
+def fixtures(hesitation: str = "") -> list[dict]:
+    """Every question once, each with its own rate, noise and (pausing ones) pause; with
+    ``hesitation`` the pausing questions say it before their pause."""
     out = []
     lead, tail = np.zeros(RATE // 2, np.int16), np.zeros(int(2.5 * RATE), np.int16)
     for i, (a, b) in enumerate(PAUSING):
         rate, noisy, pause = RATES[i % 3], (i // 3) % 2 == 1, PAUSES_MS[i % 4]
-        pcm = np.concatenate([lead, speak_with_pause(a, b, rate, pause), tail])
-        out.append({"text": f"{a} ... {b}", "pause_ms": pause, "rate": rate, "noisy": noisy,
-                    "pcm": add_noise(pcm, SNR_DB, seed=i) if noisy else pcm})
+        pcm = np.concatenate([lead, speak_with_pause(a + hesitation, b, rate, pause), tail])
+        out.append({"text": f"{a}{hesitation} ... {b}", "pause_ms": pause, "rate": rate,
+                    "noisy": noisy, "pcm": add_noise(pcm, SNR_DB, seed=i) if noisy else pcm})
     for i, q in enumerate(WHOLE):
         rate, noisy = RATES[i % 3], (i // 3) % 2 == 1
         pcm = np.concatenate([lead, speak(q, rate), tail])
@@ -142,6 +153,11 @@ class TimedModel:
         return p
 
 
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(statistics.fmean(values), 1) if values else None
+
+
 def run_method(name: str, items: list[dict], vad: VadConfig, model=None) -> dict:
     rows = []
     for f in items:
@@ -162,34 +178,42 @@ def run_method(name: str, items: list[dict], vad: VadConfig, model=None) -> dict
     lost = [r for r in rows if r["utterances"] == 0]
     out = {"cut_off_pct": round(100.0 * len(cut) / len(rows), 1),
            "cut_off": len(cut), "questions": len(rows), "not_heard": len(lost),
-           "end_ms_mean": round(statistics.fmean(r["end_ms"] for r in whole), 1) if whole else None,
+           "end_ms_mean": _mean(r["end_ms"] for r in whole),
            "end_ms_median": round(statistics.median(r["end_ms"] for r in whole), 1) if whole else None,
+           # The same questions for every method and set: those said without a pause.
+           "end_ms_mean_unpaused": _mean(r["end_ms"] for r in whole if r["pause_ms"] == 0),
            "cut_off_by_pause_ms": {str(p): sum(1 for r in cut if r["pause_ms"] == p)
                                    for p in (0,) + PAUSES_MS},
            "rows": rows}
     return out
 
 
-def measure() -> dict:
-    base = Config()
-    items = fixtures()
+def run_methods(items: list[dict], base: Config, model: TimedModel) -> dict:
     methods = {}
     for ms in SILENCES:
         vad = replace(base.vad, end_of_turn="silence", end_silence_ms=ms)
         methods[f"silence_{ms}"] = run_method(f"silence_{ms}", items, vad)
     vad = replace(base.vad, end_of_turn="smart_turn")
-    path = model_path(replace(base, vad=vad))
-    model = TimedModel(SmartTurnModel(path).load())
-    model.predict(np.zeros(RATE, np.int16))         # the first call pays for the graph's setup
     model.calls_ms.clear()
     st = run_method("smart_turn", items, vad, model)
     st["model_ms_mean"] = round(statistics.fmean(model.calls_ms), 1)
     st["model_calls"] = len(model.calls_ms)
     st["smart_turn_silence_ms"], st["max_pause_ms"] = vad.smart_turn_silence_ms, vad.max_pause_ms
     methods["smart_turn"] = st
+    return methods
+
+
+def measure() -> dict:
+    base = Config()
+    path = model_path(replace(base, vad=replace(base.vad, end_of_turn="smart_turn")))
+    model = TimedModel(SmartTurnModel(path).load())
+    model.predict(np.zeros(RATE, np.int16))         # the first call pays for the graph's setup
+    items = fixtures()
     return {"questions": len(items), "pausing": len(PAUSING), "whole": len(WHOLE),
             "rates": list(RATES), "pauses_ms": list(PAUSES_MS), "noise_snr_db": SNR_DB,
-            "model": path.name, "methods": methods}
+            "model": path.name, "methods": run_methods(items, base, model),
+            "um": {"hesitation": HESITATION.strip(" ,"),
+                   "methods": run_methods(fixtures(HESITATION), base, model)}}
 
 
 def main() -> int:
@@ -198,17 +222,21 @@ def main() -> int:
     ap.add_argument("--rows", action="store_true", help="with --json: every question's result too")
     args = ap.parse_args()
     report = measure()
+    sets = {"spliced": report["methods"], "um": report["um"]["methods"]}
     if not args.rows:
-        for m in report["methods"].values():
-            m.pop("rows")
+        for methods in sets.values():
+            for m in methods.values():
+                m.pop("rows")
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{report['questions']} questions ({report['pausing']} with a pause inside), "
           f"model {report['model']}")
-    for name, m in report["methods"].items():
-        print(f"  {name:13s} cut off {m['cut_off_pct']:5.1f} % ({m['cut_off']}), whole questions "
-              f"ended {m['end_ms_mean']} ms after the last word (mean)")
+    for label, methods in sets.items():
+        print(f" pause {label}:")
+        for name, m in methods.items():
+            print(f"  {name:13s} cut off {m['cut_off_pct']:5.1f} % ({m['cut_off']}), whole "
+                  f"questions ended {m['end_ms_mean']} ms after the last word (mean)")
     return 0
 
 

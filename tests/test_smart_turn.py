@@ -69,6 +69,52 @@ def test_the_features_are_those_smart_turn_was_made_with(model):
     assert np.abs(ours[0] - expected).max() < 1e-4
 
 
+class Asked:
+    """The real model, keeping the audio of every call (what pipecat is then given)."""
+
+    loaded = True
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def predict(self, pcm):
+        p = self.model.predict(pcm)
+        self.calls.append((pcm, p))
+        return p
+
+
+def test_our_glue_gives_pipecats_own_probabilities(model, endpointing):
+    # pipecat's LocalSmartTurnAnalyzerV3 (its own truncation, padding, int16 scaling and
+    # features) given the audio our TurnEnder sent, at each pause of a pausing and a whole
+    # question: the same probability. Its whole buffer is the segment here (fed at once, so
+    # its pre-speech window reaches back past the start).
+    try:
+        from loguru import logger
+        from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
+    except ImportError:
+        pytest.skip("pipecat-ai's dependencies are not installed (--no-deps)")
+    logger.disable("pipecat")
+    cfg = smart_cfg()
+    lead, tail = np.zeros(RATE // 2, np.int16), np.zeros(2 * RATE, np.int16)
+    asked = Asked(model)
+    for pcm in (endpointing.speak_with_pause("Which of these", "is the biggest?", 0.8, 400),
+                endpointing.speak("Is the window open?", 1.25)):
+        asyncio.run(cut_recording(np.concatenate([lead, pcm, tail]), cfg.vad,
+                                  TurnEnder(cfg.vad, asked)))
+    assert len(asked.calls) >= 3
+
+    async def pipecats(pcm):
+        analyzer = LocalSmartTurnAnalyzerV3(smart_turn_model_path=str(model.path), sample_rate=RATE)
+        analyzer.set_sample_rate(RATE)
+        analyzer.append_audio(pcm.tobytes(), True)
+        _, metrics = await analyzer.analyze_end_of_turn()
+        await analyzer.cleanup()
+        return metrics.probability
+
+    for pcm, ours in asked.calls:
+        assert asyncio.run(pipecats(pcm)) == pytest.approx(ours, abs=1e-4)
+
+
 def test_the_model_file_is_found_without_importing_pipecat():
     code = ("import sys; from assistant.audio.smart_turn import bundled_model; "
             "p = bundled_model(); print(p is not None and p.is_file(), "
