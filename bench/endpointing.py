@@ -20,9 +20,8 @@ to think sounds like). Each goes through the real endpointer (webrtcvad) frame b
 ``cut_off_pct``: questions that came out as more than one utterance; ``end_ms_mean``: over
 the questions that came out whole, the time from the last voiced frame to the cut
 (``end_ms_mean_unpaused``: over the 24 said without a pause only, the same questions for
-every method). JSON:
-``methods`` is the spliced set (with the 24 whole questions), ``um.methods`` the same with
-the hesitation said.
+every method). JSON: ``methods`` is the spliced set (with the 24 whole questions),
+``um.methods`` the same with the hesitation said.
 
     .venv/bin/python bench/endpointing.py [--json]
 """
