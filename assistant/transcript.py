@@ -10,7 +10,9 @@ on a line of its own), so one torn line never takes the next row with it.
 
 Any row can be written: a text longer than ``MAX_TEXT_CHARS`` keeps that much and a note of
 its length, and what JSON or UTF-8 cannot carry (a lone surrogate, NaN) is written escaped.
-``history`` shows the rows it can and counts the ones it skips.
+``history`` shows the rows it can (control characters escaped: a question's ESC never
+reaches the terminal) and counts the ones it skips. An id a client chose is stored with its
+control characters escaped.
 """
 
 from __future__ import annotations
@@ -303,7 +305,7 @@ def cli_history(cfg: Config, n: int, as_json: bool, conversation: Optional[str])
         print(text)
     if skipped:
         print(f"history: {skipped} row{'s' if skipped != 1 else ''} of {visible(str(path))} "
-              f"skipped: not "
-              f"readable (a line cut by a crash or a full disk, or values of the wrong kind)",
+              f"skipped: not readable (a line cut by a crash or a full disk, or values of the "
+              f"wrong kind)",
               file=sys.stderr)
     return 0
