@@ -35,7 +35,9 @@ def find_config(arg: Optional[str], layout: paths.Layout = paths.Layout(service=
     if arg or os.environ.get("RKVLM_CONFIG"):
         return load(arg or os.environ["RKVLM_CONFIG"])
     for p in layout.config_search():
-        if p.is_file() and os.access(p, os.R_OK):
+        # exists, not is_file: a FIFO or a directory there is refused by load (exit 78),
+        # not passed over for the built-in defaults.
+        if p.exists() and os.access(p, os.R_OK):
             return load(p)
     return Config()
 

@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from assistant.config_compat import upgrade
+from assistant.yaml_scalars import Unreadable, guard_scalars
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 
@@ -30,6 +31,8 @@ EX_CONFIG = 78  # sysexits.h: configuration error
 # the wrong file or an attack, and parsing it would cost seconds or the stack.
 MAX_CONFIG_BYTES = 1_000_000
 MAX_NESTING = 32
+# A local file is read in microseconds; this long is a mount that stopped answering.
+READ_TIMEOUT_S = 5.0
 
 
 class ConfigError(Exception):
@@ -408,6 +411,8 @@ def _describe(tp: Any, meta: dict) -> str:
 
 
 def _found(value: Any) -> str:
+    if isinstance(value, Unreadable):
+        return str(value)
     if value is None:
         return "null"
     if isinstance(value, float) and not math.isfinite(value):
@@ -418,7 +423,8 @@ def _found(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def _convert(value: Any, tp: Any, meta: dict, key: str, source: str, base: Any = None) -> Any:
@@ -532,6 +538,8 @@ class _Loader(yaml.SafeLoader):
             self._depth -= 1
 
 
+guard_scalars(_Loader)
+
 _Loader.yaml_implicit_resolvers = {
     ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
     for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
@@ -564,6 +572,10 @@ def parse(text: str, source: str = "<string>") -> Config:
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{source}:{where}: nested more than {MAX_NESTING} levels deep; a "
                           f"config nests four (llm.rkllm.model)", source=source) from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+        # A value no constructor above guards: one line and exit 78, never a traceback.
+        raise ConfigError(f"{source}: a value that cannot be read ({type(e).__name__}: "
+                          f"{str(e)[:200]})", source=source) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -583,17 +595,23 @@ def parse(text: str, source: str = "<string>") -> Config:
 
 
 def load(path: str | os.PathLike) -> Config:
-    """Load and validate a config file."""
+    """Load and validate a config file: a regular file (or a link to one) of at most
+    MAX_CONFIG_BYTES, read within READ_TIMEOUT_S (assistant.safe_read: a FIFO or a device in
+    its place would block or never end)."""
+    from assistant import safe_read
+
     p = Path(path)
     try:
-        with open(p, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)     # never the whole of a huge file
-            if len(raw) > MAX_CONFIG_BYTES:
-                raise _too_large(str(p), os.fstat(f.fileno()).st_size)   # 0 for a stream
+        raw = safe_read.read_regular(p, MAX_CONFIG_BYTES, READ_TIMEOUT_S)
         text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found (pass --config PATH, or copy config.yaml there)",
                           source=str(p)) from None
+    except safe_read.FileTooLarge as e:
+        raise _too_large(str(p), e.size) from None
+    except safe_read.NotRegularFile as e:
+        raise ConfigError(f"{p}: {e}; the config must be a regular file (or a link to one): "
+                          f"put the config file there", source=str(p)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: cannot read the config file: {e}", source=str(p)) from None
     return parse(text, str(p))

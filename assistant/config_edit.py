@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+from pathlib import Path
 from typing import Any, Optional
 
 # The key (plain or quoted) and its colon, from the key's column.
@@ -22,6 +24,12 @@ _KEY = re.compile(r"""(?:"(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|[^:#\s][^:#]*?)\s*:"""
 
 class _Unsupported(Exception):
     """This file's shape around the key is not one the line editor handles."""
+
+
+def target(path: str | os.PathLike) -> Path:
+    """The file an edit of ``path`` replaces: a link followed to its end (the file it names
+    is replaced, with that file's owner and mode; the link stays a link pointing at it)."""
+    return Path(os.path.realpath(path))
 
 
 def edit(text: str, keys: dict[str, Any]) -> str:

@@ -171,6 +171,7 @@ def set_keys(path: Path, keys: dict[str, Any]) -> None:
     """
     from assistant import config_edit
 
+    path = config_edit.target(path)     # a link stays a link; the file it names is edited
     try:
         original = path.read_text(encoding="utf-8")
     except FileNotFoundError:

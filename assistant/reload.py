@@ -5,7 +5,8 @@ What a running process picks up (RELOADABLE): the persona and its lines, the sys
 and the HTTP queue limits and image size. Every other changed key keeps its running value
 and is named in one log line as waiting for a restart: models, devices, the socket and the
 files are built once at start. A config that does not load is refused with one error line
-and the running one kept.
+and the running one kept; so is a FIFO or a device put in its place (never waited on), and
+the next SIGHUP reads the path again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import signal
 from typing import Any, Optional
 
 from assistant import config as config_mod
+from assistant import safe_read
 from assistant.config import Config, ConfigError, iter_fields
 from assistant.conversation import Conversation, Priority
 from assistant.health import HEALTH, Health
@@ -94,7 +96,10 @@ class Reloader:
                             "to reload")
                 return False
             try:
-                loaded = await asyncio.to_thread(config_mod.load, running.source)
+                # A daemon thread, not asyncio.to_thread: the default executor's threads
+                # are waited for at exit, and SIGTERM must not wait on a file (load itself
+                # refuses a FIFO and gives up on a read after READ_TIMEOUT_S).
+                loaded = await safe_read.to_daemon_thread(config_mod.load, running.source)
             except ConfigError as e:
                 log.error("SIGHUP: %s; keeping the running configuration", e)
                 return False

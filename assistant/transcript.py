@@ -10,7 +10,9 @@ on a line of its own), so one torn line never takes the next row with it.
 
 Any row can be written: a text longer than ``MAX_TEXT_CHARS`` keeps that much and a note of
 its length, and what JSON or UTF-8 cannot carry (a lone surrogate, NaN) is written escaped.
-``history`` shows the rows it can and counts the ones it skips.
+``history`` shows the rows it can (control characters escaped: a question's ESC never
+reaches the terminal) and counts the ones it skips. An id a client chose is stored with its
+control characters escaped.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -112,9 +115,19 @@ class TranscriptWriter(WriterThread):
 MAX_TEXT_CHARS = 4000
 
 
+# Row keys that hold an id a client chose (Home Assistant's conversation_id): kept as text
+# one can type and print, control characters escaped (a NUL or an ESC is no id).
+ID_KEYS = ("conversation",)
+
+
 def bounded(row: dict) -> dict:
-    """The row with every text cut to ``MAX_TEXT_CHARS`` (nested ones too)."""
-    return {k: _bounded(v) for k, v in row.items()}
+    """The row with every text cut to ``MAX_TEXT_CHARS`` (nested ones too), and the control
+    characters of its ids escaped (``visible``)."""
+    out = {k: _bounded(v) for k, v in row.items()}
+    for key in ID_KEYS:
+        if isinstance(out.get(key), str):
+            out[key] = visible(out[key])
+    return out
 
 
 def _bounded(v: Any) -> Any:
@@ -233,31 +246,66 @@ def format_row(row: dict) -> str:
     return "\n".join(lines)
 
 
-def _printable(text: str) -> str:
-    """Text any terminal takes: a lone surrogate (read from a JSON escape) shown escaped."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+# What a terminal would act on rather than show: C0 and C1 controls (ESC starts a sequence
+# that sets the title or clears the screen, BEL rings), DEL, the line and paragraph
+# separators, the bidirectional overrides (they reorder what is shown), lone surrogates.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
+                      "\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    return _SHORT.get(c) or (f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}")
+
+
+def visible(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\x1b``, ``\\n``,
+    ``\\u202e``)."""
+    return _CONTROL.sub(lambda m: _escape(m[0]), text)
+
+
+def _visible_values(v: Any) -> Any:
+    if isinstance(v, str):
+        return visible(v)
+    if isinstance(v, dict):
+        return {visible(str(k)): _visible_values(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_visible_values(x) for x in v]
+    return v
+
+
+def _json_line(row: dict) -> str:
+    """The row as one JSON line a terminal shows as it is: JSON escapes C0 controls itself;
+    the rest (DEL, C1, separators, overrides) become ``\\u`` escapes, the same JSON."""
+    line = encode_row(row).decode("utf-8").rstrip("\n")
+    return _CONTROL.sub(lambda m: f"\\u{ord(m[0]):04x}", line)
 
 
 def cli_history(cfg: Config, n: int, as_json: bool, conversation: Optional[str]) -> int:
     path = transcript_path(cfg)
     bad: list = []
+    # An id is matched as written, or as history shows it (a control character escaped).
     rows = [r for r in read_rows(path, bad)
-            if conversation is None or str(r.get("conversation")) == conversation]
+            if conversation is None or conversation in (str(r.get("conversation")),
+                                                        visible(str(r.get("conversation"))))]
     if not rows and not bad and not path.exists():
-        print(f"no transcript yet at {path} (transcript.path; it is written once the assistant "
-              f"has answered)")
+        print(f"no transcript yet at {visible(str(path))} (transcript.path; it is written once "
+              f"the assistant has answered)")
         return 0
     skipped = len(bad)
     for row in rows[-n:] if n > 0 else rows:
         try:
-            text = (encode_row(row).decode("utf-8").rstrip("\n") if as_json
-                    else format_row(row))
+            text = _json_line(row) if as_json else format_row(_visible_values(row))
         except Exception:     # a row of odd types: counted, never a traceback
             skipped += 1
             continue
-        print(_printable(text))
+        print(text)
     if skipped:
-        print(f"history: {skipped} row{'s' if skipped != 1 else ''} of {path} skipped: not "
-              f"readable (a line cut by a crash or a full disk, or values of the wrong kind)",
+        print(f"history: {skipped} row{'s' if skipped != 1 else ''} of {visible(str(path))} "
+              f"skipped: not readable (a line cut by a crash or a full disk, or values of the "
+              f"wrong kind)",
               file=sys.stderr)
     return 0

@@ -286,7 +286,8 @@ def test_a_file_too_large_is_refused_without_reading_it_all(tmp_path):
         config.load(big)
     with pytest.raises(ConfigError, match=r"a config file is at most 1 MB"):
         parse("#" + "x" * (config.MAX_CONFIG_BYTES + 1))
-    with pytest.raises(ConfigError, match=r"/dev/zero: a config file is at most 1 MB .*; this one is larger"):
+    # A device is never read (it could be endless): tests/test_config_files.py.
+    with pytest.raises(ConfigError, match=r"/dev/zero: a character device, not a regular file"):
         config.load("/dev/zero")
 
 

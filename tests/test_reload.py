@@ -119,6 +119,25 @@ class Process:
             self._err.close()
 
 
+def start_process(tmp_path: Path, command: str, capture: np.ndarray | None = None):
+    """`command` in tmp_path on the tiny models, a camera image, a fake microphone (playing
+    ``capture``, else silence) and speaker, and a notify socket: (process, socket, HTTP
+    port, the camera image as PNG bytes, 640x480)."""
+    draw_scene(tmp_path / "scene.jpg")
+    write_text_model(tmp_path / "tiny.gguf", scripted_reply=REPLY)
+    write_mmproj(tmp_path / "tiny-mmproj.gguf")
+    fake = make_fake_alsa(tmp_path, capture_rate=MIC_RATE, playback_rate=22050)
+    if capture is not None:
+        fake.write_capture(capture)
+    port = free_port()
+    (tmp_path / "config.yaml").write_text(_config(port))
+    sock = NotifySocket(tmp_path / "notify.sock")
+    env = fake.env()
+    env["NOTIFY_SOCKET"] = sock.path
+    _, png = cv2.imencode(".png", cv2.imread(str(tmp_path / "scene.jpg")))
+    return Process(tmp_path, command, env), sock, port, png.tobytes()
+
+
 def chat(url: str, key: str, image: bytes | None = None) -> tuple[int, dict]:
     content: list = [{"type": "text", "text": "What do you see?"}]
     if image is not None:
@@ -139,23 +158,12 @@ def chat(url: str, key: str, image: bytes | None = None) -> tuple[int, dict]:
 def test_sighup_reloads_and_a_broken_config_keeps_the_running_one(tmp_path, spoken, command):
     if command == "run" and not portaudio_available():
         pytest.skip("needs libportaudio2")
-    draw_scene(tmp_path / "scene.jpg")
-    write_text_model(tmp_path / "tiny.gguf", scripted_reply=REPLY)
-    write_mmproj(tmp_path / "tiny-mmproj.gguf")
-    fake = make_fake_alsa(tmp_path, capture_rate=MIC_RATE, playback_rate=22050)
-    fake.write_capture(np.concatenate([
+    p, sock, port, png = start_process(tmp_path, command, np.concatenate([
         np.zeros(int(0.4 * MIC_RATE), np.int16),
         resample(spoken.pcm("What do you see on the table?"), 16000, MIC_RATE),
         np.zeros(int(1.5 * MIC_RATE), np.int16)]))
-    port = free_port()
     url = f"http://127.0.0.1:{port}"
     config = tmp_path / "config.yaml"
-    config.write_text(_config(port))
-    sock = NotifySocket(tmp_path / "notify.sock")
-    env = fake.env()
-    env["NOTIFY_SOCKET"] = sock.path
-    p = Process(tmp_path, command, env)
-    _, png = cv2.imencode(".png", cv2.imread(str(tmp_path / "scene.jpg")))   # 640x480
     try:
         # A SIGHUP while the models load (its default action would end the process).
         sock.wait_for("STATUS=loading models", p.proc)
@@ -173,7 +181,7 @@ def test_sighup_reloads_and_a_broken_config_keeps_the_running_one(tmp_path, spok
         assert p.proc.poll() is None
         status, r = chat(url, "k1")                      # the running key still holds
         assert status == 200 and r["choices"][0]["message"]["content"] == REPLY
-        status, r = chat(url, "k1", png.tobytes())       # the new limit is the one applied
+        status, r = chat(url, "k1", png)                 # the new limit is the one applied
         assert status == 400 and "http.max_image_pixels" in r["error"]["message"], r
 
         # Broken files: one error line each, the running configuration kept.
@@ -186,7 +194,7 @@ def test_sighup_reloads_and_a_broken_config_keeps_the_running_one(tmp_path, spok
         p.wait_log("keeping the running configuration", count=2)
         status, r = chat(url, "k1")
         assert status == 200 and r["choices"][0]["message"]["content"] == REPLY
-        status, r = chat(url, "k1", png.tobytes())
+        status, r = chat(url, "k1", png)
         assert status == 400 and "http.max_image_pixels" in r["error"]["message"], r
     finally:
         code = p.stop()

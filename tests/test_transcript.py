@@ -106,16 +106,26 @@ class Unprintable:
 
 
 def test_a_row_that_cannot_be_encoded_is_dropped_with_one_warning(tmp_path, caplog):
+    """One warning for a run of failing rows, naming the first; again after a success.
+
+    Bugs caught: the warning given for a later row of the run instead of the first (the
+    flag tested the wrong way: the old texts "no text" / "no text either" both matched);
+    the warn-once flag never reset after a success (writer_thread.py: the second run of
+    failures was silent); a failing row that stops the rows after it."""
     path = tmp_path / "t.jsonl"
     with caplog.at_level(logging.WARNING):
-        w = written(path, {"turn": 1, "answer": Unprintable(RuntimeError("no text"))},
-                    {"turn": 2, "answer": Unprintable(RuntimeError("no text either"))},
-                    {"turn": 3, "answer": "written"})
+        w = written(path, {"turn": 1, "answer": Unprintable(RuntimeError("row one"))},
+                    {"turn": 2, "answer": Unprintable(RuntimeError("row two"))},
+                    {"turn": 3, "answer": "written"},
+                    {"turn": 4, "answer": Unprintable(RuntimeError("row four"))},
+                    {"turn": 5, "answer": "written too"})
     w.close()
-    assert [r["turn"] for r in strict_rows(path)] == [3]
+    assert [r["turn"] for r in strict_rows(path)] == [3, 5]
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and "RuntimeError: no text" in warnings[0], warnings
-    assert w.failures == 2
+    assert len(warnings) == 2, warnings
+    assert "(RuntimeError: row one)" in warnings[0], warnings
+    assert "(RuntimeError: row four)" in warnings[1], warnings
+    assert w.failures == 3
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")

@@ -7,10 +7,13 @@ a request that is wrong (``param`` names the field), 401, 404, 408, 413, and 503
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Optional
+import sys
+from typing import Any, Optional
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from assistant.conversation import Busy
 from assistant.errors import AssistantError, BackendError, ContextFullError
@@ -95,3 +98,23 @@ def error_for(e: BaseException) -> ApiError:
         return ApiError(500, str(e), type="server_error", code="internal_error")
     return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error",
                     code="internal_error")
+
+
+class ServerLog(logging.LoggerAdapter):
+    """aiohttp's server logger (``AppRunner(logger=...)``) with a request its parser refuses
+    (a NUL in a header, a bad request line: a 400 the client caused) logged as one INFO line
+    without a traceback; everything else as aiohttp logs it (an ERROR with its traceback)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+
+    def exception(self, msg: Any, *args: Any, exc_info: Any = True, **kw: Any) -> None:
+        e = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(e, HttpProcessingError) and 400 <= e.code < 500:
+            # aiohttp's message spans lines (the bytes at fault, a caret under them).
+            words = " ".join(l.strip() for l in str(e.message).splitlines()
+                             if l.strip() and l.strip() != "^")
+            where = f" from {args[0]}" if args else ""
+            self.info("refused a malformed request%s (%d): %s", where, e.code, words[:300])
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kw)

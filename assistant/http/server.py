@@ -29,7 +29,7 @@ from assistant.conversation import Conversation, TurnGate
 from assistant.errors import DeviceError
 from assistant.frontend import Limits, MediaWork, media_work, size_limits, started
 from assistant.http.connections import Arrivals, DeadlineSite
-from assistant.http.errors import ApiError, from_http_exception
+from assistant.http.errors import ApiError, ServerLog, from_http_exception
 from assistant.http.events import Hub
 
 log = logging.getLogger(__name__)
@@ -263,11 +263,12 @@ class HttpServer:
         # keepalive_timeout: an idle connection between requests is closed (also one that
         # sends its next request's headers too slowly); a new one has header_timeout_s.
         # lingering_time: the rest of a body left unread (a refused request) is waited for
-        # that long before the connection is closed.
+        # that long before the connection is closed. logger: a malformed request is one
+        # INFO line, not a traceback at ERROR.
         h = self.cfg.http
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
                                shutdown_timeout=2.0, keepalive_timeout=h.idle_timeout_s,
-                               lingering_time=h.body_timeout_s)
+                               lingering_time=h.body_timeout_s, logger=ServerLog())
         await runner.setup()
         site = DeadlineSite(runner, self.host or None, self.port, h.header_timeout_s,
                             self.app[CTX].arrivals)
