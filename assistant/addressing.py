@@ -22,6 +22,7 @@ import re
 import unicodedata
 from typing import Iterable, Optional
 
+from assistant.audio.wake import phrase_of
 from assistant.config import PersonaLines, WakeConfig
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class Addressing:
         """What the person says to address it: the wake word, or the first wake phrase
         written in the language (Chinese characters for zh); "" with wake.mode none."""
         if self.mode == "word":
-            return self.word_phrase or self.cfg.word.replace("_", " ").title()
+            return self.word_phrase or phrase_of(self.cfg.word)
         if self.mode != "phrase" or not self.cfg.phrases:
             return ""
         zh = (language or "").lower().startswith("zh")
