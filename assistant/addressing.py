@@ -1,4 +1,5 @@
-"""Listening only when addressed (DESIGN 2d): when is speech meant for the assistant?
+"""Listening only when addressed (README.md#listening-only-when-addressed): when is speech
+meant for the assistant?
 
 Speech is addressed when it starts
 - after a wake (the wake word heard on the microphone, or a wake phrase said alone) that is
@@ -21,7 +22,8 @@ import re
 import unicodedata
 from typing import Iterable, Optional
 
-from assistant.config import WakeConfig
+from assistant.audio.wake import phrase_of
+from assistant.config import PersonaLines, WakeConfig
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,26 @@ class Addressing:
             return
         self._busy = max(0, self._busy - 1)
         self._until = self.now + self.cfg.follow_up_s
+
+    def wake_name(self, language: Optional[str]) -> str:
+        """What the person says to address it: the wake word, or the first wake phrase
+        written in the language (Chinese characters for zh); "" with wake.mode none."""
+        if self.mode == "word":
+            return self.word_phrase or phrase_of(self.cfg.word)
+        if self.mode != "phrase" or not self.cfg.phrases:
+            return ""
+        zh = (language or "").lower().startswith("zh")
+        return next((p for p in self.cfg.phrases if bool(re.search(f"[{_CJK}]", p)) == zh),
+                    self.cfg.phrases[0])
+
+    def greeting(self, lines: PersonaLines, language: Optional[str]) -> str:
+        """The line said once when ready: persona greeting, or, when only addressed speech
+        is answered, wake_greeting naming what to say ("Say Okay Nabu to talk to me"), so
+        nobody is left talking to a device that waits for its name. "" for none."""
+        name = self.wake_name(language)
+        if not lines.greeting or not name:
+            return lines.greeting
+        return lines.wake_greeting.replace("{wake}", name)
 
     def not_addressed_note(self) -> str:
         """Why an utterance made no turn, for the logs and `ask`."""

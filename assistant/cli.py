@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--configure", action="store_true",
                    help="then write the keys that select it into the config file")
     _service_root(m)
-    m = msub.add_parser("use", help="write the keys that select a catalogue model into the config file")
+    m = msub.add_parser("use", help="write the keys that select a model (catalogue, whisper size, piper voice) into the config file")
     m.add_argument("name")
     _service_root(m)
     s.set_defaults(func=cmd_models)

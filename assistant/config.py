@@ -67,7 +67,8 @@ def _copy_default(d: Any) -> Any:
 class PersonaLines:
     """What the assistant says by itself, in one language."""
 
-    greeting: str = _f("Hello, I'm listening.", "Spoken once when the daemon is ready; empty for none.")
+    greeting: str = _f("Hello, I'm listening.", "Spoken once when the daemon is ready, when it answers everything it hears (wake.mode none); empty for none, in every mode.")
+    wake_greeting: str = _f("Hello. Say {wake} to talk to me.", "Spoken once when the daemon is ready instead of greeting, when it answers only when addressed (wake.mode word or phrase): {wake} is the wake word, or the first wake phrase of this language. Empty (or greeting empty): none.")
     goodbye: str = _f("Goodbye!", "Spoken when the person says an exit phrase.")
     cleared: str = _f("Okay, I've forgotten our conversation.", "Spoken after a clear phrase.")
     reset: str = _f("Our conversation got too long, so I started a new one.",
@@ -86,7 +87,7 @@ class PersonaLines:
 
 
 _ZH_LINES = PersonaLines(
-    greeting="你好，我在听。", goodbye="再见！", cleared="好的，我已经忘记了我们的对话。",
+    greeting="你好，我在听。", wake_greeting="你好。说“{wake}”来和我说话。", goodbye="再见！", cleared="好的，我已经忘记了我们的对话。",
     reset="我们的对话太长了，我开始了一段新的对话。",
     error="抱歉，我思考的时候出了问题，请再问一次。", too_long="抱歉，这个问题对我来说太长了。",
     full="抱歉，我们的对话太长了。说“清除”重新开始。",
@@ -333,7 +334,7 @@ class DeadlinesConfig:
 @dataclass(frozen=True)
 class WakeConfig:
     mode: Literal["auto", "none", "word", "phrase"] = _f(
-        "auto", "When speech becomes a question: none (everything heard), word (only after the wake word wake.word, heard by a small model on the microphone; other speech is dropped before speech recognition), phrase (only an utterance that starts with one of wake.phrases), or auto: word when the daemon runs as a systemd service (INVOCATION_ID and NOTIFY_SOCKET set) and pymicro-wakeword is installed, else none; `ask` and the demo take auto as none. After a wake, the wake.follow_up_s window and talking over an answer need no wake.")
+        "auto", "When speech becomes a question: none (everything heard), word (only after the wake word wake.word, heard by a small model on the microphone; other speech is dropped before speech recognition), phrase (only an utterance that starts with one of wake.phrases), or auto: word when the daemon runs as a systemd service (INVOCATION_ID and NOTIFY_SOCKET set) and pymicro-wakeword is installed, else none; `ask` and the demo take auto as none. After a wake, the wake.follow_up_s window and talking over an answer need no wake. A config file with no wake: section (one of a release before the wake word) reads as none, with a warning.")
     word: Literal["okay_nabu", "hey_jarvis", "alexa", "hey_mycroft"] = _f(
         "okay_nabu", "The wake word (wake.mode word): okay_nabu, hey_jarvis, alexa or hey_mycroft, models inside the pymicro-wakeword wheel (nothing is downloaded).")
     cutoff: Optional[float] = _f(

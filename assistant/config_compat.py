@@ -15,10 +15,18 @@ Renames, from git history (tests/config_releases/ holds a config of each earlier
   meant "no transcript" -> transcript.enabled: false (the transcript is on by default now,
   but a conversation is not written to disk where the person had not asked for it).
 - llm.on_context_full: clear (until compaction) -> reset: forget the conversation and answer.
+
+Behaviour kept (a section added later whose default would change what the device does):
+
+- wake (until the wake word): a file without a wake: section answered every utterance;
+  today's default (wake.mode auto) makes the installed service answer only after the wake
+  word. Such a file reads as wake.mode none; the service logs one warning naming the key that
+  turns the wake word on. The shipped config.yaml chooses auto in so many words.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -71,6 +79,25 @@ OLD_VALUES: dict[tuple[str, Any], tuple[Any, str]] = {
     ("llm.on_context_full", "clear"): (
         "reset", "reset (forget the conversation, say so, and answer)"),
 }
+
+
+def _service() -> bool:
+    """The installed service (assistant.audio.wake.under_systemd, without its imports)."""
+    return bool(os.environ.get("INVOCATION_ID")) and bool(os.environ.get("NOTIFY_SOCKET"))
+
+
+# Sections whose absence means a file written before them: (section, what such a file
+# meant, when keeping it differs from today's default, the warning's words). Only the
+# section's absence counts: a wake: section without mode: is today's file, with today's
+# default. The warning is given where the default would have changed what the device does
+# (wake.mode auto is none for `ask`, the demo and a daemon run by hand).
+KEPT_BEHAVIOUR: tuple[tuple[str, dict, Callable[[], bool], str], ...] = (
+    ("wake", {"mode": "none"}, _service,
+     "no wake: section (a config of a release before the wake word): the service answers "
+     "every utterance, as before (read as wake.mode: none); set wake.mode: auto (or word) to "
+     "answer only after the wake word \"Okay Nabu\" (wake.word), or write wake.mode: none to "
+     "keep this and silence the warning"),
+)
 
 
 def _get(data: dict, path: str) -> tuple[bool, Any]:
@@ -137,4 +164,9 @@ def upgrade(data: dict, source: str) -> tuple[dict, list[str], dict[str, str]]:
             _section(data, parents, create=False)[last] = new
             warnings.append(f"{source}: {key}: {old} is a value of an earlier release: read as "
                             f"{how}; write {new} in the file")
+    for section, meant, differs, how in KEPT_BEHAVIOUR:
+        if section not in data:
+            data[section] = dict(meant)
+            if differs():
+                warnings.append(f"{source}: {how}")
     return data, warnings, written_as

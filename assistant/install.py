@@ -474,7 +474,10 @@ class Installer:
             scratch = tempfile.mkdtemp(prefix="rkvlm-install-dry-run-")
             os.environ.update(HOME=scratch, XDG_CACHE_HOME=scratch, XDG_CONFIG_HOME=scratch)
         try:
-            rc = self.check(paths.in_tree(load(config), self.root))
+            cfg = load(config)
+            from assistant.audio.wake import in_force
+            self.out(f"  the service {in_force(cfg.wake, service=True)}")  # never silent
+            rc = self.check(paths.in_tree(cfg, self.root))
         except ConfigError as e:
             self.out(f"  ! {e}")
             rc = EX_CONFIG

@@ -3,7 +3,8 @@
 ``list`` shows the portable and board catalogue (assistant.llm.catalog) and the speech
 models (whisper sizes, piper voices) with where each is installed. ``pull NAME`` downloads
 one of them; ``use NAME`` (or ``pull NAME --configure``) writes the keys that select it into
-the config file, changing nothing else in it: comments, order and the person's other settings
+the config file (a catalogue model: the llm/vision keys; a whisper size: asr.model; a piper
+voice: tts.voice or tts.voice_zh by the voice's language), changing nothing else in it: comments, order and the person's other settings
 stay byte for byte (assistant.config_edit), and the result must load before it replaces
 the file.
 """
@@ -71,28 +72,37 @@ def cli_pull(cfg: Config, name: str, models_dir: Path, configure: bool = False,
              config_path: Optional[Path] = None, layout: Optional[paths.Layout] = None) -> int:
     from assistant.audio import model_paths
 
+    if configure and _config_file(cfg, config_path) is None:    # said before the download
+        return EX_CONFIG
     try:
         if catalog.lookup(name) is not None:
             files = catalog.pull(name, models_dir, progress=True)
             print(f"{name} is installed:")
             for p in files:
                 print(f"  {p}")
-            if configure:
-                return cli_use(cfg, name, models_dir, config_path, layout)
-            print(f"use it: rkvlm-assistant models use {name}")
-            return 0
-        if model_paths.is_whisper_name(name):
+        elif model_paths.is_whisper_name(name):
             path = model_paths.pull_whisper(name, cfg.asr, cfg.path)
-            print(f"whisper {name} is installed: {path}\nuse it: asr.model: {name}")
-            return 0
-        if model_paths.is_voice_name(name):
+            print(f"whisper {name} is installed: {path}")
+        elif model_paths.is_voice_name(name):
+            if configure and _voice_key(name) is None:   # refused before the download
+                return _refuse_voice(name, cfg, config_path)
             onnx = model_paths.pull_voice(name, cfg.tts, cfg.path)
-            print(f"piper voice {name} is installed: {onnx}\nuse it: tts.voice (or tts.voice_zh): {name}")
-            return 0
+            print(f"piper voice {name} is installed: {onnx}")
+        else:
+            return _unknown(name)
     except AssistantError as e:
         _err(str(e))
         return e.exit_code
-    _err(f"no model named {name!r}; known: {catalog.names()}, whisper sizes "
+    if configure:
+        return cli_use(cfg, name, models_dir, config_path, layout)
+    print(f"use it: rkvlm-assistant models use {name}")
+    return 0
+
+
+def _unknown(name: str) -> int:
+    from assistant.audio import model_paths
+
+    _err(f"no model named {name!r}; known: catalogue models ({catalog.names()}), whisper sizes "
          f"({', '.join(model_paths.whisper_names())}) and piper voices such as "
          f"{', '.join(model_paths.VOICES)}. See `rkvlm-assistant models list`.")
     return EX_USAGE
@@ -125,24 +135,58 @@ def settings_for(entry: Union[CatalogEntry, BoardEntry], files: list[Path],
     return keys
 
 
-def cli_use(cfg: Config, name: str, models_dir: Path, config_path: Optional[Path] = None,
-            layout: Optional[paths.Layout] = None) -> int:
-    entry = catalog.lookup(name)
-    if entry is None:
-        _err(f"no catalogue model named {name!r}; known models: {catalog.names()}")
-        return EX_USAGE
+# The voice keys by the language of the voice (its name's first part: en_US-joe-medium).
+_VOICE_KEYS = {"en": "tts.voice", "zh": "tts.voice_zh"}
+
+
+def _voice_key(name: str) -> Optional[str]:
+    """tts.voice for an English voice, tts.voice_zh for a Chinese one, None for any other
+    language (the assistant answers in English or Chinese only)."""
+    return _VOICE_KEYS.get(name.split("_", 1)[0].lower())
+
+
+def _config_file(cfg: Config, config_path: Optional[Path]) -> Optional[Path]:
     path = config_path or (Path(cfg.source) if cfg.source not in ("<defaults>", "<string>") else None)
     if path is None:
         _err("`models use` writes the config file, and there is none: pass --config FILE (for "
              "example a copy of the project's config.yaml, or /etc/rkvlm-assistant/config.yaml)")
-        return EX_CONFIG
-    try:
-        files = catalog.resolve_files(entry, models_dir)
-    except ModelMissingError as e:
-        _err(f"{e} (`rkvlm-assistant models pull {name} --configure` downloads and sets it)")
-        return e.exit_code
-    # Under --root the files are written as the installed system will see them.
-    keys = settings_for(entry, [(layout or paths.Layout(False)).target(p) for p in files], cfg)
+    return path
+
+
+def _refuse_voice(name: str, cfg: Config, config_path: Optional[Path]) -> int:
+    where = config_path or cfg.source
+    _err(f"{name} is a voice for neither English nor Chinese, the languages the assistant "
+         f"answers in (tts.voice: English, tts.voice_zh: Chinese); nothing was changed. To have "
+         f"it read every answer anyway, set tts.voice: {name} in {where} by hand")
+    return EX_USAGE
+
+
+def _speech_keys(cfg: Config, name: str) -> tuple[Optional[dict[str, Any]], int]:
+    """The key that selects a whisper size or a piper voice, once it is installed; or
+    (None, exit code) after saying why not."""
+    from assistant.audio import model_paths
+
+    if model_paths.is_whisper_name(name):
+        state = model_paths.whisper_state(name, cfg.asr, cfg.path)
+        if not state.startswith("installed"):
+            _err(f"whisper {name} is not installed (`rkvlm-assistant models pull {name} "
+                 f"--configure` downloads and sets it)")
+            return None, EX_CONFIG
+        return {"asr.model": name}, 0
+    if model_paths.is_voice_name(name):
+        key = _voice_key(name)
+        if key is None:
+            return None, _refuse_voice(name, cfg, None)
+        try:
+            model_paths.resolve_voice(cfg.tts, name, cfg.path, key=key)
+        except ModelMissingError as e:
+            _err(f"{e} (`rkvlm-assistant models pull {name} --configure` downloads and sets it)")
+            return None, e.exit_code
+        return {key: name}, 0
+    return None, _unknown(name)
+
+
+def _write(path: Path, name: str, keys: dict[str, Any]) -> int:
     try:
         set_keys(path, keys)
     except ConfigError as e:
@@ -151,6 +195,31 @@ def cli_use(cfg: Config, name: str, models_dir: Path, config_path: Optional[Path
     print(f"{path}: now using {name}")
     for k, v in keys.items():
         print(f"  {k}: {v if v is not None else 'null'}")
+    return 0
+
+
+def cli_use(cfg: Config, name: str, models_dir: Path, config_path: Optional[Path] = None,
+            layout: Optional[paths.Layout] = None) -> int:
+    entry = catalog.lookup(name)
+    if entry is None:
+        keys, rc = _speech_keys(cfg, name)
+        if keys is None:
+            return rc
+        path = _config_file(cfg, config_path)
+        return EX_CONFIG if path is None else _write(path, name, keys)
+    path = _config_file(cfg, config_path)
+    if path is None:
+        return EX_CONFIG
+    try:
+        files = catalog.resolve_files(entry, models_dir)
+    except ModelMissingError as e:
+        _err(f"{e} (`rkvlm-assistant models pull {name} --configure` downloads and sets it)")
+        return e.exit_code
+    # Under --root the files are written as the installed system will see them.
+    keys = settings_for(entry, [(layout or paths.Layout(False)).target(p) for p in files], cfg)
+    rc = _write(path, name, keys)
+    if rc:
+        return rc
     if isinstance(entry, BoardEntry):
         if entry.max_context is None:
             print(f"  llm.max_context_len stays {cfg.llm.max_context_len}: the model's own limit "

@@ -1,4 +1,5 @@
-"""Where things live: a person's PC and the installed service (DESIGN.md, 2c).
+"""Where things live: a person's PC and the installed service
+(README.md#where-the-service-keeps-its-files).
 
 One rule for every command: the assistant's files are under ``$XDG_DATA_HOME/rkvlm-assistant``
 (catalogue models, voices), ``$XDG_STATE_HOME/rkvlm-assistant`` (transcript, prompt cache),

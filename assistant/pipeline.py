@@ -36,7 +36,7 @@ from assistant.audio.sentences import SentenceSplitter
 from assistant.audio.smart_turn import make_turn_ender
 from assistant.audio.vad import Endpointer, SpeechDiscarded, SpeechStarted, Utterance
 from assistant.audio.voice_out import VoiceOut
-from assistant.audio.wake import WakeListener, resolve_mode
+from assistant.audio.wake import WakeListener, in_force, resolve_mode
 from assistant.config import Config
 from assistant.conversation import Conversation, Request, TurnGate
 from assistant.errors import AssistantError, ContextFullError, DeviceError
@@ -126,6 +126,7 @@ class Pipeline:
         self._exit_code: Optional[int] = None
         # Listening only when addressed; ``service``: the installed daemon (wake.mode auto).
         mode = resolve_mode(cfg.wake, service=service)
+        log.info("the assistant %s", in_force(cfg.wake, service=service))
         self.wake = WakeListener(cfg.wake) if mode == "word" else None
         self.addressing = Addressing(cfg.wake, mode, self.wake.phrase if self.wake else None)
         self._addressed = ""          # why the speech in progress is addressed; "": it is not
@@ -139,11 +140,12 @@ class Pipeline:
 
     async def run(self, greet: bool = True) -> int:
         """Serve until the source ends (a file) or an exit phrase says stop; returns the exit code."""
-        greeting = self.cfg.persona.lines(self._reply_language(None)).greeting
+        language = self._reply_language(None)
+        greeting = self.addressing.greeting(self.cfg.persona.lines(language), language)
         if self.wake is not None:
             await self.wake.load()
         if greet and greeting:
-            await self.voice.say([greeting], self._reply_language(None))
+            await self.voice.say([greeting], language)
         if self.turn_end is not None and not self.turn_end.model.loaded:
             await asyncio.to_thread(self.turn_end.model.load)
         self._update_state()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from assistant import config
-from assistant.config import Config, ConfigError, parse
+from assistant.config import Config, ConfigError, WakeConfig, parse
 from assistant.config_doc import default_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,9 @@ def test_broken_yaml_and_wrong_top_level():
         parse("llm:\n  backend: [llamacpp\n", "my.yaml")
     with pytest.raises(ConfigError, match="expected a mapping of sections"):
         parse("- a\n- b\n", "my.yaml")
-    assert parse("", "empty.yaml") == Config(source="empty.yaml")
+    # Every default, but for the wake section it does not have: a file without one answers
+    # every utterance, as before the wake word (config_compat; tests/test_wake_upgrade.py).
+    assert parse("", "empty.yaml") == Config(source="empty.yaml", wake=WakeConfig(mode="none"))
 
 
 def test_missing_files_are_all_reported(tmp_path):
@@ -169,6 +171,9 @@ def test_a_config_of_an_earlier_release_loads_with_its_values(path):
             assert cfg.llm.on_context_full == "reset"      # the same behaviour, renamed
             continue
         assert _value(cfg, key) == value, key
+    # No earlier release had a wake: section: each answered every utterance, and still does.
+    assert "wake" not in yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert cfg.wake.mode == "none"
     if first:
         assert cfg.persona.en.greeting == old["persona.greeting"]
         assert cfg.persona.en.goodbye == old["persona.goodbye"]

@@ -34,7 +34,10 @@ def test_the_service_answers_only_after_the_wake_word(tmp_path, spoken, monkeypa
     write_text_model(tmp_path / "tiny.gguf", scripted_reply=REPLY)
     proc, sock = start_daemon(tmp_path, fake, BASE_CONFIG.replace("camera: {source: scene.jpg}",
                                                                   "camera: {source: null}")
-                              + "llm: {llamacpp: {model: tiny.gguf}}\nvision: {encoder: none}\n")
+                              + "llm: {llamacpp: {model: tiny.gguf}}\nvision: {encoder: none}\n"
+                              # chosen: a file without a wake: section keeps answering
+                              # everything (tests/test_wake_upgrade.py)
+                              + "wake: {mode: auto}\n")
     rows_file = tmp_path / "turns.jsonl"
     end = time.monotonic() + 180
     while time.monotonic() < end and proc.poll() is None and not (

@@ -144,6 +144,29 @@ def resolve_mode(cfg: WakeConfig, *, service: bool) -> str:
     return "word" if service and available() else "none"
 
 
+def phrase_of(word: str) -> str:
+    """What a person says for wake.word (okay_nabu -> "Okay Nabu"), also without the wheel."""
+    try:
+        return builtin(word).phrase
+    except ModelMissingError:
+        return word.replace("_", " ").title()
+
+
+def in_force(cfg: WakeConfig, *, service: bool) -> str:
+    """What the daemon answers with this wake section (auto decided), as words that follow
+    "the service ...", for `install` and the start-up log: a board that waits for its name
+    says so."""
+    mode = resolve_mode(cfg, service=service)
+    chosen = f"wake.mode {cfg.mode}" + (f", here {mode}" if cfg.mode == "auto" else "")
+    if mode == "word":
+        return (f"answers only after the wake word \"{phrase_of(cfg.word)}\" ({chosen}; "
+                f"wake.mode: none answers everything it hears)")
+    if mode == "phrase":
+        return (f"answers only speech that starts with a wake phrase ({', '.join(cfg.phrases)}) "
+                f"({chosen}; wake.mode: none answers everything it hears)")
+    return f"answers everything it hears ({chosen}; wake.mode: word needs the wake word first)"
+
+
 class WakeListener:
     """A WakeWord driven from the event loop: each frame goes to one worker thread of its own
     (the model keeps state between frames, so one thread, in frame order), and the loop

@@ -174,11 +174,11 @@ class RkllmBackend(LLMBackend):
         if path is None:
             raise ModelMissingError(
                 "llm.rkllm.model is not set: point it at the .rkllm model converted with "
-                "rkllm-toolkit for this board (see docs/board.md)")
+                "rkllm-toolkit for this board (see README.md#where-the-model-files-go)")
         if not path.is_file():
             raise ModelMissingError(
                 f"llm.rkllm.model: {path} not found: copy the .rkllm model there or fix the "
-                f"path (see docs/board.md)")
+                f"path (see README.md#where-the-model-files-go)")
         return path
 
     def load(self) -> None:

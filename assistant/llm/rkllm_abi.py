@@ -408,8 +408,8 @@ def choose_abi(setting: str, path: Optional[Path]) -> tuple[str, Abi]:
         raise BackendError(
             f"{where} is RKLLM runtime {found}; this program binds runtime {supported} "
             f"(their structs differ, a wrong binding crashes). Install librkllmrt.so from an "
-            f"rknn-llm release {supported} (see docs/board.md), with models converted by the "
-            f"same release's rkllm-toolkit.")
+            f"rknn-llm release {supported} (see README.md#the-runtime-version), with models "
+            f"converted by the same release's rkllm-toolkit.")
     if setting == "auto":
         if found is None:
             raise BackendError(
@@ -499,7 +499,7 @@ def open_runtime(rk: RkllmConfig, resolve_path: PathResolver = plain_path
         if path is None or not path.is_file():
             raise BackendError(
                 f"llm.rkllm.library: {path} not found: install librkllmrt.so from an "
-                f"rknn-llm release (see docs/board.md) or fix the path")
+                f"rknn-llm release (see README.md#installing-the-runtimes) or fix the path")
         target = str(path)
     else:
         target = value  # a name the dynamic loader searches for
@@ -508,8 +508,9 @@ def open_runtime(rk: RkllmConfig, resolve_path: PathResolver = plain_path
     except OSError as e:
         raise BackendError(
             f"cannot load the RKLLM runtime {target} ({e}): install librkllmrt.so from an "
-            f"rknn-llm release (see docs/board.md) or set llm.rkllm.library to its path. "
-            f"It runs only on RK3576 / RK3588 boards; elsewhere use llm.backend: llamacpp."
+            f"rknn-llm release (see README.md#installing-the-runtimes) or set "
+            f"llm.rkllm.library to its path. It runs only on RK3576 / RK3588 boards; elsewhere "
+            f"use llm.backend: llamacpp."
         ) from None
     lib_path = loaded_path(lib) or (Path(target) if "/" in target else None)
     version, abi = choose_abi(rk.runtime_version, lib_path)
@@ -518,5 +519,5 @@ def open_runtime(rk: RkllmConfig, resolve_path: PathResolver = plain_path
         raise BackendError(
             f"{lib_path or target} lacks {', '.join(missing)}: it is older than RKLLM runtime "
             f"1.2.1. Install librkllmrt.so from an rknn-llm release "
-            f"{', '.join(SUPPORTED_VERSIONS)} (see docs/board.md).")
+            f"{', '.join(SUPPORTED_VERSIONS)} (see README.md#the-runtime-version).")
     return lib, lib_path, version, abi

@@ -54,9 +54,9 @@ def import_rknnlite() -> Any:
         raise BackendError(
             f"vision.encoder: rknn needs rknn-toolkit-lite2 (the rknnlite package), which runs "
             f"only on aarch64 Rockchip boards (RK3576 / RK3588); it cannot be imported on this "
-            f"{platform.machine()} machine ({e}). On a board, install it (see docs/board.md); "
-            f"anywhere else use the portable backends: vision.encoder: llamacpp and "
-            f"llm.backend: llamacpp.") from None
+            f"{platform.machine()} machine ({e}). On a board, install it (see "
+            f"README.md#installing-the-runtimes); anywhere else use the portable backends: "
+            f"vision.encoder: llamacpp and llm.backend: llamacpp.") from None
     return RKNNLite
 
 
@@ -125,11 +125,11 @@ class RknnEncoder(VisionEncoder):
         if path is None:
             raise ModelMissingError(
                 "vision.rknn.model is not set: point it at the vision encoder .rknn converted "
-                "with rknn-toolkit2 for this board (see docs/board.md)")
+                "with rknn-toolkit2 for this board (see README.md#where-the-model-files-go)")
         if not path.is_file():
             raise ModelMissingError(
                 f"vision.rknn.model: {path} not found: copy the .rknn vision encoder there or "
-                f"fix the path (see docs/board.md)")
+                f"fix the path (see README.md#where-the-model-files-go)")
         return path
 
     def load(self) -> None:
