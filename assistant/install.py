@@ -533,7 +533,7 @@ class Installer:
             return True
         self.out(f"  ! check found problems (exit {rc}), see above. The service is installed and "
                  f"enabled but not started: put the missing model files where the lines above "
-                 f"say (or `rkvlm-assistant models pull NAME`), fix {CONFIG}, run "
+                 f"say (or `sudo rkvlm-assistant models pull NAME`), fix {CONFIG}, run "
                  f"`sudo rkvlm-assistant check --config {CONFIG}`, then "
                  f"`sudo systemctl start rkvlm-assistant`")
         return False
@@ -574,7 +574,10 @@ class Installer:
             return False
 
     def _enable_offline(self) -> None:
-        if shutil.which("systemctl"):
+        # systemctl --root does not find a unit whose directory is a link (to the board's
+        # own path): then the link below, which is what `enable` makes.
+        linked = self.path(UNIT_DIR) != self.root / UNIT_DIR.lstrip("/")
+        if shutil.which("systemctl") and not linked:
             self.run(["systemctl", f"--root={self.root}", "enable", UNIT_NAME])
             return
         # What `enable` does for WantedBy=multi-user.target.

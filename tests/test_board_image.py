@@ -261,14 +261,39 @@ def test_root_on_an_installed_machine_takes_the_services_column(root, monkeypatc
     monkeypatch.setattr(paths, "SYSTEM_CONFIG", str(root / CONFIG))
     monkeypatch.setattr(paths.os, "geteuid", lambda: 1000)
     assert paths.choose(None) == paths.Layout(service=False)   # a person: no system config
+    # Root on a machine without an installed service is a person too (its own ~/.cache,
+    # ./config.yaml). Bug caught: root always taking the service's paths (paths.choose
+    # testing the uid alone), so `sudo rkvlm-assistant models pull` on a PC writes
+    # /var/cache/rkvlm-assistant.
+    monkeypatch.setattr(paths.os, "geteuid", lambda: 0)
+    assert paths.choose(None) == paths.Layout(service=False)
+    monkeypatch.setattr(paths.os, "geteuid", lambda: 1000)
     (root / CONFIG).parent.mkdir(parents=True)
     (root / CONFIG).write_text("{}\n")
     assert paths.choose(None) == paths.Layout(service=False)   # a person, even so
     monkeypatch.setattr(paths.os, "geteuid", lambda: 0)
     layout = paths.choose(None)
-    assert layout == paths.Layout(service=True) and layout.config_search() == [root / CONFIG]
+    assert layout == paths.Layout(service=True)
+    assert layout.config_search() == [root / CONFIG]
     with pytest.raises(ValueError, match="no installation under"):
         paths.choose(str(root / "elsewhere"))
+
+
+def test_the_services_hub_cache_wins_over_roots_hf_hub_cache(root, monkeypatch):
+    """Root's own HF_HUB_CACHE (set in a shell profile) would send `sudo rkvlm-assistant
+    models pull` into a cache the service never reads. Bug caught: enter() not clearing it."""
+    from assistant import paths
+
+    (root / CONFIG).parent.mkdir(parents=True)
+    (root / CONFIG).write_text("{}\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(root / "roots-own-cache"))
+    saved = paths.enter(paths.choose(str(root)))
+    try:
+        assert "HF_HUB_CACHE" not in os.environ
+        assert paths.hub_cache() == root / "var/cache/rkvlm-assistant/huggingface/hub"
+    finally:
+        paths.leave(saved)
+    assert os.environ["HF_HUB_CACHE"] == str(root / "roots-own-cache")   # given back
 
 
 

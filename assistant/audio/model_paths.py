@@ -399,6 +399,9 @@ def pull_voice(name: str, cfg: TtsConfig, resolve_path: Optional[PathResolver] =
     target = vdir / f"{name}.onnx"
     if target.is_file() and target.with_name(target.name + ".json").is_file():
         return target
+    packaged = _packaged_voice(name)       # as pull_whisper: an installed package is enough
+    if packaged is not None and packaged.is_file():
+        return packaged
     if _hub_offline():
         raise DownloadError(
             f"cannot download the piper voice {name}: HF_HUB_OFFLINE is set. Put {name}.onnx "
