@@ -40,7 +40,7 @@ def test_the_names_are_the_configs_speech_models_not_its_paths():
 def test_the_backend_decides_the_extras():
     """`sudo make install` with the shipped llm.backend: llamacpp must install llama.cpp
     (EXTRAS=board alone left the service unable to start)."""
-    assert install_models.extras_for(parse("llm: {backend: llamacpp}\n")) == ["portable"]
+    assert install_models.extras_for(parse("llm: {backend: llamacpp}\nvision: {encoder: none}\n")) == ["portable"]
     assert install_models.extras_for(parse("llm: {backend: rkllm}\nvision: {encoder: rknn}\n")) == []
     assert install_models.extras_for(parse("llm: {backend: rkllm}\nvision: {encoder: llamacpp}\n")) == ["portable"]
 
