@@ -9,6 +9,12 @@ Environment=, User=/Group=, UMask=, WorkingDirectory=, StateDirectory=/CacheDire
 ExecStart= read from R's unit file, every absolute path mapped under R. It must answer with
 the pulled model, offline (the unit's HF_HUB_OFFLINE), and `history` run as the README says
 must show its turn.
+
+The README's Board notes walk-through, as written (`test_the_readme_board_walkthrough_...`):
+`sudo make install` (its recipe from `make -n`), `models pull NAME --configure`, `systemctl
+start`, then `run` in the unit's sandbox (ProtectSystem=strict, PrivateTmp=yes, in a mount
+namespace of its own) on a microphone that keeps time: the greeting, then a question after
+the wake word, answered on the speaker; again as an upgrade from the oldest release's config.
 """
 
 from __future__ import annotations

@@ -119,21 +119,24 @@ def test_a_planted_link_in_the_services_directory_is_not_chmodded(tmp_path, outs
 
 @as_root
 @pytest.mark.parametrize("relative", [True, False], ids=["dotdot-link", "absolute-link"])
-def test_history_root_changes_nothing_outside(tmp_path, outside, checkout, capsys, relative):
+@pytest.mark.parametrize("linked", ["transcript", "hub-cache"])
+def test_history_root_changes_nothing_outside(tmp_path, outside, checkout, capsys, relative,
+                                              linked):
     """Bug caught: `history --root` handing an outside file to the service user (its
     hand-over walked a linked directory), or reading an outside transcript."""
     root = make_root(tmp_path)
     installer(root)[0].install()
-    state = root / "var/lib/rkvlm-assistant"
-    (state / "transcript.jsonl").symlink_to(
-        os.path.relpath(outside / "victim", state) if relative else str(outside / "victim"))
-    (root / "var/cache/rkvlm-assistant/huggingface").rmdir()   # empty after install
-    link(root, "/var/cache/rkvlm-assistant/huggingface", outside / "cache", relative)
+    (outside / "victim").write_text('{"turn": 1, "transcript": "outside words", "answer": "x"}\n')
+    if linked == "transcript":
+        link(root, "/var/lib/rkvlm-assistant/transcript.jsonl", outside / "victim", relative)
+    else:
+        (root / "var/cache/rkvlm-assistant/huggingface").rmdir()   # empty after install
+        link(root, "/var/cache/rkvlm-assistant/huggingface", outside / "cache", relative)
     before = snapshot(outside)
     rc = main(["history", "--root", str(root)])
     out = capsys.readouterr()
     assert snapshot(outside) == before
-    assert "root's own file" not in out.out + out.err
+    assert "outside words" not in out.out + out.err
     if relative:
         assert rc == 78 and "leads out of" in out.err, out
 
@@ -271,3 +274,33 @@ def test_cli_has_fix_permissions():
     r = subprocess.run([sys.executable, "-m", "assistant", "install", "--help"],
                        capture_output=True, text=True, timeout=60)
     assert "--fix-permissions" in r.stdout and "--no-models" in r.stdout
+
+
+@as_root
+@pytest.mark.parametrize("relative", [True, False], ids=["dotdot-link", "absolute-link"])
+def test_models_pull_root_downloads_inside_the_tree(tmp_path, outside, checkout, capsys,
+                                                    monkeypatch, relative):
+    """`models pull NAME --root R` with the service's hub cache linked out of the tree.
+    Bug caught: the download (and its hand-over to the service user) landing outside."""
+    from assistant.llm import catalog
+    from hub_server import HubServer
+
+    root = make_root(tmp_path)
+    installer(root)[0].install()
+    (root / "var/cache/rkvlm-assistant/huggingface").rmdir()
+    link(root, "/var/cache/rkvlm-assistant/huggingface", outside / "cache", relative)
+    entry = catalog.CATALOG["internvl3-1b"]
+    before = snapshot(outside)
+    with HubServer() as hub:
+        hub.add(entry.repo, entry.model.name, b"GGUF model")
+        hub.add(entry.repo, entry.mmproj.name, b"GGUF mmproj")
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        rc = main(["models", "pull", "internvl3-1b", "--root", str(root)])
+    err = capsys.readouterr().err
+    assert snapshot(outside) == before
+    if relative:
+        assert rc == 78 and "leads out of" in err, err
+    else:
+        assert rc == 0, err
+        inner = root / str(outside / "cache").lstrip("/")
+        assert len(list(inner.glob("hub/models--*/blobs/*"))) == 2
