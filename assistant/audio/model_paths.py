@@ -55,11 +55,15 @@ def data_home() -> Path:
 
 
 def _module_dir(module: str, sub: str) -> Optional[Path]:
-    """``<package>/<sub>`` of an installed package, or None when it is not installed."""
+    """``<package>/<sub>`` of an installed package, or None when it is not installed (or
+    holds no such folder: a package without its model is no model)."""
     if importlib.util.find_spec(module) is None:
         return None
     mod = importlib.import_module(module)
-    return Path(mod.__file__).resolve().parent / sub
+    if not getattr(mod, "__file__", None):
+        return None
+    d = Path(mod.__file__).resolve().parent / sub
+    return d if d.is_dir() else None
 
 
 # --------------------------------------------------------------------------- whisper
@@ -321,7 +325,7 @@ def whisper_state(name: str, cfg: AsrConfig, resolve_path: Optional[PathResolver
     resolve = resolve_path or _plain_path
     root = resolve(cfg.download_root) if cfg.download_root else None
     spec = PACKAGED_WHISPER.get(name)
-    if spec is not None and all(importlib.util.find_spec(m) for m in spec.modules):
+    if spec is not None and all(_module_dir(m, spec.sub) for m in spec.modules):
         return f"installed (PyPI package {' + '.join(spec.packages)})"
     try:
         path = download_model(name, local_files_only=True, cache_dir=_hub_dir(root))
