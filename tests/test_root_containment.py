@@ -304,3 +304,21 @@ def test_models_pull_root_downloads_inside_the_tree(tmp_path, outside, checkout,
         assert rc == 0, err
         inner = root / str(outside / "cache").lstrip("/")
         assert len(list(inner.glob("hub/models--*/blobs/*"))) == 2
+
+
+def test_doctor_root_reads_the_boards_links_inside_the_copy(tmp_path, capsys):
+    """`doctor --root COPY`: /proc/device-tree is an absolute link on a board; it must be
+    read inside the copy, not on this machine. Bug caught: doctor joining paths itself."""
+    root = tmp_path / "copy"
+    base = root / "sys/firmware/devicetree/base"
+    base.mkdir(parents=True)
+    (base / "compatible").write_bytes(b"radxa,rock-5b\0rockchip,rk3588\0")
+    (root / "proc").mkdir()
+    (root / "proc/device-tree").symlink_to("/sys/firmware/devicetree/base")
+    main(["doctor", "--root", str(root)])
+    assert "SoC RK3588 (radxa,rock-5b, rockchip,rk3588)" in capsys.readouterr().out
+    (root / "proc/device-tree").unlink()
+    (root / "proc/device-tree").symlink_to("../../../..")
+    rc = main(["doctor", "--root", str(root)])
+    out = capsys.readouterr()
+    assert rc != 0 and "/proc/device-tree/compatible leads out of" in out.out + out.err, out
