@@ -32,10 +32,12 @@ test: venv
 demo: venv
 	$(BIN)/python -m assistant demo
 
-# On a board: `sudo make install` (EXTRAS=board,portable for the llama.cpp backend): the venv
-# with the board's extras, then the service (user, unit, config, state dirs, the command in
-# /usr/local/bin; see README.md). An upgrade is `git pull && sudo make install`: config,
-# models and transcript are kept, a running service restarts once.
+# On a board: `sudo make install`: the venv with the board's extras and those the config's
+# backend needs (llm.backend: llamacpp adds `portable`; the installed config when there is
+# one, else ./config.yaml), then the service (user, unit, config, state dirs, the command in
+# /usr/local/bin, the config's speech models; see README.md). An upgrade is
+# `git pull && sudo make install`: config, models and transcript are kept, a running service
+# restarts once.
 EXTRAS ?= board
 # What the service needs at run time (PortAudio); the test tools (a browser) are not.
 board-deps:
@@ -49,6 +51,9 @@ board-deps:
 install: board-deps
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	@more=$$($(BIN)/python -m assistant.install_models); if [ -n "$$more" ]; then \
+	  echo "the config's backend needs the extras: $$more"; \
+	  $(BIN)/pip install -q -e ".[$(EXTRAS),$$more]"; fi
 	$(BIN)/rkvlm-assistant install
 
 uninstall:

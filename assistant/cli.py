@@ -260,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--dry-run", action="store_true", help="print each action, change nothing")
         if name == "install":
             s.add_argument("--no-check", action="store_true", help="skip `check` of the installed config")
+            s.add_argument("--no-models", action="store_true",
+                           help="skip `models pull` of the config's speech models")
+            s.add_argument("--fix-permissions", action="store_true",
+                           help="make a config holding a secret (http.api_key) 0640 root:rkvlm")
         s.set_defaults(func=func)
     # --config after the command too (`rkvlm-assistant run --config FILE`, as the unit says).
     parsers = list(sub.choices.values()) + list(msub.choices.values())
@@ -272,10 +276,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.layout = _layout(args)
+        saved = paths.enter(args.layout)   # ValueError: no installation, or a link out of --root
     except ValueError as e:
         print(f"rkvlm-assistant {args.cmd}: {e}", file=sys.stderr)
         return EX_CONFIG
-    saved = paths.enter(args.layout)
     try:
         return _main(args)
     finally:
@@ -306,6 +310,9 @@ def _main(args) -> int:
     except AssistantError as e:
         print(f"rkvlm-assistant: {e}", file=sys.stderr)
         return e.exit_code
+    except paths.root_paths.OutsideRoot as e:   # --root: a link out of the tree
+        print(f"rkvlm-assistant {args.cmd}: {e}", file=sys.stderr)
+        return EX_CONFIG
     except KeyboardInterrupt:
         return 0 if args.cmd in ("run", "serve") else 130
 

@@ -45,9 +45,10 @@ class ConfigError(Exception):
 
 
 def _f(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
-       file: bool = False) -> Any:
-    """A field with its documentation; lo/hi bound numbers, file marks a model-file path."""
-    meta = {"doc": doc, "lo": lo, "hi": hi, "file": file}
+       file: bool = False, secret: bool = False) -> Any:
+    """A field with its documentation; lo/hi bound numbers, file marks a model-file path,
+    secret a value only the service may read (`install` warns when others can)."""
+    meta = {"doc": doc, "lo": lo, "hi": hi, "file": file, "secret": secret}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda d=default: _copy_default(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -283,7 +284,7 @@ class LoggingConfig:
 class HttpConfig:
     enabled: bool = _f(True, "Serve the OpenAI-compatible API and the web page while `run` runs (`serve` runs it alone).")
     listen: str = _f("127.0.0.1:8088", "HOST:PORT to listen on. Any address but loopback needs http.api_key.")
-    api_key: Optional[str] = _f(None, "Bearer key every request must carry (the page asks for it once); null: none (loopback only).")
+    api_key: Optional[str] = _f(None, "Bearer key every request must carry (the page asks for it once); null: none (loopback only).", secret=True)
     max_body_mb: float = _f(20.0, "Largest request body in megabytes (images and audio included).", lo=0.1, hi=1000.0)
     max_image_pixels: int = _f(16_000_000, "Largest decoded image in pixels (width x height); larger ones are refused before decoding.", lo=1024, hi=400_000_000)
     max_queue: int = _f(8, "Requests that may wait for the model at once; more get 503 with Retry-After.", lo=0, hi=1000)

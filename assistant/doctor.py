@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from assistant import root_paths
 from assistant.config import Config
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,11 @@ class Report:
 # --------------------------------------------------------------------------- readers
 
 def _under(root: Path, path: str) -> Path:
-    return root / path.lstrip("/")
+    # Links resolved inside the tree, as the board sees them (/proc/device-tree is one);
+    # root_paths.OutsideRoot for one that leaves it.
+    if Path(root) == Path("/"):
+        return Path(root) / path.lstrip("/")
+    return root_paths.resolve(root, path)
 
 
 def read_chip(root: Path) -> tuple[Optional[str], str]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from assistant import paths
+from assistant import install_models, install_secret, paths, root_paths
 
 log = logging.getLogger(__name__)
 
@@ -276,11 +276,7 @@ class Accounts:
             _write_atomic(db, "\n".join(lines) + "\n", db.stat().st_mode & 0o7777)
 
 
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+_write_atomic = root_paths.write_atomic
 
 
 # ---------------------------------------------------------------------------- the installer
@@ -294,18 +290,23 @@ class Installer:
     exec_start: str = field(default_factory=entry_point)
     checkout: Path = REPO
     out: Callable[[str], None] = print
+    # --fix-permissions: a config holding a secret that others can read becomes 0640 root:rkvlm.
+    fix_permissions: bool = False
+    # pull(names, root, out) -> names not installed; None skips the speech models.
+    pull: Optional[Callable[[list[str], Path, Callable[[str], None]], list[str]]] = None
 
     def __post_init__(self) -> None:
-        self.root = Path(self.root).absolute()
+        self.root = Path(os.path.realpath(self.root))
         self.accounts = Accounts(self)
 
     @property
     def is_host(self) -> bool:
         return self.root == Path("/")
 
-    def path(self, target_path: str) -> Path:
-        """A path of the target system, under the root."""
-        return self.root / target_path.lstrip("/")
+    def path(self, target_path: str, follow_last: bool = True) -> Path:
+        """A path of the target system, under the root, every link resolved inside the tree
+        (root_paths.OutsideRoot for one that leaves it)."""
+        return root_paths.resolve(self.root, target_path, follow_last)
 
     # --- reporting and acting
     def note(self, text: str) -> None:
@@ -337,15 +338,16 @@ class Installer:
         uid, gid = self.accounts.uid(USER), self.accounts.gid(USER)
         return (-1 if uid is None else uid, -1 if gid is None else gid)
 
-    def _chown(self, path: Path, uid: int, gid: int) -> None:
-        # Only root can give files away; a non-root --root run leaves them to the caller.
-        if os.geteuid() == 0 and (uid >= 0 or gid >= 0):
-            os.chown(path, uid, gid)
-
     def _dir(self, target_path: str, mode: int, uid: int, gid: int, fix: bool = True) -> None:
-        """Make a directory; with ``fix``, also give an existing one this mode and owner."""
-        p = self.path(target_path)
-        st = p.stat() if p.is_dir() else None
+        """Make a directory; with ``fix``, also give an existing one this mode and owner. A
+        link where the directory should be is left as it is, named (never followed: the
+        service user could have planted it)."""
+        p = self.path(target_path, follow_last=False)
+        if p.is_symlink():
+            self.out(f"  ! {target_path} is a symbolic link (to {os.readlink(p)}): left as it "
+                     f"is, its owner and mode unchanged")
+            return
+        st = root_paths.lstat_dir(p)
         right = st is not None and (not fix or st.st_mode & 0o7777 == mode and (
             os.geteuid() != 0 or ((uid < 0 or st.st_uid == uid) and (gid < 0 or st.st_gid == gid))))
         if right:
@@ -353,10 +355,19 @@ class Installer:
             return
 
         def make() -> None:
-            p.mkdir(parents=True, exist_ok=True)
-            os.chmod(p, mode)
-            self._chown(p, uid, gid)
+            self._mkdirs(p.parent)
+            try:
+                p.mkdir()
+            except FileExistsError:
+                pass
+            root_paths.set_owner_mode(p, mode, uid, gid)
         self.act(f"directory {target_path}/ ({mode:04o} {_who(uid, gid)})", make)
+
+    def _mkdirs(self, p: Path) -> None:
+        """The parents of a path already resolved inside the tree (none of them a link)."""
+        if not self.is_host and not root_paths.inside(self.root, p):
+            raise root_paths.OutsideRoot(f"{p} is outside {self.root}")
+        p.mkdir(parents=True, exist_ok=True)
 
     def _file(self, target_path: str, text: str, mode: int, uid: int, gid: int,
               keep_existing: bool = False) -> bool:
@@ -367,9 +378,8 @@ class Installer:
             return False
 
         def write() -> None:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(p, text, mode)
-            self._chown(p, uid, gid)
+            self._mkdirs(p.parent)
+            _write_atomic(p, text, mode, uid, gid)
         self.act(f"write {target_path} ({mode:04o} {_who(uid, gid)})", write)
         return True
 
@@ -395,10 +405,12 @@ class Installer:
         self._dir(str(Path(CONFIG).parent), 0o755, 0, 0, fix=False)  # the admin's directory
         # Readable by the service's group only: it may come to hold an API key.
         self._file(CONFIG, config_src.read_text(), 0o640, 0, gid, keep_existing=True)
+        install_secret.review(self, self.path(CONFIG), CONFIG, gid, self.fix_permissions)
         for d, mode in STATE_DIRS:
             self._dir(d, mode, uid, gid)
         self._move_earlier()
         self._command()
+        self._speech_models()
 
         check_ok = self._check(unit)
         self._enable_and_start(start=check_ok)
@@ -436,7 +448,7 @@ class Installer:
 
     def _command(self) -> None:
         """/usr/local/bin/rkvlm-assistant: sudo's PATH, a wrapper into this installation."""
-        p = self.path(COMMAND)
+        p = self.path(COMMAND, follow_last=False)
         if (p.exists() or p.is_symlink()) and not _is_our_wrapper(p):
             self.out(f"  ! {COMMAND} exists and was not written by install: kept (run this "
                      f"installation's command as {shlex.split(self.exec_start)[0]})")
@@ -444,6 +456,28 @@ class Installer:
         text = (f"#!/bin/sh\n{_WRAPPER_MARK} from {self.checkout}; `rkvlm-assistant uninstall` "
                 f"removes it.\nexec {shlex.join(shlex.split(self.exec_start))} \"$@\"\n")
         self._file(COMMAND, text, 0o755, 0, 0)
+
+    def _speech_models(self) -> None:
+        """The whisper model and voice(s) the installed config names, through `models pull`
+        into the service's directories; one that cannot be had now is named with its command."""
+        from assistant.config import ConfigError, load
+
+        if self.pull is None:
+            self.note("speech models skipped")
+            return
+        config = self.path(CONFIG)
+        if self.dry_run and not config.exists():
+            config = self.checkout / "config.yaml"
+        try:
+            names = install_models.speech_names(load(config))
+        except ConfigError:
+            return                          # `check` reports it
+        if self.dry_run:
+            for name in names:
+                self.out(f"  + rkvlm-assistant models pull {name}"
+                         + ("" if self.is_host else f" --root {self.root}"))
+            return
+        self.pull(names, self.root, self.out)
 
     def _service_env(self, unit: str) -> dict[str, str]:
         """The unit's Environment= (HOME, XDG_*...), paths under the root: check then looks
@@ -466,6 +500,8 @@ class Installer:
         from assistant.config import ConfigError, load
         saved = dict(os.environ)
         os.environ.update(self._service_env(unit))
+        # The service's paths, resolved inside the tree; its messages name root's commands.
+        saved_root, paths._entered_root = paths._entered_root, self.root
         scratch = None
         if self.dry_run:
             # Probing sound devices makes the audio libraries write their client config under
@@ -484,6 +520,7 @@ class Installer:
         finally:
             os.environ.clear()
             os.environ.update(saved)
+            paths._entered_root = saved_root
             if scratch:
                 shutil.rmtree(scratch, ignore_errors=True)
         if not self.dry_run:
@@ -499,7 +536,7 @@ class Installer:
             return True
         self.out(f"  ! check found problems (exit {rc}), see above. The service is installed and "
                  f"enabled but not started: put the missing model files where the lines above "
-                 f"say (or `rkvlm-assistant models pull NAME`), fix {CONFIG}, run "
+                 f"say (or `sudo rkvlm-assistant models pull NAME`), fix {CONFIG}, run "
                  f"`sudo rkvlm-assistant check --config {CONFIG}`, then "
                  f"`sudo systemctl start rkvlm-assistant`")
         return False
@@ -540,17 +577,20 @@ class Installer:
             return False
 
     def _enable_offline(self) -> None:
-        if shutil.which("systemctl"):
+        # systemctl --root does not find a unit whose directory is a link (to the board's
+        # own path): then the link below, which is what `enable` makes.
+        linked = self.path(UNIT_DIR) != self.root / UNIT_DIR.lstrip("/")
+        if shutil.which("systemctl") and not linked:
             self.run(["systemctl", f"--root={self.root}", "enable", UNIT_NAME])
             return
         # What `enable` does for WantedBy=multi-user.target.
-        link = self.path(f"{UNIT_DIR}/multi-user.target.wants/{UNIT_NAME}")
+        link = self.path(f"{UNIT_DIR}/multi-user.target.wants/{UNIT_NAME}", follow_last=False)
         if link.is_symlink():
             self.note(f"{UNIT_NAME} enabled")
             return
 
         def make() -> None:
-            link.parent.mkdir(parents=True, exist_ok=True)
+            self._mkdirs(link.parent)
             link.symlink_to(f"{UNIT_DIR}/{UNIT_NAME}")
         self.act(f"link {link.relative_to(self.root)} -> {UNIT_DIR}/{UNIT_NAME}", make)
 
@@ -558,7 +598,7 @@ class Installer:
     def uninstall(self) -> int:
         self.out(f"uninstalling rkvlm-assistant from {self.root}"
                  + (" (dry run: nothing is changed)" if self.dry_run else ""))
-        unit = self.path(f"{UNIT_DIR}/{UNIT_NAME}")
+        unit = self.path(f"{UNIT_DIR}/{UNIT_NAME}", follow_last=False)
         if self.is_host and RUN_SYSTEMD.exists():
             if unit.exists():
                 self.run(["systemctl", "disable", "--now", UNIT_NAME])
@@ -571,9 +611,10 @@ class Installer:
                     self.run(["systemctl"] + ([] if self.is_host else [f"--root={self.root}"])
                              + ["disable", UNIT_NAME])
                 else:
-                    self._remove(self.path(f"{UNIT_DIR}/multi-user.target.wants/{UNIT_NAME}"))
+                    self._remove(self.path(f"{UNIT_DIR}/multi-user.target.wants/{UNIT_NAME}",
+                                           follow_last=False))
             self._remove(unit)
-        command = self.path(COMMAND)
+        command = self.path(COMMAND, follow_last=False)
         if _is_our_wrapper(command):
             self._remove(command)
         tops = [d for d, _ in STATE_DIRS
@@ -630,7 +671,9 @@ def _refuse_without_root(args) -> Optional[int]:
 
 
 def _installer(args, check: Optional[Callable[[object], int]] = None) -> Installer:
-    return Installer(root=Path(args.root or "/"), dry_run=args.dry_run, check=check)
+    pull = None if getattr(args, "no_models", True) else install_models.pull_speech
+    return Installer(root=Path(args.root or "/"), dry_run=args.dry_run, check=check,
+                     fix_permissions=getattr(args, "fix_permissions", False), pull=pull)
 
 
 def cli_install(args) -> int:
@@ -643,7 +686,7 @@ def cli_install(args) -> int:
         check = run_check
     try:
         return _installer(args, check).install()
-    except (InstallError, OSError) as e:
+    except (InstallError, OSError, root_paths.OutsideRoot) as e:
         print(f"rkvlm-assistant install: {e}", file=sys.stderr)
         return 1
 
@@ -654,6 +697,6 @@ def cli_uninstall(args) -> int:
         return refused
     try:
         return _installer(args).uninstall()
-    except (InstallError, OSError) as e:
+    except (InstallError, OSError, root_paths.OutsideRoot) as e:
         print(f"rkvlm-assistant uninstall: {e}", file=sys.stderr)
         return 1

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from assistant import root_paths
+
 log = logging.getLogger(__name__)
 
 APP = "rkvlm-assistant"
@@ -48,6 +50,9 @@ SERVICE_ENV: dict[str, str] = {
 }
 # Variables that would override the table's answer for hub downloads.
 _OVERRIDES = ("HF_HUB_CACHE",)
+# The tree whose service environment this process took (``enter``): the service's paths are
+# resolved inside it, links included (assistant.root_paths).
+_entered_root: Optional[Path] = None
 
 
 # --------------------------------------------------------------------------- the rule
@@ -56,19 +61,32 @@ def _xdg(var: str, default: str) -> Path:
     return Path(os.environ.get(var) or os.path.join(os.path.expanduser("~"), default))
 
 
+def _contained(p: Path) -> Path:
+    """Under --root: the path with every link resolved inside the tree (OutsideRoot for one
+    that leaves it); otherwise as it is."""
+    root = _entered_root
+    if root is None or root == Path("/"):
+        return p
+    real = Path(os.path.realpath(root))
+    for base in (root, real):
+        if p == base or base in p.parents:
+            return root_paths.resolve(real, "/" + str(p.relative_to(base)))
+    return p
+
+
 def data_dir() -> Path:
     """Catalogue models (models/) and voices (voices/)."""
-    return _xdg("XDG_DATA_HOME", ".local/share") / APP
+    return _contained(_xdg("XDG_DATA_HOME", ".local/share") / APP)
 
 
 def state_dir() -> Path:
     """The transcript and the prompt cache."""
-    return _xdg("XDG_STATE_HOME", ".local/state") / APP
+    return _contained(_xdg("XDG_STATE_HOME", ".local/state") / APP)
 
 
 def cache_dir() -> Path:
     """Models assembled from packages (whisper parts)."""
-    return _xdg("XDG_CACHE_HOME", ".cache") / APP
+    return _contained(_xdg("XDG_CACHE_HOME", ".cache") / APP)
 
 
 def config_home() -> Path:
@@ -77,34 +95,37 @@ def config_home() -> Path:
 
 def hf_home() -> Path:
     if os.environ.get("HF_HOME"):
-        return Path(os.path.expanduser(os.environ["HF_HOME"]))
-    return _xdg("XDG_CACHE_HOME", ".cache") / "huggingface"
+        return _contained(Path(os.path.expanduser(os.environ["HF_HOME"])))
+    return _contained(_xdg("XDG_CACHE_HOME", ".cache") / "huggingface")
 
 
 def hub_cache() -> Path:
     """The Hugging Face hub cache as huggingface_hub computes it, from the environment of now."""
     if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
-    return hf_home() / "hub"
+        return _contained(Path(os.path.expanduser(os.environ["HF_HUB_CACHE"])))
+    return _contained(hf_home() / "hub")
 
 
 def models_dir() -> Path:
-    return data_dir() / "models"
+    return _contained(data_dir() / "models")
 
 
 def voices_dir() -> Path:
-    return data_dir() / "voices"
+    return _contained(data_dir() / "voices")
 
 
 def transcript_file() -> Path:
-    return state_dir() / "transcript.jsonl"
+    return _contained(state_dir() / "transcript.jsonl")
 
 
 # --------------------------------------------------------------------------- the service
 
 def under(root: Path, target_path: str) -> Path:
-    """A path of the target system, inside the tree at root."""
-    return Path(root) / target_path.lstrip("/")
+    """A path of the target system, inside the tree at root: links resolved within the tree,
+    root_paths.OutsideRoot (a ValueError) for one that leaves it."""
+    if Path(root) == Path("/"):
+        return Path(root) / target_path.lstrip("/")
+    return root_paths.resolve(Path(root), target_path)
 
 
 def service_env(root: Path = Path("/")) -> dict[str, str]:
@@ -160,8 +181,10 @@ def in_tree(cfg, root: Path):
     class InTree(base):  # type: ignore[misc, valid-type]
         def path(self, value):
             p = base.path(self, value)
-            if p is not None and p.is_absolute() and root not in p.parents:
-                p = under(root, str(p))
+            if p is not None and p.is_absolute():
+                real = Path(os.path.realpath(root))
+                rel = next((p.relative_to(b) for b in (root, real) if b in p.parents), None)
+                p = under(root, "/" + str(rel) if rel is not None else str(p))
             return p
 
     InTree.__name__ = InTree.__qualname__ = base.__name__
@@ -189,6 +212,7 @@ def choose(root: Optional[str]) -> Layout:
 def enter(layout: Layout) -> dict[str, Optional[str]]:
     """Take the service's environment for this process (a person's layout changes nothing).
     Returns what it replaced, for ``leave``."""
+    global _entered_root
     if not layout.service:
         return {}
     new = service_env(layout.root)
@@ -196,15 +220,41 @@ def enter(layout: Layout) -> dict[str, Optional[str]]:
     for k in _OVERRIDES:
         os.environ.pop(k, None)
     os.environ.update(new)
+    _entered_root = Path(layout.root)
     return saved
 
 
 def leave(saved: dict[str, Optional[str]]) -> None:
+    global _entered_root
+    _entered_root = None
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def runs_as_service() -> bool:
+    """The service itself (its user, or its HOME from the unit), or root acting on an
+    installed service (/etc/rkvlm-assistant/config.yaml, or --root): where a missing model is
+    installed with ``sudo rkvlm-assistant models pull``."""
+    try:
+        me = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        me = ""
+    if me == SERVICE_USER or os.environ.get("HOME") == SERVICE_ENV["HOME"]:
+        return True
+    return os.geteuid() == 0 and (_entered_root is not None or system_config().is_file())
+
+
+def pull_command(name: str) -> str:
+    """The command that installs the model ``name`` where it is missing now: the service's
+    (as root, into the service's directories, under --root when a tree was entered) or a
+    person's own."""
+    if not runs_as_service():
+        return f"rkvlm-assistant models pull {name}"
+    tail = "" if _entered_root in (None, Path("/")) else f" --root {_entered_root}"
+    return f"sudo rkvlm-assistant models pull {name}{tail}"
 
 
 # --------------------------------------------------------------------------- ownership
@@ -246,9 +296,18 @@ def hand_over(layout: Layout) -> int:
         return 0
     uid, gid = owner
     changed = 0
-    tops = {under(layout.root, d) for d in service_dirs() if d != LOGS_DIR}
+    tops = set()
+    for d in service_dirs():
+        if d == LOGS_DIR:
+            continue
+        try:
+            # The top itself is not followed: a link there (the service user's to plant in
+            # its own directories) would hand over what it points to.
+            tops.add(root_paths.resolve(layout.root, d, follow_last=False))
+        except root_paths.OutsideRoot as e:
+            log.warning("not handed to %s: %s", SERVICE_USER, e)
     for top in sorted(tops):
-        if not top.is_dir():
+        if root_paths.lstat_dir(top) is None:
             continue
         for p in _walk(top):
             st = p.lstat()
@@ -257,7 +316,10 @@ def hand_over(layout: Layout) -> int:
             os.lchown(p, uid, gid)
             # A directory root made with its own umask: the service must be able to enter it.
             if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o700 != 0o700:
-                os.chmod(p, st.st_mode | 0o700)
+                try:
+                    root_paths.set_owner_mode(p, st.st_mode & 0o7777 | 0o700)
+                except root_paths.OutsideRoot:   # replaced by a link since: left alone
+                    continue
             changed += 1
     if changed:
         log.info("gave %d new file(s) in the service's directories to %s", changed, SERVICE_USER)

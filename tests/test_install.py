@@ -272,7 +272,17 @@ def test_cli_install_and_uninstall_into_a_root(tmp_path):
     # models or devices for it: reported, not fatal).
     assert f"+ rkvlm-assistant check --config {root}{CONFIG}" in r.stdout
     assert (root / CONFIG.lstrip("/")).read_text() == (REPO / "config.yaml").read_text()
-    assert "check found" in r.stdout or "all good" in r.stdout
+    # Exactly: the speech models came through `models pull` (installed packages here: no
+    # network), the LLM of a fresh tree is missing, named with root's command for this tree,
+    # so the service is enabled, not started (exit 78 of check).
+    # Bug caught (was an either-or): a check that never ran, or passed on a tree lacking a model.
+    assert f"  + rkvlm-assistant models pull tiny.en --root {root}" in r.stdout
+    assert "  = whisper tiny.en is installed: " in r.stdout
+    assert (f"FAIL language model (llm.backend: llamacpp): The model smolvlm2-256m"
+            in r.stdout)
+    assert f"Run `sudo rkvlm-assistant models pull smolvlm2-256m --root {root}`" in r.stdout
+    assert "  ! check found problems (exit 78), see above." in r.stdout
+    assert "all good" not in r.stdout
     unit = (root / UNIT.lstrip("/")).read_text()
     assert f"ExecStart={exe} run --config {CONFIG}" in unit.splitlines()
 

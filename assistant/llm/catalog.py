@@ -299,7 +299,7 @@ def missing_message(entry: _Entry, folder: Path, missing: list[ModelFile]) -> st
     files = " and ".join(str(folder / f.name) for f in missing)
     urls = ", ".join(entry.url(f) for f in missing)
     return (f"The model {entry.name} ({entry.title}) is not installed: missing {files}. "
-            f"Run `rkvlm-assistant models pull {entry.name}`, or download {urls} "
+            f"Run `{paths.pull_command(entry.name)}`, or download {urls} "
             f"by hand into {folder}/.")
 
 
