@@ -145,6 +145,7 @@ class Pipeline:
         if self.wake is not None:
             await self.wake.load()
         if greet and greeting:
+            log.info("greeting: %s", greeting)
             await self.voice.say([greeting], language)
         if self.turn_end is not None and not self.turn_end.model.loaded:
             await asyncio.to_thread(self.turn_end.model.load)
