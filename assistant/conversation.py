@@ -81,6 +81,9 @@ class Request:
     use_camera: bool = True                   # attach the camera's scene per vision.attach
     options: Optional[TurnOptions] = None
     snapshot: Optional[asyncio.Task] = None   # the scene job started at the speech's onset
+    # The front-end keeps this history itself and its client cannot shorten it (Home
+    # Assistant's): one that does not fit is compacted, not refused.
+    compact_history: bool = False
 
     @property
     def stateless(self) -> bool:
@@ -111,6 +114,7 @@ class Conversation:
         self.first_in_context = 0                # older exchanges were compacted away
         self.image: Optional[Shot] = None        # the scene image the context holds
         self._held: object = "voice"             # "voice", or the tuple of a request's history
+        self._held_from = 0                      # of that tuple, older ones were compacted away
         self._stale = False                      # the voice context must be fed back
         self._listeners: list[Callable[[str, Turn, dict], None]] = []
         self.compactions = 0
@@ -140,11 +144,25 @@ class Conversation:
     def in_context(self) -> list[Exchange]:
         return self.exchanges[self.first_in_context:]
 
-    def scene_reference(self) -> Optional[Shot]:
-        """The image a fresh snapshot is compared with (None: the context holds none)."""
+    def scene_reference(self, history: Optional[list] = None) -> Optional[Shot]:
+        """The image a fresh snapshot is compared with (None: the context holds none): of
+        the voice conversation, or of the stateless one ``history`` continues (a Home
+        Assistant or HTTP conversation asking again about the scene it was shown)."""
+        if history is not None:
+            return self.image if self._continues(history) is not None else None
         if self._held != "voice" or self._stale:
             return None
         return self.image if self.image is not None else self._ahead
+
+    def _continues(self, history: list) -> Optional[int]:
+        """None unless the context holds the stateless conversation ``history``; else how
+        many of its compacted-away oldest exchanges it no longer carries (a front-end that
+        keeps only the newest, as Home Assistant's store does, lets them go)."""
+        held, history = self._held, tuple(history)
+        if held == history:
+            return 0
+        drop = len(held) - len(history) if isinstance(held, tuple) else -1
+        return drop if 0 < drop <= self._held_from and held[drop:] == history else None
 
     # ------------------------------------------------------------------ turns
 
@@ -191,12 +209,12 @@ class Conversation:
                       pieces: list[str]) -> AsyncIterator[str]:
         image = req.image
         if image is None and req.use_camera and self.scene is not None and self.scene.enabled:
-            reference = None if req.stateless else self.scene_reference()
+            reference = self.scene_reference(req.history)
             if scene is None:
                 t0 = time.monotonic()
                 scene = await self.scene.take(reference, req.snapshot)
                 turn.took("vision_wait", time.monotonic() - t0)
-            image = self._scene_image(scene, turn, req.stateless)
+            image = self._scene_image(scene, turn)
         ahead = None if req.stateless else self._take_ahead(turn, image)
         if ahead is not None:
             image = ahead.embedding
@@ -261,13 +279,14 @@ class Conversation:
         else:
             self.exchanges.append(Exchange(req.question, answer, req.language or "",
                                            plan.image is not None, turn.id))
-            if ahead is not None and plan.image is ahead.embedding:
-                self.image = ahead           # the shot that has the embedding
-            elif plan.image is not None and scene is not None and scene.shot is not None:
-                self.image = scene.shot
+        if ahead is not None and plan.image is ahead.embedding:
+            self.image = ahead               # the shot that has the embedding
+        elif plan.image is not None:
+            # The camera's scene, or a picture of the request's own (no shot to compare).
+            shot = scene.shot if scene is not None else None
+            self.image = shot if shot is not None and plan.image is shot.embedding else None
 
-    def _scene_image(self, scene: Optional[SceneResult], turn: Turn,
-                     stateless: bool) -> Optional[ImageEmbedding]:
+    def _scene_image(self, scene: Optional[SceneResult], turn: Turn) -> Optional[ImageEmbedding]:
         """The image a question carries after the scene comparison, noted in the turn."""
         if scene is None:
             return None
@@ -281,7 +300,7 @@ class Conversation:
         if scene.shot is None:
             turn.scene = "none"
             return None
-        if not scene.changed and not stateless:
+        if not scene.changed:
             turn.scene = "same"
             held = self.image.embedding if self.image is not None else None
             if held is not None:
@@ -294,6 +313,8 @@ class Conversation:
         self._note_image(turn, emb, "new")
         if scene.reused:
             turn.counts["encoded_while_idle"] = 1
+        elif scene.remembered:
+            turn.counts["embedding_remembered"] = 1    # this scene was encoded for another turn
         return emb
 
     @staticmethod
@@ -320,14 +341,13 @@ class Conversation:
         b, llm = self.backend, self.cfg.llm
         t0 = time.monotonic()
         if req.stateless:
-            history = list(req.history)
-            if self._held != tuple(history):
-                b.load_history(history)
-                self._held = tuple(history)
-                self._stale = True           # the voice context is gone
-                self.image = self._ahead = None
+            drop = self._continues(req.history)
+            if drop is not None:
+                self._held, self._held_from = self._held[drop:], self._held_from - drop
+            else:
+                self._feed_back(req, text, image, turn)
                 log.info("turn %d: %s conversation of %d exchanges fed back in %.0f ms "
-                         "(%d tokens)", turn.id, req.source, len(history),
+                         "(%d tokens)", turn.id, req.source, len(req.history),
                          (time.monotonic() - t0) * 1e3, b.tokens_used)
         elif self._held != "voice" or self._stale:
             kept = [e.pair for e in self.in_context]
@@ -369,10 +389,37 @@ class Conversation:
             return _Plan(text, image, needs_image=image is None and req.use_camera)
         return self._compact(req, text, image, turn, before, need, harder)
 
+    def _feed_back(self, req: Request, text: str, image: Optional[ImageEmbedding],
+                   turn: Turn) -> None:
+        """Put a stateless request's conversation into the context. One its front-end
+        keeps (``req.compact_history``) that does not fit is compacted as the voice
+        conversation is (its newest exchanges within compact_share), not refused: Home
+        Assistant cannot send a shorter one."""
+        b, llm = self.backend, self.cfg.llm
+        history = tuple(req.history)
+        self._stale = True                   # the voice context is gone
+        self.image = self._ahead = None
+        self._held, self._held_from = "unknown", 0       # until it is in
+        try:
+            b.load_history(history)
+        except ContextFullError:
+            if not req.compact_history or llm.on_context_full == "error":
+                raise
+            b.load_history(())
+            system = b.tokens_used
+            before = system + b.history_cost(history)
+            need = b.turn_cost(text, image)
+            kept = self._newest(list(history), system, need, llm.compact_share)
+            b.load_history(kept)
+            self._held_from = len(history) - len(kept)
+            self._compacted(turn, before, need, len(kept), len(history) - len(kept))
+        self._held = history
+
     def _held_pairs(self) -> list[tuple[str, str]]:
+        """The exchanges the context holds as history."""
         if self._held == "voice":
             return [e.pair for e in self.in_context]
-        return list(self._held) if isinstance(self._held, tuple) else []
+        return list(self._held[self._held_from:]) if isinstance(self._held, tuple) else []
 
     def _newest(self, pairs: list, system: int, need: int, share: float) -> list:
         """The newest exchanges that fit within ``share`` of the context and leave ``need``."""
@@ -395,29 +442,31 @@ class Conversation:
                  before: int, need: int, harder: bool) -> _Plan:
         """Keep the newest exchanges that fit within compact_share, feed them back."""
         b, llm = self.backend, self.cfg.llm
-        ctx = b.context_size
         pairs = self._held_pairs()
         share = llm.compact_share * (0.5 if harder else 1.0)
         # The image goes back in with this question if the context loses it.
         with_image = image
         kept = self._newest(pairs, before - b.history_cost(pairs), need, share)
         b.load_history(kept)
-        after = b.tokens_used
-        dropped = len(pairs) - len(kept)
         if req.stateless:
-            self._held = tuple(kept)
+            # The request's conversation stays what the context stands for (its client
+            # sends it again with the next question); only its newest are in it.
+            self._held_from = len(self._held) - len(kept)
         else:
             self.first_in_context = len(self.exchanges) - len(kept)
             self._held, self._stale = "voice", False
-            self.image = self._ahead = None
+        self.image = self._ahead = None
+        self._compacted(turn, before, need, len(kept), len(pairs) - len(kept))
+        return _Plan(text, with_image, needs_image=with_image is None and req.use_camera)
+
+    def _compacted(self, turn: Turn, before: int, need: int, kept: int, dropped: int) -> None:
+        after = self.backend.tokens_used
         self.compactions += 1
         turn.compaction = {"kind": "compact", "tokens_before": before, "tokens_after": after,
-                           "exchanges_dropped": dropped, "exchanges_kept": len(kept)}
+                           "exchanges_dropped": dropped, "exchanges_kept": kept}
         log.info("turn %d: context full (%d of %d tokens, %d needed): compacted to the %d "
-                 "newest exchanges (%d dropped), %d tokens after", turn.id, before, ctx, need,
-                 len(kept), dropped, after)
-        return _Plan(text, with_image,
-                     needs_image=with_image is None and req.use_camera and not req.stateless)
+                 "newest exchanges (%d dropped), %d tokens after", turn.id, before,
+                 self.backend.context_size, need, kept, dropped, after)
 
     # ------------------------------------------------------------------ ahead of the question
 
