@@ -447,7 +447,16 @@ class Conversation:
         # The image goes back in with this question if the context loses it.
         with_image = image
         kept = self._newest(pairs, before - b.history_cost(pairs), need, share)
-        b.load_history(kept)
+        while True:
+            try:
+                b.load_history(kept)
+                break
+            except ContextFullError:
+                # The system prompt's share was estimated short (an answer's text takes
+                # more tokens fed back than it was generated in): one exchange fewer.
+                if not kept:
+                    raise
+                kept = kept[1:]
         if req.stateless:
             # The request's conversation stays what the context stands for (its client
             # sends it again with the next question); only its newest are in it.

@@ -4,7 +4,7 @@ conversation on a loop thread (the daemon's side). The test thread is Home Assis
 HTTP client. No helpers' tests here.
 
 ``Rig.encoder.calls`` counts the vision encoder's encodes; ``Rig.loads`` records every
-history the model was given to evaluate again (``load_history``).
+history the model evaluated again (``load_history`` calls that did not refuse it).
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ class Rig:
         load_history = self.llm.load_history
 
         def spy(pairs):
-            self.loads.append(list(pairs))
-            return load_history(pairs)
+            load_history(pairs)
+            self.loads.append(list(pairs))      # what the model holds now (not a refusal)
         self.llm.load_history = spy
 
     def close(self) -> None:
@@ -160,11 +160,13 @@ class Rig:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
-    def voice(self, question: str) -> str:
-        """A question of the person in the room (the voice conversation)."""
+    def voice(self, question: str, use_camera: bool = False) -> Turn:
+        """A question of the person in the room (the voice conversation): its turn."""
         async def go():
-            return "".join([p async for p in self.conv.ask(Request(question, use_camera=False),
-                                                           Turn())])
+            turn = Turn()
+            async for _ in self.conv.ask(Request(question, use_camera=use_camera), turn):
+                pass
+            return turn
         return self.loop.run(go())
 
     def rows(self, n: int) -> list[dict]:

@@ -66,7 +66,7 @@ def test_an_id_whose_history_no_longer_fits_after_a_voice_turn_is_compacted(rig)
     ("our conversation is too long", for ever) instead of feeding back its newest."""
     for q in questions(10):
         assert rig.ask(q, "ha")[0] == "handled"
-    assert rig.voice("And what is on the wall?") == REPLY
+    assert rig.voice("And what is on the wall?").answer == REPLY
     assert rig.ask("And the window?", "ha") == ("handled", REPLY, "ha")
     row = rig.rows(12)[-1]
     assert row["conversation"] == "wyoming:ha" and row["compaction"]["exchanges_dropped"] >= 7
