@@ -7,12 +7,15 @@ it honest:
 - **whose** conversation is in the KV cache: the voice conversation, or the history of the
   last stateless (HTTP) request. A turn of the other kind feeds its own history back first
   (``LLMBackend.load_history``), so neither side corrupts the other;
-- **which image** is in it (scene memory): a question about an unchanged scene goes as text;
-  a new scene, or a context with no image left, gets the camera's image;
+- **which image** is in it (scene memory): a question about an unchanged scene goes as text,
+  whether the voice conversation or a stateless one continuing what the context holds asks
+  it; a new scene, or a context with no image left, gets the camera's image;
 - **the budget**: before a turn its cost is asked from the backend; when it does not fit,
   ``llm.on_context_full`` compacts (the newest exchanges fed back as text, within
   ``llm.compact_share`` of the context), resets (and says so) or refuses. A runtime that
-  still overflows gets one compaction and one retry;
+  still overflows gets one compaction and one retry. A stateless conversation's compaction
+  holds for its next requests, and one its front-end keeps (Home Assistant's) is compacted
+  when fed back if it no longer fits;
 - **ahead of the next question**: once an answer leaves the context past ``llm.compact_at``,
   the voice front-end has it compacted while the answer is spoken and the person listens
   (``work_when_idle``: the model is free then; on a board the NPU does it while the CPU
