@@ -101,6 +101,14 @@ def test_the_chinese_clear_phrase_clears_and_is_answered_in_chinese(rig):
     assert rig.store.get("zh").history() == []
 
 
+def test_an_exit_phrase_ends_the_id_with_goodbye(rig):
+    """Home Assistant's conversation ends (the daemon goes on). Catches: "Goodbye." sent
+    to the model, or the id keeping its exchanges after it."""
+    rig.ask("What is on the table?", "bye")
+    assert rig.ask("Goodbye.", "bye") == ("handled", rig.cfg.persona.en.goodbye, "bye")
+    assert rig.store.get("bye").history() == [] and rig.rows(2)[-1]["intent"] == "exit"
+
+
 def test_requests_without_an_id_each_get_their_own_conversation(rig):
     """Catches (wyoming/conversations.py:60): every request without a conversation id
     sharing one history."""

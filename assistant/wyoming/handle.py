@@ -36,8 +36,8 @@ from wyoming.event import Event
 from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop, NotHandled
 
 from assistant import frontend
-from assistant.conversation import Busy, Priority, Request
 from assistant.config import IntentConfig
+from assistant.conversation import Busy, Priority, Request
 from assistant.errors import AssistantError, BackendError, ContextFullError
 from assistant.frontend import Limits, TooLarge, check_size
 from assistant.intent import Intent, IntentClassifier
