@@ -7,21 +7,24 @@ it honest:
 - **whose** conversation is in the KV cache: the voice conversation, or the history of the
   last stateless (HTTP) request. A turn of the other kind feeds its own history back first
   (``LLMBackend.load_history``), so neither side corrupts the other;
-- **which image** is in it (scene memory): a question about an unchanged scene goes as text;
-  a new scene, or a context with no image left, gets the camera's image;
+- **which image** is in it (scene memory): a question about an unchanged scene goes as text,
+  whether the voice conversation or a stateless one continuing what the context holds asks
+  it; a new scene, or a context with no image left, gets the camera's image;
 - **the budget**: before a turn its cost is asked from the backend; when it does not fit,
   ``llm.on_context_full`` compacts (the newest exchanges fed back as text, within
   ``llm.compact_share`` of the context), resets (and says so) or refuses. A runtime that
-  still overflows gets one compaction and one retry;
+  still overflows gets one compaction and one retry. A stateless conversation's compaction
+  holds for its next requests, and one its front-end keeps (Home Assistant's) is compacted
+  when fed back if it no longer fits;
 - **ahead of the next question**: once an answer leaves the context past ``llm.compact_at``,
   the voice front-end has it compacted while the answer is spoken and the person listens
   (``work_when_idle``: the model is free then; on a board the NPU does it while the CPU
   speaks), and the scene's image evaluated again as the opening of the next turn, so the
   next question finds room; compaction at question time stays the fallback.
 
-Turns are scheduled by priority: the person in the room (voice) goes ahead of queued HTTP
-requests; the queue is bounded and a request that cannot get a turn in time is refused
-with ``Busy``. Every turn, of every kind, becomes one transcript row. Nothing here knows
+Turns are scheduled by priority (``turn_gate``): the person in the room (voice) goes ahead
+of queued HTTP requests; the queue is bounded and a request that cannot get a turn in time
+is refused with ``Busy``. Every turn, of every kind, becomes one transcript row. Nothing here knows
 about audio.
 """
 
@@ -29,14 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import logging
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import AsyncIterator, Callable, Optional
 
 from assistant.config import Config
@@ -46,27 +46,13 @@ from assistant.llm.base import ImageEmbedding, LLMBackend, TurnOptions, stream_t
 from assistant.stages import stages
 from assistant.transcript import TranscriptWriter
 from assistant.turn import Turn
+from assistant.turn_gate import Busy, Priority, TurnGate  # noqa: F401 (the front-ends' names)
 from assistant.vision.scene import Scene, SceneResult, Shot
 
 log = logging.getLogger(__name__)
 
 # How often work waiting for quiet looks again (the person talks or an answer is spoken).
 _IDLE_POLL_S = 0.05
-
-
-class Priority(IntEnum):
-    VOICE = 0          # the person in the room: never refused, first in line
-    TEXT = 1           # HTTP requests and typed questions
-
-
-class Busy(AssistantError):
-    """No turn could be had: the queue is full or the wait passed its limit."""
-
-    exit_code = 69
-
-    def __init__(self, message: str, retry_after: float):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass
@@ -98,68 +84,13 @@ class Request:
     use_camera: bool = True                   # attach the camera's scene per vision.attach
     options: Optional[TurnOptions] = None
     snapshot: Optional[asyncio.Task] = None   # the scene job started at the speech's onset
+    # The front-end keeps this history itself and its client cannot shorten it (Home
+    # Assistant's): one that does not fit is compacted, not refused.
+    compact_history: bool = False
 
     @property
     def stateless(self) -> bool:
         return self.history is not None
-
-
-class TurnGate:
-    """One turn at a time; waiters served by priority, then arrival."""
-
-    def __init__(self, max_waiting: int = 8, max_wait_s: float = 120.0):
-        self.max_waiting = max_waiting
-        self.max_wait_s = max_wait_s
-        self._busy = False
-        self._waiters: list[tuple[int, int, asyncio.Future]] = []
-        self._seq = itertools.count()
-
-    @property
-    def waiting(self) -> int:
-        return sum(1 for *_, f in self._waiters if not f.done())
-
-    @contextlib.asynccontextmanager
-    async def slot(self, priority: Priority, max_wait_s: Optional[float] = None):
-        await self._acquire(priority, self.max_wait_s if max_wait_s is None else max_wait_s)
-        try:
-            yield
-        finally:
-            self._release()
-
-    async def _acquire(self, priority: Priority, max_wait_s: float) -> None:
-        if not self._busy and not self._waiters:
-            self._busy = True
-            return
-        if priority != Priority.VOICE and self.waiting >= self.max_waiting:
-            raise Busy(f"{self.waiting} requests are already waiting for the model; "
-                       f"try again shortly", retry_after=5.0)
-        fut = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (int(priority), next(self._seq), fut))
-        try:
-            if priority == Priority.VOICE:
-                await fut
-            else:
-                await asyncio.wait_for(asyncio.shield(fut), max_wait_s)
-        except asyncio.TimeoutError:
-            if fut.done() and not fut.cancelled():
-                return                    # handed the slot at the last moment
-            fut.cancel()
-            raise Busy(f"the model was busy for {max_wait_s:.0f} s; try again shortly",
-                       retry_after=max(1.0, max_wait_s / 4)) from None
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self._release()           # handed the slot as we gave up: pass it on
-            else:
-                fut.cancel()
-            raise
-
-    def _release(self) -> None:
-        while self._waiters:
-            _, _, fut = heapq.heappop(self._waiters)
-            if not fut.done():
-                fut.set_result(None)     # the slot passes straight to it
-                return
-        self._busy = False
 
 
 @dataclass
@@ -186,6 +117,7 @@ class Conversation:
         self.first_in_context = 0                # older exchanges were compacted away
         self.image: Optional[Shot] = None        # the scene image the context holds
         self._held: object = "voice"             # "voice", or the tuple of a request's history
+        self._held_from = 0                      # of that tuple, older ones were compacted away
         self._stale = False                      # the voice context must be fed back
         self._listeners: list[Callable[[str, Turn, dict], None]] = []
         self.compactions = 0
@@ -215,11 +147,25 @@ class Conversation:
     def in_context(self) -> list[Exchange]:
         return self.exchanges[self.first_in_context:]
 
-    def scene_reference(self) -> Optional[Shot]:
-        """The image a fresh snapshot is compared with (None: the context holds none)."""
+    def scene_reference(self, history: Optional[list] = None) -> Optional[Shot]:
+        """The image a fresh snapshot is compared with (None: the context holds none): of
+        the voice conversation, or of the stateless one ``history`` continues (a Home
+        Assistant or HTTP conversation asking again about the scene it was shown)."""
+        if history is not None:
+            return self.image if self._continues(history) is not None else None
         if self._held != "voice" or self._stale:
             return None
         return self.image if self.image is not None else self._ahead
+
+    def _continues(self, history: list) -> Optional[int]:
+        """None unless the context holds the stateless conversation ``history``; else how
+        many of its compacted-away oldest exchanges it no longer carries (a front-end that
+        keeps only the newest, as Home Assistant's store does, lets them go)."""
+        held, history = self._held, tuple(history)
+        if held == history:
+            return 0
+        drop = len(held) - len(history) if isinstance(held, tuple) else -1
+        return drop if 0 < drop <= self._held_from and held[drop:] == history else None
 
     # ------------------------------------------------------------------ turns
 
@@ -266,12 +212,12 @@ class Conversation:
                       pieces: list[str]) -> AsyncIterator[str]:
         image = req.image
         if image is None and req.use_camera and self.scene is not None and self.scene.enabled:
-            reference = None if req.stateless else self.scene_reference()
+            reference = self.scene_reference(req.history)
             if scene is None:
                 t0 = time.monotonic()
                 scene = await self.scene.take(reference, req.snapshot)
                 turn.took("vision_wait", time.monotonic() - t0)
-            image = self._scene_image(scene, turn, req.stateless)
+            image = self._scene_image(scene, turn)
         ahead = None if req.stateless else self._take_ahead(turn, image)
         if ahead is not None:
             image = ahead.embedding
@@ -336,13 +282,14 @@ class Conversation:
         else:
             self.exchanges.append(Exchange(req.question, answer, req.language or "",
                                            plan.image is not None, turn.id))
-            if ahead is not None and plan.image is ahead.embedding:
-                self.image = ahead           # the shot that has the embedding
-            elif plan.image is not None and scene is not None and scene.shot is not None:
-                self.image = scene.shot
+        if ahead is not None and plan.image is ahead.embedding:
+            self.image = ahead               # the shot that has the embedding
+        elif plan.image is not None:
+            # The camera's scene, or a picture of the request's own (no shot to compare).
+            shot = scene.shot if scene is not None else None
+            self.image = shot if shot is not None and plan.image is shot.embedding else None
 
-    def _scene_image(self, scene: Optional[SceneResult], turn: Turn,
-                     stateless: bool) -> Optional[ImageEmbedding]:
+    def _scene_image(self, scene: Optional[SceneResult], turn: Turn) -> Optional[ImageEmbedding]:
         """The image a question carries after the scene comparison, noted in the turn."""
         if scene is None:
             return None
@@ -356,7 +303,7 @@ class Conversation:
         if scene.shot is None:
             turn.scene = "none"
             return None
-        if not scene.changed and not stateless:
+        if not scene.changed:
             turn.scene = "same"
             held = self.image.embedding if self.image is not None else None
             if held is not None:
@@ -369,6 +316,8 @@ class Conversation:
         self._note_image(turn, emb, "new")
         if scene.reused:
             turn.counts["encoded_while_idle"] = 1
+        elif scene.remembered:
+            turn.counts["embedding_remembered"] = 1    # this scene was encoded for another turn
         return emb
 
     @staticmethod
@@ -395,14 +344,13 @@ class Conversation:
         b, llm = self.backend, self.cfg.llm
         t0 = time.monotonic()
         if req.stateless:
-            history = list(req.history)
-            if self._held != tuple(history):
-                b.load_history(history)
-                self._held = tuple(history)
-                self._stale = True           # the voice context is gone
-                self.image = self._ahead = None
+            drop = self._continues(req.history)
+            if drop is not None:
+                self._held, self._held_from = self._held[drop:], self._held_from - drop
+            else:
+                self._feed_back(req, text, image, turn)
                 log.info("turn %d: %s conversation of %d exchanges fed back in %.0f ms "
-                         "(%d tokens)", turn.id, req.source, len(history),
+                         "(%d tokens)", turn.id, req.source, len(req.history),
                          (time.monotonic() - t0) * 1e3, b.tokens_used)
         elif self._held != "voice" or self._stale:
             kept = [e.pair for e in self.in_context]
@@ -444,10 +392,37 @@ class Conversation:
             return _Plan(text, image, needs_image=image is None and req.use_camera)
         return self._compact(req, text, image, turn, before, need, harder)
 
+    def _feed_back(self, req: Request, text: str, image: Optional[ImageEmbedding],
+                   turn: Turn) -> None:
+        """Put a stateless request's conversation into the context. One its front-end
+        keeps (``req.compact_history``) that does not fit is compacted as the voice
+        conversation is (its newest exchanges within compact_share), not refused: Home
+        Assistant cannot send a shorter one."""
+        b, llm = self.backend, self.cfg.llm
+        history = tuple(req.history)
+        self._stale = True                   # the voice context is gone
+        self.image = self._ahead = None
+        self._held, self._held_from = "unknown", 0       # until it is in
+        try:
+            b.load_history(history)
+        except ContextFullError:
+            if not req.compact_history or llm.on_context_full == "error":
+                raise
+            b.load_history(())
+            system = b.tokens_used
+            before = system + b.history_cost(history)
+            need = b.turn_cost(text, image)
+            kept = self._newest(list(history), system, need, llm.compact_share)
+            b.load_history(kept)
+            self._held_from = len(history) - len(kept)
+            self._compacted(turn, before, need, len(kept), len(history) - len(kept))
+        self._held = history
+
     def _held_pairs(self) -> list[tuple[str, str]]:
+        """The exchanges the context holds as history."""
         if self._held == "voice":
             return [e.pair for e in self.in_context]
-        return list(self._held) if isinstance(self._held, tuple) else []
+        return list(self._held[self._held_from:]) if isinstance(self._held, tuple) else []
 
     def _newest(self, pairs: list, system: int, need: int, share: float) -> list:
         """The newest exchanges that fit within ``share`` of the context and leave ``need``."""
@@ -470,29 +445,40 @@ class Conversation:
                  before: int, need: int, harder: bool) -> _Plan:
         """Keep the newest exchanges that fit within compact_share, feed them back."""
         b, llm = self.backend, self.cfg.llm
-        ctx = b.context_size
         pairs = self._held_pairs()
         share = llm.compact_share * (0.5 if harder else 1.0)
         # The image goes back in with this question if the context loses it.
         with_image = image
         kept = self._newest(pairs, before - b.history_cost(pairs), need, share)
-        b.load_history(kept)
-        after = b.tokens_used
-        dropped = len(pairs) - len(kept)
+        while True:
+            try:
+                b.load_history(kept)
+                break
+            except ContextFullError:
+                # The system prompt's share was estimated short (an answer's text takes
+                # more tokens fed back than it was generated in): one exchange fewer.
+                if not kept:
+                    raise
+                kept = kept[1:]
         if req.stateless:
-            self._held = tuple(kept)
+            # The request's conversation stays what the context stands for (its client
+            # sends it again with the next question); only its newest are in it.
+            self._held_from = len(self._held) - len(kept)
         else:
             self.first_in_context = len(self.exchanges) - len(kept)
             self._held, self._stale = "voice", False
-            self.image = self._ahead = None
+        self.image = self._ahead = None
+        self._compacted(turn, before, need, len(kept), len(pairs) - len(kept))
+        return _Plan(text, with_image, needs_image=with_image is None and req.use_camera)
+
+    def _compacted(self, turn: Turn, before: int, need: int, kept: int, dropped: int) -> None:
+        after = self.backend.tokens_used
         self.compactions += 1
         turn.compaction = {"kind": "compact", "tokens_before": before, "tokens_after": after,
-                           "exchanges_dropped": dropped, "exchanges_kept": len(kept)}
+                           "exchanges_dropped": dropped, "exchanges_kept": kept}
         log.info("turn %d: context full (%d of %d tokens, %d needed): compacted to the %d "
-                 "newest exchanges (%d dropped), %d tokens after", turn.id, before, ctx, need,
-                 len(kept), dropped, after)
-        return _Plan(text, with_image,
-                     needs_image=with_image is None and req.use_camera and not req.stateless)
+                 "newest exchanges (%d dropped), %d tokens after", turn.id, before,
+                 self.backend.context_size, need, kept, dropped, after)
 
     # ------------------------------------------------------------------ ahead of the question
 

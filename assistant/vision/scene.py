@@ -3,7 +3,9 @@
 The conversation holds at most one image in the model's context. ``Scene`` compares each
 fresh snapshot with that image on a small grey thumbnail (a cheap, lighting-tolerant
 measure): when they match, the question goes as text and nothing is encoded; when the scene
-changed (or the context holds no image), the snapshot is encoded and goes in.
+changed (or the context holds no image), the snapshot goes in with an embedding: the newest
+one made of the same scene, for whichever conversation (the voice loop's, Home Assistant's,
+an HTTP client's), else a new encode.
 
 The snapshot is taken when speech starts (``start`` returns the job, which travels with the
 utterance), so the slow encode overlaps the person talking; ``take`` at question time waits
@@ -75,6 +77,7 @@ class SceneResult:
     encode_s: float = 0.0
     error: str = ""
     reused: bool = False              # the embedding came from the idle watch
+    remembered: bool = False          # the embedding is an earlier snapshot's of this scene
 
     @property
     def embedding(self) -> Optional[ImageEmbedding]:
@@ -89,6 +92,7 @@ class Scene:
         self.cfg = cfg
         self.latest: Optional[Shot] = None      # the newest snapshot (for front-ends)
         self.ready: Optional[Shot] = None       # a settled new scene, encoded while idle
+        self.encoded: Optional[Shot] = None     # the newest snapshot encoded, for any question
         self.idle_encodes = 0
         self._camera_broken = camera_down        # reopened before the next snapshot
         # The camera's state for STATUS ("ready" / "down" and why), and when to try again.
@@ -144,8 +148,9 @@ class Scene:
         return res
 
     async def encode(self, res: SceneResult) -> None:
-        """Encode a result's snapshot now (after a compaction took the image out)."""
-        await asyncio.get_running_loop().run_in_executor(self._worker, self._encode, res)
+        """Give a result's snapshot its embedding now (after a compaction took the image
+        out): the one already made of this scene, or a new encode."""
+        await asyncio.get_running_loop().run_in_executor(self._worker, self._embed, res)
 
     async def _run(self, reference: Optional[Shot]) -> SceneResult:
         return await asyncio.get_running_loop().run_in_executor(
@@ -200,9 +205,22 @@ class Scene:
             return res
         same, res.difference = self.is_same(shot, reference)
         res.changed = not same
-        if res.changed and not self._reuse_ready(res):
-            self._encode(res)
+        if res.changed:
+            self._embed(res)
         return res
+
+    def _embed(self, res: SceneResult) -> None:
+        """The snapshot's embedding (worker thread): the idle watch's or the newest one of
+        the same scene, whichever conversation it was made for (a Home Assistant question
+        about the scene the voice loop just saw costs no encode); else encoded now."""
+        if self._reuse_ready(res):
+            return
+        known = self.encoded
+        if known is not None and known.embedding is not None and self.is_same(res.shot, known)[0]:
+            res.shot.embedding = known.embedding
+            res.remembered = True
+            return
+        self._encode(res)
 
     def _reuse_ready(self, res: SceneResult) -> bool:
         """The scene encoded while idle is still what the camera sees: take its embedding."""
@@ -248,6 +266,7 @@ class Scene:
             await self.encode(res)             # settled: encode it now, not at the question
             if shot.embedding is not None:
                 self.ready = shot
+            if shot.embedding is not None and not res.remembered:    # not from the memory
                 self.idle_encodes += 1
                 log.info("the scene changed and settled; encoded while idle in %.0f ms",
                          res.encode_s * 1000)
@@ -271,6 +290,7 @@ class Scene:
             # StageOverrun here), and an encoder that never returns restarts the service.
             from assistant.health import HEALTH
             shot.embedding = HEALTH.call_blocking("encode", self.encoder.encode, shot.frame)
+            self.encoded = shot
         except AssistantError as e:
             res.error = str(e)
             log.warning("no image for this question: %s", e)

@@ -10,25 +10,37 @@ not stream) and ``handled-stop``; a question that cannot be answered gets ``not-
 with a sentence Home Assistant can speak. Every turn is a transcript row (``source:
 wyoming``, ``conversation: wyoming:<id>``).
 
+A clear phrase ("Clear.", 清除: the voice loop's ``intent.clear_phrases``) forgets the id's
+exchanges and is answered with the persona's ``cleared`` line; an exit phrase does the same
+with its ``goodbye`` (the process goes on: Home Assistant's conversation ends, not ours).
+
 The server keeps the history, so Home Assistant cannot shorten it: a history past the size
-limits is sent without its oldest exchanges instead of being refused. A client that goes
-away mid-answer cancels the connection's task: the answer stream is closed (``frontend.answer``
-records the turn as interrupted, "client disconnected") and the exchange is not kept.
+limits is sent without its oldest exchanges, and one past the model's context is compacted
+as the voice conversation is (``Request.compact_history``), instead of being refused. The
+scene goes with each question as the voice loop's does: a question about the scene this
+conversation was last shown costs no encode and no image prefill (``scene=same``). A client
+that goes away mid-answer cancels the connection's task: the answer stream is closed
+(``frontend.answer`` records the turn as interrupted, "client disconnected") and the
+exchange is not kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import re
 from typing import Optional
 
 from wyoming.event import Event
 from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop, NotHandled
 
 from assistant import frontend
+from assistant.config import IntentConfig
 from assistant.conversation import Busy, Priority, Request
 from assistant.errors import AssistantError, BackendError, ContextFullError
 from assistant.frontend import Limits, TooLarge, check_size
+from assistant.intent import Intent, IntentClassifier
 from assistant.turn import Turn
 from assistant.wyoming.events import ProtocolError, language_code, object_field, text_field
 
@@ -36,6 +48,13 @@ log = logging.getLogger(__name__)
 
 SOURCE = "wyoming"
 LANGUAGES = ("en", "zh")      # the reply languages the persona has lines and hints for
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
+
+@functools.lru_cache(maxsize=4)
+def intents(cfg: IntentConfig) -> IntentClassifier:
+    """The classifier of the running config's phrases (SIGHUP may replace them)."""
+    return IntentClassifier(cfg)
 
 
 def fitting_history(question: str, history: list[tuple[str, str]],
@@ -74,6 +93,10 @@ class HandleSession:
             return True
         thread = self.services.store.get(cid)
         context = {**context, "conversation_id": thread.id}
+        intent = intents(self.services.conversation.cfg.intent).classify(text)
+        if intent in (Intent.CLEAR, Intent.EXIT):
+            await self._forget(thread, intent, text, language, context)
+            return True
         async with thread.lock:
             try:
                 history = fitting_history(text, thread.history(), self.services.limits)
@@ -93,6 +116,26 @@ class HandleSession:
     def _lines(self, language: Optional[str]):
         return self.services.cfg.persona.lines(language)
 
+    async def _forget(self, thread, intent: Intent, text: str, language: Optional[str],
+                      context: dict) -> None:
+        """A clear or exit phrase: the id's exchanges forgotten (after a turn of it that
+        runs now), the persona's line as the answer, a transcript row."""
+        if language is None and _CJK.search(text):
+            language = "zh"                     # 清除 with no language given
+        async with thread.lock:
+            thread.exchanges.clear()
+        lines = self._lines(language)
+        line = lines.cleared if intent is Intent.CLEAR else lines.goodbye
+        turn = Turn(source=SOURCE, intent=intent.value, transcript=text, answer=line,
+                    language=language or "", conversation=f"{SOURCE}:{thread.id}")
+        turn.mark("done")
+        turn.log_line()
+        self.services.conversation.record(turn)
+        await self.send(HandledStart(context=context).event())
+        await self.send(HandledChunk(line).event())
+        await self.send(Handled(text=line, context=context).event())
+        await self.send(HandledStop().event())
+
     async def _answer(self, cid: str, text: str, history: list, language: Optional[str],
                       context: dict) -> Optional[str]:
         """Stream the answer's chunks; returns it, or None when the turn did not complete
@@ -100,7 +143,8 @@ class HandleSession:
         conv = self.services.conversation
         scene = conv.scene
         req = Request(text, source=SOURCE, priority=Priority.TEXT, language=language,
-                      history=history, use_camera=scene is not None and scene.enabled)
+                      history=history, use_camera=scene is not None and scene.enabled,
+                      compact_history=True)
         turn = Turn(source=SOURCE)
         turn.language = language or ""
         pieces: list[str] = []
