@@ -40,3 +40,24 @@ def give_back() -> bool:
         return False
     with _lock:                  # one trim at a time: a second would find nothing left
         return bool(fn(0))
+
+
+_scheduled: set = set()     # loops with a give_back pending
+
+
+def soon(delay_s: float = 1.0) -> None:
+    """``give_back`` in a worker thread ``delay_s`` from now, once for all the calls made
+    meanwhile (many connections closing at once trim once). Call it on the loop."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    if loop in _scheduled:
+        return
+    _scheduled.add(loop)
+
+    def run() -> None:
+        _scheduled.discard(loop)
+        if not loop.is_closed():
+            loop.run_in_executor(None, give_back)
+
+    loop.call_later(delay_s, run)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -42,6 +43,17 @@ from assistant.wyoming.events import (ProtocolError, error_code, int_field, lang
 log = logging.getLogger(__name__)
 
 WIDTHS = (1, 2, 4)
+
+# Conversion runs on one thread of its own: each thread allocates from its own malloc arena,
+# and the blocks of many connections spread over the default executor's arenas left tens of
+# MB that malloc_trim could not give back after the connections closed. A few ms of work per
+# second of audio, so one thread keeps up with every connection.
+_convert = ThreadPoolExecutor(1, thread_name_prefix="wyoming-audio")
+
+
+async def off_loop(fn, *args):
+    """``fn(*args)`` on the conversion thread."""
+    return await asyncio.get_running_loop().run_in_executor(_convert, fn, *args)
 
 
 def to_int16(audio: bytes, width: int, channels: int) -> np.ndarray:
@@ -111,7 +123,7 @@ class AsrSession:
         if self.format is None:                 # audio without audio-start: its own start
             await self._start(fmt)
         elif fmt != self.format:                # a new format mid-stream: a new filter
-            await asyncio.to_thread(self._flush)
+            await off_loop(self._flush)
             self.format, self.resampler = fmt, StreamResampler(fmt[0], SAMPLE_RATE)
         if self.refused:
             return
@@ -125,8 +137,7 @@ class AsrSession:
             raise ProtocolError(f"the audio is longer than {limit:g} s (wyoming.max_audio_s); "
                                 f"send a shorter recording", "audio_too_long")
         resampler = self.resampler
-        pcm = await asyncio.to_thread(
-            lambda: resampler.process(to_int16(audio, width, channels)))
+        pcm = await off_loop(lambda: resampler.process(to_int16(audio, width, channels)))
         self.blocks.append(pcm)
         self.nbytes += pcm.nbytes
         self.held = max(self.held, self.nbytes)
@@ -151,7 +162,7 @@ class AsrSession:
             raise ProtocolError("audio-stop without audio: send audio-start and audio-chunk "
                                 "events first")
         refused = self.refused
-        pcm = await asyncio.to_thread(self._whole)
+        pcm = await off_loop(self._whole)
         text, language = "", self.language
         self._reset()
         self.language = None            # a transcribe event is for one audio stream

@@ -50,7 +50,7 @@ MAX_CONNECTIONS = 32  # Home Assistant opens one per request; more at once is a 
 # and TCP pushes back on the client. One event of any allowed size is always read when the
 # connection holds nothing, so a connection holds at most this plus one largest event.
 CONNECTION_BYTES = 1 << 20
-_TRIM_AFTER = 4 << 20  # a connection that held this much: free heap pages go back (memtrim)
+_TRIM_AFTER = 1 << 20  # a connection that held this much: free heap pages go back (memtrim)
 
 
 def parse_uri(cfg: Config) -> tuple[str, int]:
@@ -236,7 +236,7 @@ class Connection:
         while not self.queue.empty():
             self.queue.get_nowait()
         if held >= _TRIM_AFTER:
-            await asyncio.to_thread(memtrim.give_back)
+            memtrim.soon()
 
     async def _work(self) -> None:
         while True:
