@@ -11,7 +11,14 @@ field. Blocking work runs off the loop: whisper and piper on the process's speec
 code ``busy`` past the line, given up past ``http.audio_deadline_s``), the model's turns
 through the conversation.
 
-Wyoming has no authentication, so a non-loopback ``wyoming.uri`` is refused unless
+Wyoming has no authentication, so what one client can hold is bounded: bytes read and not
+yet handled (``CONNECTION_BYTES``, then the reader stops reading and TCP pushes back),
+connections (``MAX_CONNECTIONS``), time without anything to do (``wyoming.idle_timeout_s``:
+nothing read while nothing is handled, or a send the client does not take), and log lines
+(a few per cause, then a count: log_limit). A closed connection drops everything it held
+(unsent data too: a stop never waits on a client) and the heap's free pages are given back.
+
+A non-loopback ``wyoming.uri`` is refused unless
 ``wyoming.allow_lan`` says the network may use it: the rule the HTTP API applies with its
 key (check_uri).
 """
