@@ -473,3 +473,34 @@ def test_stop_closes_the_socket_of_a_client_that_does_not_read():
     finally:
         s.close()
         srv.loop.close()
+
+
+def test_audio_is_converted_off_the_event_loop(monkeypatch):
+    """Audio within the limit is still converted (mixed down, resampled) on the
+    conversion thread, never on the loop's. Bug caught: the conversion called inline (a
+    long chunk at an odd rate stalls every client for its duration)."""
+    from assistant.wyoming import asr as asr_mod
+    from test_wyoming_frontend import make_server
+
+    threads: list[str] = []
+    real = asr_mod.to_int16
+
+    def spy(*args):
+        threads.append(threading.current_thread().name)
+        return real(*args)
+    monkeypatch.setattr(asr_mod, "to_int16", spy)
+    srv = make_server()
+    srv.server.services.asr = type("Whisper", (), {"multilingual": False})()
+    try:
+        with connect(srv.port) as s:
+            fmt = {"rate": 44100, "width": 2, "channels": 2}
+            s.sendall(event("audio-start", fmt))
+            for _ in range(3):
+                s.sendall(event("audio-chunk", fmt, bytes(44100 * 4)))
+            s.sendall(event("synthesize-stop"))     # answered in order, after the audio
+            got = Events(s).until("error")
+    finally:
+        srv.loop.run(srv.server.stop())
+        srv.loop.close()
+    assert got[-1]["data"]["code"] == "bad_event", got
+    assert len(threads) == 3 and all(n.startswith("wyoming-audio") for n in threads), threads
