@@ -312,6 +312,7 @@ class WyomingConfig:
     conversation_max_age_s: float = _f(600.0, "A conversation id not heard from for this long is forgotten (Home Assistant starts a new one after 5 minutes).", lo=10.0, hi=604800.0)
     conversation_max_exchanges: int = _f(10, "Exchanges kept per conversation id (the newest); the context's own budget may keep fewer.", lo=1, hi=1000)
     max_audio_s: float = _f(300.0, "Longest audio one transcription may send; more is refused with an error event.", lo=1.0, hi=3600.0)
+    idle_timeout_s: float = _f(30.0, "A connection that sends nothing for this long while nothing is being done for it (or that does not read what it is sent for this long) is closed, so silent clients cannot hold every connection; Home Assistant opens one per request. Applied on SIGHUP.", lo=1.0, hi=86400.0)
 
 
 @dataclass(frozen=True)

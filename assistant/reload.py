@@ -2,11 +2,11 @@
 
 What a running process picks up (RELOADABLE): the persona and its lines, the system prompt
 (the conversation is forgotten with it), the intent phrases, the deadlines, the log level,
-and the HTTP queue limits and image size. Every other changed key keeps its running value
-and is named in one log line as waiting for a restart: models, devices, the socket and the
-files are built once at start. A config that does not load is refused with one error line
-and the running one kept; so is a FIFO or a device put in its place (never waited on), and
-the next SIGHUP reads the path again.
+the HTTP queue limits and image size, and the Wyoming idle timeout. Every other changed key
+keeps its running value and is named in one log line as waiting for a restart: models,
+devices, the socket and the files are built once at start. A config that does not load is
+refused with one error line and the running one kept; so is a FIFO or a device put in its
+place (never waited on), and the next SIGHUP reads the path again.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 # Keys (or whole sections) a running process applies on SIGHUP. The HTTP server reads these
 # per request; its address, key, CORS origins and body limit are fixed when it starts.
 RELOADABLE = ("persona", "intent", "deadlines", "logging.level",
-              "http.max_queue", "http.max_wait_s", "http.max_image_pixels")
+              "http.max_queue", "http.max_wait_s", "http.max_image_pixels",
+              "wyoming.idle_timeout_s")
 
 
 def changed_keys(running: Config, new: Config) -> list[str]:

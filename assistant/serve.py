@@ -66,6 +66,7 @@ async def run_serve(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stopping = False
+    deadline: list = []                  # armed by a stop (see stop)
 
     def stop(signame: str) -> None:
         nonlocal stopping
@@ -73,6 +74,10 @@ async def run_serve(cfg: Config) -> int:
             stopping = True
             log.info("%s: stopping", signame)
             notify("STOPPING=1")
+            # As `run`: a speech job a client started (whisper on minutes of audio) is not
+            # waited for past this; the exit would otherwise join its thread.
+            from assistant.daemon import _STOP_DEADLINE_S, stop_deadline
+            deadline.append(stop_deadline(_STOP_DEADLINE_S, transcript))
             main.cancel()
 
     def on_signal(signum, frame) -> None:
@@ -120,3 +125,6 @@ async def run_serve(cfg: Config) -> int:
             await asyncio.to_thread(transcript.close)
         await components.close(parts)
         notify.close()
+        if not HEALTH.running():             # else the deadline ends what exit would join
+            for timer in deadline:
+                timer.cancel()

@@ -8,6 +8,12 @@ then at ``audio-stop`` the text as a ``transcript-chunk``, the ``transcript`` an
 ``transcript-stop``. Whisper reads the utterance as a whole, so the text comes in one chunk
 once the audio has ended; clients that do not stream read only the ``transcript``.
 
+Audio is measured before it is converted: a chunk's duration comes from its announced
+format (rate, width, channels) and its length, so ``wyoming.max_audio_s`` refuses it before
+any work, however low the announced rate (1 kHz 8-bit would make 16 MB into 268 million
+samples at 16 kHz). Conversion and resampling run in a worker thread, never on the loop. A
+connection has one audio stream: an ``audio-start`` drops the audio of one left open.
+
 Whisper's verdict is kept: audio it judges not to be speech (silence, noise, its
 "Thank you." for a fan) gives an empty transcript, as the HTTP API's does. Whisper runs on
 the process's speech workers (``frontend.MediaWork``) in line with HTTP's transcriptions and
@@ -17,8 +23,10 @@ speech: past the line or ``http.audio_deadline_s`` the client gets an ``error`` 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -35,6 +43,17 @@ from assistant.wyoming.events import (ProtocolError, error_code, int_field, lang
 log = logging.getLogger(__name__)
 
 WIDTHS = (1, 2, 4)
+
+# Conversion runs on one thread of its own: each thread allocates from its own malloc arena,
+# and the blocks of many connections spread over the default executor's arenas left tens of
+# MB that malloc_trim could not give back after the connections closed. A few ms of work per
+# second of audio, so one thread keeps up with every connection.
+_convert = ThreadPoolExecutor(1, thread_name_prefix="wyoming-audio")
+
+
+async def off_loop(fn, *args):
+    """``fn(*args)`` on the conversion thread."""
+    return await asyncio.get_running_loop().run_in_executor(_convert, fn, *args)
 
 
 def to_int16(audio: bytes, width: int, channels: int) -> np.ndarray:
@@ -55,13 +74,15 @@ class AsrSession:
         self.services = services
         self.send = send
         self.language: Optional[str] = None
+        self.held = 0               # the most bytes of audio one stream held (memtrim)
         self._reset()
 
     def _reset(self) -> None:
         self.format: Optional[tuple[int, int, int]] = None
         self.resampler: Optional[StreamResampler] = None
         self.blocks: list[np.ndarray] = []
-        self.samples = 0
+        self.seconds = 0.0          # announced duration so far (before any conversion)
+        self.nbytes = 0             # of blocks
         self.refused = False        # too long: the rest of this audio is dropped
 
     async def on_event(self, event: Event) -> bool:
@@ -102,23 +123,37 @@ class AsrSession:
         if self.format is None:                 # audio without audio-start: its own start
             await self._start(fmt)
         elif fmt != self.format:                # a new format mid-stream: a new filter
-            self._flush()
+            await off_loop(self._flush)
             self.format, self.resampler = fmt, StreamResampler(fmt[0], SAMPLE_RATE)
         if self.refused:
             return
-        pcm = self.resampler.process(to_int16(event.payload or b"", fmt[1], fmt[2]))
-        self.samples += len(pcm)
-        self.blocks.append(pcm)
+        audio = event.payload or b""
+        rate, width, channels = fmt
+        self.seconds += len(audio) // (width * channels) / rate
         limit = self.services.cfg.wyoming.max_audio_s
-        if self.samples > limit * SAMPLE_RATE:
+        if self.seconds > limit:                # before any work on it
             self.refused = True
             self.blocks.clear()
             raise ProtocolError(f"the audio is longer than {limit:g} s (wyoming.max_audio_s); "
                                 f"send a shorter recording", "audio_too_long")
+        resampler = self.resampler
+        pcm = await off_loop(lambda: resampler.process(to_int16(audio, width, channels)))
+        self.blocks.append(pcm)
+        self.nbytes += pcm.nbytes
+        self.held = max(self.held, self.nbytes)
 
     def _flush(self) -> None:
         if self.resampler is not None:
             self.blocks.append(self.resampler.flush(np.int16))
+
+    def _whole(self) -> np.ndarray:
+        """The stream's audio in one array (in a worker thread: it copies all of it)."""
+        self._flush()
+        return np.concatenate(self.blocks) if self.blocks else np.zeros(0, np.int16)
+
+    def close(self) -> None:
+        """The connection ended: the audio of a stream left open is dropped."""
+        self._reset()
 
     # ------------------------------------------------------------------ text out
 
@@ -127,8 +162,7 @@ class AsrSession:
             raise ProtocolError("audio-stop without audio: send audio-start and audio-chunk "
                                 "events first")
         refused = self.refused
-        self._flush()
-        pcm = np.concatenate(self.blocks) if self.blocks else np.zeros(0, np.int16)
+        pcm = await off_loop(self._whole)
         text, language = "", self.language
         self._reset()
         self.language = None            # a transcribe event is for one audio stream

@@ -11,7 +11,14 @@ field. Blocking work runs off the loop: whisper and piper on the process's speec
 code ``busy`` past the line, given up past ``http.audio_deadline_s``), the model's turns
 through the conversation.
 
-Wyoming has no authentication, so a non-loopback ``wyoming.uri`` is refused unless
+Wyoming has no authentication, so what one client can hold is bounded: bytes read and not
+yet handled (``CONNECTION_BYTES``, then the reader stops reading and TCP pushes back),
+connections (``MAX_CONNECTIONS``), time without anything to do (``wyoming.idle_timeout_s``:
+nothing read while nothing is handled, or a send the client does not take), and log lines
+(a few per cause, then a count: log_limit). A closed connection drops everything it held
+(unsent data too: a stop never waits on a client) and the heap's free pages are given back.
+
+A non-loopback ``wyoming.uri`` is refused unless
 ``wyoming.allow_lan`` says the network may use it: the rule the HTTP API applies with its
 key (check_uri).
 """
@@ -31,10 +38,13 @@ from wyoming.event import Event, async_write_event
 from assistant.config import Config, ConfigError
 from assistant.errors import AssistantError, DeviceError
 from assistant.frontend import Limits, MediaWork, media_work, size_limits, started
+from assistant import memtrim
 from assistant.http.server import is_loopback
+from assistant.log_limit import LogLimit
 from assistant.wyoming.asr import AsrSession
 from assistant.wyoming.conversations import ConversationStore
-from assistant.wyoming.events import MAX_LINE, BadEvent, ProtocolError, error_code, read_event
+from assistant.wyoming.events import (MAX_LINE, BadEvent, Budget, ProtocolError, error_code,
+                                      read_event)
 from assistant.wyoming.handle import HandleSession
 from assistant.wyoming.info import info_event
 from assistant.wyoming.tts import TtsSession
@@ -43,6 +53,11 @@ log = logging.getLogger(__name__)
 
 _QUEUE = 64          # events a connection may have waiting for its worker (then TCP waits)
 MAX_CONNECTIONS = 32  # Home Assistant opens one per request; more at once is a runaway client
+# Bytes of events a connection may have read and not yet handled; past it the reader waits
+# and TCP pushes back on the client. One event of any allowed size is always read when the
+# connection holds nothing, so a connection holds at most this plus one largest event.
+CONNECTION_BYTES = 1 << 20
+_TRIM_AFTER = 1 << 20  # a connection that held this much: free heap pages go back (memtrim)
 
 
 def parse_uri(cfg: Config) -> tuple[str, int]:
@@ -109,67 +124,132 @@ class Services:
         """How long speech work may wait for a worker: ``http.max_wait_s``, as HTTP's."""
         return self.conversation.cfg.http.max_wait_s
 
+    @property
+    def idle_timeout_s(self) -> float:
+        return self.conversation.cfg.wyoming.idle_timeout_s
+
 
 class Connection:
+    """One client: a reading task, a worker that handles its events in order, and an idle
+    watch; whichever ends first ends the connection, and everything it held is dropped."""
+
     def __init__(self, services: Services, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter):
         self.reader, self.writer = reader, writer
         self.peer = writer.get_extra_info("peername")
         self.queue: asyncio.Queue = asyncio.Queue(_QUEUE)
+        self.budget = Budget(CONNECTION_BYTES)
+        self.held = 0                   # the most bytes this connection had read and not handled
         self._write = asyncio.Lock()
+        self.logs = LogLimit(log, f"wyoming {self.peer}")
         self.sessions = (AsrSession(services, self.send), TtsSession(services, self.send),
                          HandleSession(services, self.send))
         self.services = services
+        loop = asyncio.get_running_loop()
+        self._clock = loop.time
+        self._last = self._clock()      # the last sign of life (see _idle)
+        self._working = False           # the worker handles an event
+        self._sends = 0                 # sends under way (a client that does not read: stuck)
 
     async def send(self, event: Event) -> None:
-        async with self._write:
-            await async_write_event(event, self.writer)
+        self._sends += 1
+        try:
+            async with self._write:
+                await async_write_event(event, self.writer)
+        finally:
+            self._sends -= 1
+            self._last = self._clock()
 
     async def error(self, text: str, code: str) -> None:
-        log.info("wyoming %s: %s (%s)", self.peer, text, code)
+        self.logs.log(logging.INFO, code, "wyoming %s: %s (%s)", self.peer, text, code)
         await self.send(Error(text=text, code=code).event())
 
     async def run(self) -> None:
-        worker = asyncio.create_task(self._work(), name=f"wyoming {self.peer}")
+        tasks = [asyncio.create_task(self._work(), name=f"wyoming {self.peer}"),
+                 asyncio.create_task(self._read(), name=f"wyoming {self.peer} reader"),
+                 asyncio.create_task(self._idle(), name=f"wyoming {self.peer} idle")]
         try:
-            while not worker.done():
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()               # a turn for nobody stops here
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._close()
+
+    async def _read(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
                 try:
-                    event = await read_event(self.reader)
+                    got = await read_event(self.reader, self.budget)
                 except BadEvent as e:
-                    await self.error(str(e), "malformed_event")
+                    self._last = self._clock()
+                    await self.error(str(e), e.code)
                     if e.fatal:
-                        break
+                        return
                     continue
-                if event is None:
-                    break                       # the client went away (or said all)
+                if got is None:
+                    return                      # the client went away (or said all)
+                self._last = self._clock()
+                self.held = max(self.held, self.budget.used)
+                event = got.event
                 if event.type == "describe":
                     await self.send(info_event(self.services))
                 elif event.type == "ping":
                     await self.send(Event("pong", {"text": event.data.get("text")}))
-                elif not await self._enqueue(event, worker):
-                    break                       # the worker ended: the socket broke
-        except ConnectionError:
-            pass
-        finally:
-            worker.cancel()                     # a turn for nobody stops here
-            await asyncio.gather(worker, return_exceptions=True)
-            self.writer.close()
-            with contextlib.suppress(ConnectionError):
-                await self.writer.wait_closed()
+                else:
+                    await self.queue.put(got)   # full: TCP pushes back on the client
+                    continue
+                self.budget.give(got.size)
 
-    async def _enqueue(self, event: Event, worker: asyncio.Task) -> bool:
-        """Hand the event to the worker (waiting while its queue is full, so TCP pushes back
-        on the client); False when the worker is gone."""
-        put = asyncio.ensure_future(self.queue.put(event))
-        await asyncio.wait({put, worker}, return_when=asyncio.FIRST_COMPLETED)
-        if not put.done():
-            put.cancel()
-            return False
-        return True
+    async def _idle(self) -> None:
+        """Return once the connection has been idle for ``wyoming.idle_timeout_s`` (read
+        per check, so a SIGHUP's value applies): nothing read from the client and nothing
+        being handled, or a send the client has not read for that long."""
+        while True:
+            timeout = self.services.idle_timeout_s
+            now = self._clock()
+            if self._working and not self._sends:
+                self._last = now                # a turn or a speech job runs: not idle
+            left = self._last + timeout - now
+            if left <= 0:
+                self.logs.log(logging.INFO, "idle", "wyoming %s: closed after %g s idle "
+                              "(wyoming.idle_timeout_s)", self.peer, timeout)
+                if not self.writer.transport.get_write_buffer_size():   # it reads: tell it
+                    with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+                        await asyncio.wait_for(self.send(Error(
+                            text=f"nothing was sent for {timeout:g} s (wyoming.idle_timeout_s); "
+                                 f"connection closed", code="idle_timeout").event()), 1.0)
+                return
+            await asyncio.sleep(min(left, 1.0))
+
+    async def _close(self) -> None:
+        """Close the socket without waiting on the client: unsent data (a client that does
+        not read) is dropped. What the sessions held is dropped with them, and the heap's
+        free pages go back to the system after a connection that held much."""
+        transport = self.writer.transport
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            self.writer.close()
+        with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+        self.logs.close()
+        held = max(self.held, *(getattr(s, "held", 0) for s in self.sessions))
+        for session in self.sessions:
+            close = getattr(session, "close", None)
+            if close is not None:
+                close()
+        self.sessions = ()
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        if held >= _TRIM_AFTER:
+            memtrim.soon()
 
     async def _work(self) -> None:
         while True:
-            event = await self.queue.get()
+            got = await self.queue.get()
+            event = got.event
+            self._working = True
             try:
                 if not await self._dispatch(event):     # not ours: dropped, as the spec says
                     log.debug("wyoming %s: %s ignored", self.peer, event.type)
@@ -182,8 +262,15 @@ class Connection:
             except ConnectionError:
                 return
             except Exception as e:              # one bad request must not end the server
-                log.exception("wyoming %s: %s failed", self.peer, event.type)
+                self.logs.log(logging.ERROR, "internal_error", "wyoming %s: %s failed",
+                              self.peer, event.type, exc_info=True)
                 await self.error(f"internal error: {type(e).__name__}: {e}", "internal_error")
+            finally:
+                self._working = False
+                self._last = self._clock()
+                del event
+                self.budget.give(got.size)
+                got = None
 
     async def _dispatch(self, event: Event) -> bool:
         for session in self.sessions:
