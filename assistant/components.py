@@ -118,7 +118,7 @@ async def _timed(name: str, fn, timings: dict) -> None:
 
 async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Optional[Path] = None,
                    use_camera: bool = True, allow_missing_llm: bool = False,
-                   models: Optional[tuple] = None, cam=None) -> Components:
+                   models: Optional[tuple] = None, cam=None, loaded=None) -> Components:
     """Create every part and load the models in parallel (whisper, piper, the LLM and the
     vision encoder at once: on a board the NPU loads overlap the CPU ones).
 
@@ -126,11 +126,13 @@ async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Opt
     writes at the voice's own rate; a speaker ignores it). With ``allow_missing_llm`` a
     missing LLM model does not stop the voice loop: questions get the reason spoken instead.
     ``models`` = (llm, encoder, encoder_loads_from_llm) replaces the configured ones (the
-    benchmark's simulated NPU stages); ``cam`` an already made camera.
+    benchmark's simulated NPU stages); ``cam`` an already made camera; ``loaded`` what the
+    start-up probes loaded (assistant.preflight.Loaded: whisper, the voices, Smart Turn),
+    kept rather than loaded again.
     """
     t0 = time.monotonic()
-    asr = transcriber(cfg)
-    tts = voices(cfg)
+    asr = loaded.asr if loaded is not None and loaded.asr is not None else transcriber(cfg)
+    tts = loaded.voices if loaded is not None and loaded.voices is not None else voices(cfg)
     llm = encoder = None
     after_llm = False
     problem = ""
@@ -185,7 +187,8 @@ async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Opt
              ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return Components(source=source, sink=sink, asr=asr, voices=tts, llm=llm,
                       llm_problem=problem, camera=cam, encoder=encoder,
-                      camera_down=camera_down)
+                      camera_down=camera_down,
+                      smart_turn=loaded.smart_turn if loaded is not None else None)
 
 
 async def close(parts: Components) -> None:
