@@ -132,7 +132,7 @@ async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Opt
     """
     t0 = time.monotonic()
     asr = loaded.asr if loaded is not None and loaded.asr is not None else transcriber(cfg)
-    tts = loaded.voices if loaded is not None and loaded.voices is not None else voices(cfg)
+    tts = loaded.voices if loaded is not None and loaded.voice is not None else voices(cfg)
     llm = encoder = None
     after_llm = False
     problem = ""

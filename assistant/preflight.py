@@ -44,8 +44,17 @@ class Loaded:
     """What the probes loaded for real, for the daemon to use instead of loading it again."""
 
     asr: object = None
-    voices: object = None
+    voice: object = None             # tts.voice's Synthesizer
+    voice_zh: object = None          # tts.voice_zh's, when it is set
     smart_turn: object = None
+
+    @property
+    def voices(self):
+        """The VoiceSet of the loaded voices (None when tts.voice was not loaded)."""
+        if self.voice is None:
+            return None
+        from assistant.audio.tts import VoiceSet
+        return VoiceSet.of(self.voice, self.voice_zh)
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,8 @@ def probes(cfg: Config, *, command: str = "run", service: bool = False,
 
     out: list[Probe] = []
     keys = active_file_keys(cfg)
+    if parts.llamacpp_vision(cfg):
+        keys.discard("llm.llamacpp.mmproj")     # its own probe reads it
     for key, path in file_settings(cfg):
         if key in keys:
             out.append(Probe("", key, _file_exists(cfg, key, path), show_ok=False))
@@ -102,7 +113,13 @@ def probes(cfg: Config, *, command: str = "run", service: bool = False,
         out.append(Probe("", "wyoming.uri", parts.wyoming_uri(cfg)))
     out += [
         Probe(f"speech recognition (asr.model: {cfg.asr.model})", "asr.model", parts.asr(cfg)),
-        Probe(f"speech synthesis (tts.voice: {cfg.tts.voice})", "tts.voice", parts.voices(cfg)),
+        Probe(f"speech synthesis (tts.voice: {cfg.tts.voice})", "tts.voice",
+              parts.voice(cfg, "tts.voice")),
+    ]
+    if cfg.tts.voice_zh and cfg.tts.voice_zh != cfg.tts.voice:
+        out.append(Probe(f"Chinese voice (tts.voice_zh: {cfg.tts.voice_zh})", "tts.voice_zh",
+                         parts.voice(cfg, "tts.voice_zh")))
+    out += [
         Probe(f"language model (llm.backend: {cfg.llm.backend})", "llm.backend",
               parts.language_model(cfg)),
         Probe("vision encoder (vision.encoder)", "vision.encoder", parts.encoder(cfg)),

@@ -8,6 +8,7 @@ raises an error whose message names the key, the cause and what to do.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -46,13 +47,16 @@ def asr(cfg: Config) -> Run:
     return run
 
 
-def voices(cfg: Config) -> Run:
+def voice(cfg: Config, key: str) -> Run:
+    """tts.voice or tts.voice_zh, loaded (the daemon keeps it: preflight.Loaded.voices)."""
     def run(loaded) -> str:
-        from assistant import components
-        vs = components.voices(cfg)
-        vs.load()                    # tts.voice and tts.voice_zh; the daemon keeps them
-        loaded.voices = vs
-        return ", ".join(str(v.voice_onnx) for v in (vs.default, vs.zh) if v is not None)
+        from assistant.audio.model_paths import resolve_voice
+        from assistant.audio.tts import Synthesizer
+        name = cfg.tts.voice if key == "tts.voice" else cfg.tts.voice_zh
+        syn = Synthesizer(*resolve_voice(cfg.tts, name, cfg.path, key=key), cfg.tts, key=key)
+        syn.load()
+        setattr(loaded, "voice" if key == "tts.voice" else "voice_zh", syn)
+        return str(syn.voice_onnx)
     return run
 
 
@@ -69,7 +73,8 @@ def language_model(cfg: Config) -> Run:
             return probe_library(cfg.llm.rkllm, cfg.path)
         from assistant.llm import gguf_probe
         from assistant.llm.catalog import resolve
-        model, _ = resolve(cfg.llm.llamacpp, cfg.path, want_mmproj=False)
+        # The projector is its own probe: a bad one must not hide the model's state.
+        model, _ = resolve(replace(cfg.llm.llamacpp, mmproj=None), cfg.path, want_mmproj=False)
         return gguf_probe.check_model(model)       # llama-cpp-python missing: BackendError
     return run
 
