@@ -193,11 +193,12 @@ async def run_daemon(cfg: Config) -> int:
     notify = Notifier()
     notify("STATUS=loading models")
     try:
-        # check's probes (every missing or corrupt part at once; exit 78, which systemd does
-        # not restart); whisper, the voices and Smart Turn stay loaded for the parts.
-        loaded = await preflight.start(cfg, command="run", service=under_systemd())
+        # check's probes, while the language model loads: every missing or corrupt part at
+        # once, exit 78 (systemd does not restart it); whisper, the voices and Smart Turn
+        # are kept as the probes loaded them.
+        starting = preflight.start(cfg, command="run", service=under_systemd())
         parts = await components.assemble(cfg, components.microphone(cfg),
-                                          lambda rate: components.speaker(cfg), loaded=loaded)
+                                          lambda rate: components.speaker(cfg), loading=starting)
     except BaseException as e:
         if isinstance(e, Exception):
             notify(f"STATUS=cannot start: {e}")

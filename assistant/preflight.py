@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from assistant.config import Config, ConfigError, active_file_keys, file_settings, missing_file_error
+from assistant.config import (Config, ConfigError, active_file_keys, file_settings,
+                              missing_file_error)
 from assistant.errors import AssistantError, DeviceError
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ class Outcome:
     def message(self) -> str:
         """The problem in one line, naming the config key."""
         e = self.error
-        text = str(e) if isinstance(e, (AssistantError, ConfigError)) else f"{type(e).__name__}: {e}"
+        known = isinstance(e, (AssistantError, ConfigError))
+        text = str(e) if known else f"{type(e).__name__}: {e}"
         return text if _NAMES_KEY.search(text[:60]) else f"{self.probe.key}: {text}"
 
     @property

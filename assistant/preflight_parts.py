@@ -160,7 +160,8 @@ def record_dir(cfg: Config, service: bool, root: Path) -> Run:
                 raise ConfigError(
                     f"logging.debug_recording: {seen} is read-only for the service (its unit has "
                     f"ProtectSystem=strict: it may write only in {', '.join(map(str, allowed))}); "
-                    f"set logging.debug_recording: {use or '/var/lib/rkvlm-assistant'}/debug-recording",
+                    f"set logging.debug_recording: "
+                    f"{use or '/var/lib/rkvlm-assistant'}/debug-recording",
                     key="logging.debug_recording")
         existing = d
         while not existing.exists() and existing != existing.parent:

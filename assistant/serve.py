@@ -39,10 +39,10 @@ class NoSource(AudioSource):
         yield  # pragma: no cover  (an async generator that ends at once)
 
 
-async def assemble_headless(cfg: Config, loaded=None):
-    """The parts without a microphone or a speaker (the sink plays nothing); ``loaded``:
-    what the start-up probes loaded (assistant.preflight)."""
-    return await components.assemble(cfg, NoSource(), lambda rate: NullSink(rate), loaded=loaded)
+async def assemble_headless(cfg: Config, loading=None):
+    """The parts without a microphone or a speaker (the sink plays nothing); ``loading``:
+    the start-up probes (components.assemble)."""
+    return await components.assemble(cfg, NoSource(), lambda rate: NullSink(rate), loading=loading)
 
 
 async def run_serve(cfg: Config) -> int:
@@ -55,9 +55,10 @@ async def run_serve(cfg: Config) -> int:
     notify = Notifier()
     notify("STATUS=loading models")
     try:
-        # check's probes (the listen address, every missing or corrupt model: exit 78).
-        loaded = await preflight.start(cfg, command="serve", service=under_systemd())
-        parts = await assemble_headless(cfg, loaded)
+        # check's probes (the listen address, every missing or corrupt model: exit 78),
+        # while the language model loads.
+        parts = await assemble_headless(
+            cfg, preflight.start(cfg, command="serve", service=under_systemd()))
     except BaseException as e:
         if isinstance(e, Exception):
             notify(f"STATUS=cannot start: {e}")
