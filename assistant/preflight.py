@@ -3,10 +3,10 @@ daemon's start-up (`run`, `serve`) both go through, so the two cannot drift.
 
 Each probe names its config key; its failure says the cause and what to do. `check` runs
 them all and prints one line each. `run` / `serve` run the same probes (the devices apart:
-the daemon opens and retries those itself) before anything else, in worker threads at
-once; a problem found there that a restart cannot fix (a missing or corrupt model, a
-backend package that is not installed) ends the process with exit 78, which the unit does
-not restart, and the same message `check` prints.
+the daemon opens and retries those itself) at start, in worker threads at once, while the
+language model loads (components.assemble); a problem found there that a restart cannot
+fix (a missing or corrupt model, a backend package that is not installed) ends the process
+with exit 78, which the unit does not restart, and the same message `check` prints.
 
 A probe is the real load where the part is loaded at start anyway (whisper, the voices,
 Smart Turn: the daemon keeps what the probe loaded, nothing is loaded twice) and a cheap
