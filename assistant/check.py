@@ -67,8 +67,11 @@ def run_check(cfg: Config, service: bool = False, root: Path = Path("/")) -> int
             print(f"  FAIL {o.line}")
             failures.append("model" if o.permanent else "device")
         elif o.probe.show_ok:
-            label = o.probe.label
-            print(f"  ok   {label}" + (f": {o.detail}" if label and o.detail else o.detail))
+            label, detail = o.probe.label, o.detail
+            warn = detail.startswith(preflight.WARNING)      # works, but not as configured
+            detail = detail.removeprefix(preflight.WARNING)
+            print(f"  {'WARN' if warn else 'ok  '} {label}"
+                  + (f": {detail}" if label and detail else detail))
     if not failures:
         print("all good")
         return 0

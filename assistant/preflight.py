@@ -30,6 +30,8 @@ from assistant.errors import AssistantError, DeviceError
 log = logging.getLogger(__name__)
 
 EX_CONFIG = 78
+# A probe's detail that starts so is a warning: the part works, not as configured.
+WARNING = "WARNING: "
 # A message that already names its key near the start ("tts.voice_zh: ...").
 _NAMES_KEY = re.compile(r"\b[a-z_]+(?:\.[a-z0-9_]+)+:")
 

@@ -114,7 +114,8 @@ def smart_turn(cfg: Config) -> Run:
             if cfg.vad.smart_turn_model:
                 raise
             # The daemon warns and ends utterances by silence (make_turn_ender): not fatal.
-            return f"WARNING: {e}; utterances end after vad.end_silence_ms of silence"
+            from assistant.preflight import WARNING
+            return f"{WARNING}{e}; utterances end after vad.end_silence_ms of silence"
         loaded.smart_turn = SmartTurnModel(path).load()   # the voice loop keeps it
         return str(path)
     return run

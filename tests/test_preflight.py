@@ -280,3 +280,17 @@ def test_the_daemon_keeps_what_the_probes_loaded(tmp_path):
     assert parts.asr is loaded.asr and parts.voices.default is loaded.voice
     assert loaded.asr.loads == 0 and loaded.voice.loads == 0     # assemble loads none again
     assert parts.smart_turn is loaded.smart_turn
+
+
+def test_smart_turn_without_pipecat_is_a_warning_not_a_failure(tmp_path, monkeypatch):
+    """The daemon ends utterances by silence then (make_turn_ender warns): check must not
+    fail, nor say plain ok. Bug caught: a missing pipecat-ai failing check (and the service's
+    start) though the service runs, or an ok line hiding the fallback."""
+    import assistant.audio.smart_turn as smart_turn
+
+    monkeypatch.setattr(smart_turn, "bundled_model", lambda: None)
+    cfg = _cfg("vad: {end_of_turn: smart_turn}\n", tmp_path)
+    o = _probe(cfg, "vad.end_of_turn")
+    assert o.error is None, o.message
+    assert o.detail.startswith(preflight.WARNING) and "pipecat-ai" in o.detail
+    assert "utterances end after vad.end_silence_ms of silence" in o.detail
