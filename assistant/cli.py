@@ -83,7 +83,8 @@ def cmd_ask(args, cfg: Config) -> int:
 def cmd_check(args, cfg: Config) -> int:
     from assistant.check import run_check
 
-    return run_check(cfg)
+    # Root on an installed machine, or --root: as the service runs (its wake mode, its unit).
+    return run_check(cfg, service=args.layout.service, root=args.layout.root)
 
 
 def cmd_devices(args, cfg: Config) -> int:

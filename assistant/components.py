@@ -7,6 +7,7 @@ one new module and one branch here.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -116,9 +117,13 @@ async def _timed(name: str, fn, timings: dict) -> None:
     timings[name] = time.monotonic() - t0
 
 
+async def _ready(value):
+    return value
+
+
 async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Optional[Path] = None,
                    use_camera: bool = True, allow_missing_llm: bool = False,
-                   models: Optional[tuple] = None, cam=None) -> Components:
+                   models: Optional[tuple] = None, cam=None, loading=None) -> Components:
     """Create every part and load the models in parallel (whisper, piper, the LLM and the
     vision encoder at once: on a board the NPU loads overlap the CPU ones).
 
@@ -126,27 +131,58 @@ async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Opt
     writes at the voice's own rate; a speaker ignores it). With ``allow_missing_llm`` a
     missing LLM model does not stop the voice loop: questions get the reason spoken instead.
     ``models`` = (llm, encoder, encoder_loads_from_llm) replaces the configured ones (the
-    benchmark's simulated NPU stages); ``cam`` an already made camera.
+    benchmark's simulated NPU stages); ``cam`` an already made camera. ``loading``: the
+    daemon's start-up probes (assistant.preflight.start, or their preflight.Loaded), run
+    while the language model loads: whisper, the voices and Smart Turn are the ones they
+    loaded, and their problem (exit 78, with check's message) comes before any other.
     """
     t0 = time.monotonic()
-    asr = transcriber(cfg)
-    tts = voices(cfg)
+    if loading is not None and not inspect.isawaitable(loading):
+        loading = _ready(loading)
+    try:
+        return await _assemble(cfg, source, sink_factory, image, use_camera, allow_missing_llm,
+                               models, cam, loading, t0)
+    finally:
+        if (inspect.iscoroutine(loading)
+                and inspect.getcoroutinestate(loading) == inspect.CORO_CREATED):
+            loading.close()          # failed before the probes started: no warning about it
+
+
+async def _assemble(cfg, source, sink_factory, image, use_camera, allow_missing_llm, models, cam,
+                    loading, t0) -> Components:
+    asr = tts = None
+    if loading is None:
+        asr = transcriber(cfg)
+        tts = voices(cfg)
     llm = encoder = None
     after_llm = False
     problem = ""
+    early: Optional[Exception] = None       # the probes say it too, with the rest
     try:
         llm, encoder, after_llm = (models if models is not None
                                    else language_model(cfg, image_given=image is not None))
-    except ModelMissingError as e:
-        if not allow_missing_llm:
+    except (ModelMissingError, ConfigError) as e:
+        if loading is not None:
+            early = e
+        elif not allow_missing_llm or isinstance(e, ConfigError):
             raise
-        problem = str(e)
-        log.error("%s", e)
+        else:
+            problem = str(e)
+            log.error("%s", e)
     if cam is None and (use_camera or image is not None) and cfg.vision.encoder != "none":
         cam = camera(cfg, image)
 
     timings: dict = {}
-    jobs = [_timed("asr", asr.load, timings), _timed("tts", tts.load, timings)]
+    jobs = []
+    if loading is not None:
+        async def probes():
+            t = time.monotonic()
+            found = await loading
+            timings["probes (asr, tts)"] = time.monotonic() - t
+            return found
+        jobs.append(probes())
+    else:
+        jobs += [_timed("asr", asr.load, timings), _timed("tts", tts.load, timings)]
     if llm is not None:
         async def llm_then_encoder():
             await _timed("llm", llm.load, timings)
@@ -169,6 +205,11 @@ async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Opt
         jobs.append(open_camera())
     results = await asyncio.gather(*jobs, return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
+    smart_turn = None
+    if loading is not None and not isinstance(results[0], BaseException):
+        asr, tts, smart_turn = results[0].asr, results[0].voices, results[0].smart_turn
+        if early is not None:
+            errors.append(early)
     sink = None
     if not errors:
         try:
@@ -185,7 +226,8 @@ async def assemble(cfg: Config, source: AudioSource, sink_factory, *, image: Opt
              ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return Components(source=source, sink=sink, asr=asr, voices=tts, llm=llm,
                       llm_problem=problem, camera=cam, encoder=encoder,
-                      camera_down=camera_down)
+                      camera_down=camera_down,
+                      smart_turn=smart_turn)
 
 
 async def close(parts: Components) -> None:

@@ -28,9 +28,9 @@ import threading
 import time
 from typing import Awaitable, Callable, Optional
 
-from assistant import components
+from assistant import components, preflight
 from assistant.audio.wake import under_systemd
-from assistant.config import Config, check_files
+from assistant.config import Config
 from assistant.debug_recording import recorder_for
 from assistant.health import EX_SOFTWARE, HEALTH, STAGES, Health, Watch
 from assistant.pipeline import Pipeline, make_conversation
@@ -183,25 +183,28 @@ def _hard_exit(code: int) -> None:
 # --------------------------------------------------------------------------- the daemon
 
 async def run_daemon(cfg: Config) -> int:
-    missing = check_files(cfg)
-    if missing:
-        # Every missing file at once; ConfigError -> exit 78, systemd does not restart.
-        for e in missing[1:]:
-            log.error("%s", e)
-        raise missing[0]
     if cfg.http.enabled:
-        from assistant.http.server import check_listen, make_gate, start_server
-        check_listen(cfg)      # a non-loopback address without http.api_key: exit 78
+        from assistant.http.server import make_gate, start_server
     from assistant.frontend import media_work
-    from assistant.wyoming import check_uri, start_wyoming
-    check_uri(cfg)             # a non-loopback address without wyoming.allow_lan: exit 78
+    from assistant.wyoming import start_wyoming
     HEALTH.configure(cfg.deadlines)
     # From the start: a SIGHUP while the models load is ignored, not the end of the process.
     hup = HupHandler(asyncio.get_running_loop()).install()
     notify = Notifier()
     notify("STATUS=loading models")
-    parts = await components.assemble(cfg, components.microphone(cfg),
-                                      lambda rate: components.speaker(cfg))
+    try:
+        # check's probes, while the language model loads: every missing or corrupt part at
+        # once, exit 78 (systemd does not restart it); whisper, the voices and Smart Turn
+        # are kept as the probes loaded them.
+        starting = preflight.start(cfg, command="run", service=under_systemd())
+        parts = await components.assemble(cfg, components.microphone(cfg),
+                                          lambda rate: components.speaker(cfg), loading=starting)
+    except BaseException as e:
+        if isinstance(e, Exception):
+            notify(f"STATUS=cannot start: {e}")
+        hup.close()
+        notify.close()
+        raise
     transcript = (TranscriptWriter(transcript_path(cfg), cfg.transcript)
                   if cfg.transcript.enabled else None)
     if transcript is not None:

@@ -13,10 +13,11 @@ import logging
 import signal
 from typing import AsyncIterator
 
-from assistant import components
+from assistant import components, preflight
 from assistant.audio.base import AudioSource
 from assistant.audio.null_sink import NullSink
-from assistant.config import Config, check_files
+from assistant.audio.wake import under_systemd
+from assistant.config import Config
 from assistant.pipeline import make_conversation
 from assistant.reload import HupHandler, Reloader
 from assistant.sdnotify import Notifier
@@ -38,28 +39,32 @@ class NoSource(AudioSource):
         yield  # pragma: no cover  (an async generator that ends at once)
 
 
-async def assemble_headless(cfg: Config):
-    """The parts without a microphone or a speaker (the sink plays nothing)."""
-    return await components.assemble(cfg, NoSource(), lambda rate: NullSink(rate))
+async def assemble_headless(cfg: Config, loading=None):
+    """The parts without a microphone or a speaker (the sink plays nothing); ``loading``:
+    the start-up probes (components.assemble)."""
+    return await components.assemble(cfg, NoSource(), lambda rate: NullSink(rate), loading=loading)
 
 
 async def run_serve(cfg: Config) -> int:
-    from assistant.http.server import check_listen, make_gate, start_server
+    from assistant.http.server import make_gate, start_server
     from assistant.frontend import media_work
-    from assistant.wyoming import check_uri, start_wyoming
+    from assistant.wyoming import start_wyoming
 
-    check_listen(cfg)                      # ConfigError -> 78, before any model loads
-    check_uri(cfg)
-    missing = check_files(cfg)
-    if missing:
-        for e in missing[1:]:
-            log.error("%s", e)
-        raise missing[0]
     # From the start: a SIGHUP while the models load is ignored, not the end of the process.
     hup = HupHandler(asyncio.get_running_loop()).install()
     notify = Notifier()
     notify("STATUS=loading models")
-    parts = await assemble_headless(cfg)
+    try:
+        # check's probes (the listen address, every missing or corrupt model: exit 78),
+        # while the language model loads.
+        parts = await assemble_headless(
+            cfg, preflight.start(cfg, command="serve", service=under_systemd()))
+    except BaseException as e:
+        if isinstance(e, Exception):
+            notify(f"STATUS=cannot start: {e}")
+        hup.close()
+        notify.close()
+        raise
     transcript = (TranscriptWriter(transcript_path(cfg), cfg.transcript)
                   if cfg.transcript.enabled else None)
     server = wyoming = media = None
