@@ -20,6 +20,7 @@ changes nothing.
 
 from __future__ import annotations
 
+import functools
 import grp
 import logging
 import os
@@ -683,7 +684,8 @@ def cli_install(args) -> int:
     check = None
     if not getattr(args, "no_check", False):
         from assistant.check import run_check
-        check = run_check
+        # As the service will run: its wake mode, its unit's writable directories.
+        check = functools.partial(run_check, service=True, root=Path(args.root or "/"))
     try:
         return _installer(args, check).install()
     except (InstallError, OSError, root_paths.OutsideRoot) as e:

@@ -278,7 +278,7 @@ def test_cli_install_and_uninstall_into_a_root(tmp_path):
     # Bug caught (was an either-or): a check that never ran, or passed on a tree lacking a model.
     assert f"  + rkvlm-assistant models pull tiny.en --root {root}" in r.stdout
     assert "  = whisper tiny.en is installed: " in r.stdout
-    assert (f"FAIL language model (llm.backend: llamacpp): The model smolvlm2-256m"
+    assert (f"FAIL language model (llm.backend: llamacpp): llm.backend: The model smolvlm2-256m"
             in r.stdout)
     assert f"Run `sudo rkvlm-assistant models pull smolvlm2-256m --root {root}`" in r.stdout
     assert "  ! check found problems (exit 78), see above." in r.stdout
