@@ -80,6 +80,14 @@ class Events:
                 return kind, data, size
 
 
+def took(seconds: float) -> str:
+    """How long an attack took, in a few bands (so outcomes add up over an hour)."""
+    for limit in (5, 30, 120):
+        if seconds < limit:
+            return f"< {limit} s"
+    return ">= 120 s"
+
+
 def outcome_of(kind: str, data: dict) -> str:
     return f"error:{data.get('code')}" if kind == "error" else kind
 
@@ -127,15 +135,19 @@ class WyomingAttacks:
                 self.sent += 1
             attack = attacks[i % len(attacks)]
             i += 1
+            t0 = time.monotonic()
             try:
                 outcome = attack()
             except socket.timeout:
                 outcome = "timeout"
             except ConnectionError as e:
-                outcome = "closed by the server" if "server" in str(e) or isinstance(
-                    e, (ConnectionResetError, BrokenPipeError)) else f"closed:{e}"
+                outcome = "closed by the server" if isinstance(
+                    e, (ConnectionResetError, BrokenPipeError)) else f"closed: {e}"
             except Exception as e:      # whatever it is, the loop goes on and says so
-                outcome = f"failed:{type(e).__name__}: {e}"[:80]
+                outcome = f"failed: {type(e).__name__}: {e}"[:80]
+            if self.stop.is_set() and outcome in ("timeout", "closed by the server"):
+                outcome = "cut short by the end of the soak"
+            outcome += f" [{took(time.monotonic() - t0)}]"
             with self._lock:
                 self.outcomes[attack.__name__][outcome] += 1
             self.stop.wait(1.0)
@@ -256,7 +268,7 @@ class WyomingAttacks:
         n, last = self._hold(socks)
         for s in socks:
             rst_close(s)
-        end = f"{n} closed by the server (the last after {last:.0f} s)" if n else \
+        end = f"{n} closed by the server (the last {took(last)})" if n else \
             f"open after {self.hold_s:.0f} s"
         return f"{what}: {end}; describe beside: {beside}"
 
@@ -293,16 +305,21 @@ class WyomingAttacks:
     # ------------------------------------------------------------------ conversation
 
     def full_conversation(self) -> str:
+        """conversation_turns turns with one id (each turn's outcome counted as a "turn"),
+        then "Clear." (the attack's outcome)."""
         cid = f"soak-{time.monotonic_ns()}"
-        got: collections.Counter = collections.Counter()
         for k in range(self.turns):
             if self.stop.is_set():
                 break
-            got[self._handle(f"Question {k}: what do you see on the table, and what colour "
-                             f"is the cup next to the apple?", cid)] += 1
-        clear = self._handle("Clear.", cid)
-        return (", ".join(f"{o} {n}" for o, n in sorted(got.items()))
-                + f"; Clear.: {clear}")
+            try:
+                got = self._handle(f"Question {k}: what do you see on the table, and what "
+                                   f"colour is the cup next to the apple?", cid)
+            except (OSError, ValueError) as e:
+                got = f"failed: {type(e).__name__}"
+            with self._lock:
+                self.outcomes["conversation_turn"][got] += 1
+            self.stop.wait(0.2)
+        return f"Clear.: {self._handle('Clear.', cid)}"
 
     def _handle(self, text: str, cid: str) -> str:
         with self._connect() as s:
