@@ -139,6 +139,9 @@ def main() -> int:
                     help="Wyoming handle turns with one conversation id before \"Clear.\"")
     ap.add_argument("--max-wyoming", type=int, default=1000,
                     help="at most this many Wyoming attacks (default 1000)")
+    ap.add_argument("--wyoming-skip", default="",
+                    help="Wyoming attacks left out, by name, comma-separated (e.g. "
+                         "low_rate_1000,low_rate_8000)")
     ap.add_argument("--workdir", help="keep the models, config, transcript and daemon log here "
                                       "(default: a temporary directory, removed at the end)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
@@ -182,7 +185,8 @@ def soak(args, work: Path) -> int:
     attacker = Attacker(port, args, stop)
     wyoming = WyomingAttacks(wport, port, stop, max_attacks=args.max_wyoming,
                              hold_s=args.wyoming_hold, read_s=args.wyoming_read,
-                             conversation_turns=args.conversation_turns)
+                             conversation_turns=args.conversation_turns,
+                             skip=tuple(filter(None, args.wyoming_skip.split(","))))
     reader = VoiceRows(transcript)
     asked = answered = 0
     missed: list[int] = []

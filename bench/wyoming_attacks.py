@@ -103,8 +103,9 @@ def rst_close(s: socket.socket) -> None:
 class WyomingAttacks:
     def __init__(self, wport: int, hport: int, stop: threading.Event, max_attacks: int = 1000,
                  hold_s: float = 20.0, read_s: float = 45.0, conversation_turns: int = 40,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, skip: tuple = ()):
         self.wport, self.hport, self.stop = wport, hport, stop
+        self.skip = set(skip)
         self.max_attacks, self.hold_s, self.read_s = max_attacks, hold_s, read_s
         self.turns, self.timeout = conversation_turns, timeout
         self.outcomes: dict[str, collections.Counter] = collections.defaultdict(
@@ -120,6 +121,11 @@ class WyomingAttacks:
                             self.unpunctuated_synthesize, self.http_unpunctuated],
                  "idle": [self.idle_connections, self.no_audio_stop, self.non_reader],
                  "conversation": [self.full_conversation]}
+        unknown = self.skip - {a.__name__ for attacks in loops.values() for a in attacks}
+        if unknown:
+            raise ValueError(f"no such Wyoming attack: {', '.join(sorted(unknown))}")
+        loops = {name: kept for name, attacks in loops.items()
+                 if (kept := [a for a in attacks if a.__name__ not in self.skip])}
         threads = [threading.Thread(target=self._loop, args=(attacks,), name=f"wy-{name}",
                                     daemon=True) for name, attacks in loops.items()]
         for t in threads:
