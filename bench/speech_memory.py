@@ -24,9 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from test_http_support import free_port, start_serve, stop_process, wait_for_port  # noqa: E402
 from tiny_models import write_mmproj, write_text_model  # noqa: E402
+from wyoming_attacks import Events, event, peak_rss_mb as peak_mb, unpunctuated  # noqa: E402
 
 CONFIG = """\
 llm: {{llamacpp: {{model: tiny.gguf, mmproj: tiny-mmproj.gguf}}}}
@@ -34,23 +36,6 @@ persona: {{language: en}}
 http: {{listen: "127.0.0.1:{port}"}}
 wyoming: {{enabled: true, uri: "tcp://127.0.0.1:{wport}"}}
 """
-
-
-def unpunctuated(chars: int) -> str:
-    """Words and spaces, no punctuation, exactly ``chars`` long."""
-    words = "the quick brown fox jumps over the lazy dog near a river bank".split()
-    out, i = [], 0
-    while sum(len(w) + 1 for w in out) < chars:
-        out.append(words[i % len(words)])
-        i += 1
-    return " ".join(out)[:chars].rstrip()
-
-
-def peak_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM")
 
 
 def http_speech(port: int, text: str, timeout: float) -> tuple[int, float]:
@@ -66,22 +51,16 @@ def http_speech(port: int, text: str, timeout: float) -> tuple[int, float]:
 
 def wyoming_synthesize(port: int, text: str, timeout: float) -> tuple[str, float]:
     """The last event's type and the seconds of speech of a Wyoming ``synthesize``."""
-    data = json.dumps({"text": text}).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(json.dumps({"type": "synthesize", "data_length": len(data)}).encode()
-                  + b"\n" + data)
-        f = s.makefile("rb")
-        samples, rate = 0, 1
+        s.sendall(event("synthesize", {"text": text}))
+        events, samples, rate = Events(s), 0, 1
         while True:
-            header = json.loads(f.readline())
-            extra = f.read(header.get("data_length") or 0)
-            payload = f.read(header.get("payload_length") or 0)
-            data_ = {**(header.get("data") or {}), **(json.loads(extra) if extra else {})}
-            if header["type"] == "audio-chunk":
-                samples += len(payload) // 2
-                rate = data_.get("rate", rate)
-            if header["type"] in ("audio-stop", "error"):
-                return header["type"], samples / rate
+            kind, data, size = events.next()
+            if kind == "audio-chunk":
+                samples += size // 2
+                rate = data.get("rate", rate)
+            if kind in ("audio-stop", "error"):
+                return kind, samples / rate
 
 
 def main() -> int:

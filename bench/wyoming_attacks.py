@@ -1,4 +1,4 @@
-"""The fault soak's Wyoming attacks (issue 24) and its watchdog listener.
+"""The fault soak's Wyoming attacks (issue 24) and its watchdog listener (tests/ on the path).
 
 Three threads on 127.0.0.1 (the daemon's own Wyoming and HTTP ports, nothing else), each a
 loop of attacks one after another, every one bounded in time, the whole bounded in count
@@ -29,6 +29,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
+
+from test_http_support import raw_http
 
 UNPUNCTUATED = "the quick brown fox jumps over the lazy dog near a river bank".split()
 SENTENCES = " ".join(f"This is sentence number {i} of a long text to speak." for i in range(60))
@@ -217,19 +219,13 @@ class WyomingAttacks:
     def http_unpunctuated(self) -> str:
         body = json.dumps({"model": "tts-1", "input": unpunctuated(4096),
                            "voice": "alloy"}).encode()
-        with socket.create_connection(("127.0.0.1", self.hport), timeout=self.timeout * 3) as s:
-            s.sendall((f"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                       f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                       f"Connection: close\r\n\r\n").encode() + body)
-            data = b""
-            while True:
-                more = s.recv(65536)
-                if not more:
-                    break
-                data += more
-        if not data.startswith(b"HTTP/"):
-            return "closed by the server"
-        code = int(data.split()[1])
+        try:
+            code, _, _ = raw_http(self.hport, (
+                f"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\n\r\n").encode() + body, timeout=self.timeout * 3)
+        except (IndexError, ValueError):
+            return "closed by the server"       # no status line
         if code >= 500:
             with self._lock:
                 self.server_errors += 1

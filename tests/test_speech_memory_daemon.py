@@ -15,8 +15,8 @@ from pathlib import Path
 from test_http_support import free_port, start_serve, stop_process, wait_for_port
 from tiny_models import write_mmproj, write_text_model
 
-# Generous: 1,057 MB measured with 4,096 characters (bench/speech_memory.py); in one piece,
-# 2,500 characters take about 4 GB (the square of 10.9 GB at 4,094).
+# Generous: 1,050 MB measured with 4,096 characters (bench/speech_memory.py); in one piece,
+# 2,500 characters took 5.4 GB (MAX_PIECE raised past the text, on purpose).
 PEAK_BOUND_MB = 2000
 
 

@@ -47,9 +47,9 @@ _WAIT = -1  # the end depends on text that has not arrived yet
 # The longest piece handed to the voice, in speech_length units. Piper's memory grows with the
 # square of a piece's length (4,094 unpunctuated characters in one piece: 10.9 GB); at this
 # cap the daemon's peak speaking HTTP's 4,096 or Wyoming's 10,000 unpunctuated characters is
-# 1.06 GB (bench/speech_memory.py). Above the voice loop's run-on cut (2 x 100), so normal
-# answers are cut as before.
-MAX_PIECE = 300
+# 1.05 GB (bench/speech_memory.py; 1.06 to 1.36 GB at 300). The voice loop's run-on cut is
+# at 2 x 100 too, so normal answers are cut as before.
+MAX_PIECE = 200
 
 
 def is_cjk(ch: str) -> bool:
