@@ -21,13 +21,25 @@ of bad input issue 17 found, in a loop, one request at a time, bounded in count
                    at most ``--slow-connections`` open at once, each given up after
                    ``--slow-hold`` seconds)
 
+Beside them, bench/wyoming_attacks.py's three threads attack the daemon's Wyoming port
+(issue 24), each attack bounded in time, all of them in count (``--max-wyoming``): 16 MB
+audio chunks announced as 1000 Hz and 8 kHz 8-bit, 32 MB of audio queued behind a long
+``synthesize`` without reading, 10,000 unpunctuated characters to ``synthesize`` (listened
+to for ``--wyoming-read`` s) and 4,096 to HTTP speech; 32 idle connections, 4 audio streams
+that never stop and a client that never reads its audio (each held ``--wyoming-hold`` s,
+with a ``describe`` beside them); ``--conversation-turns`` ``handle`` turns with one
+conversation id, then "Clear.". Each attack's outcomes are counted and printed.
+
 It reports the voice questions asked and answered, whether every transcript line is a valid
 (strict) JSON row, the daemon's resident memory growth from the baseline (after the first
-``--warmup`` minutes) to the end, the number of 5xx responses, and every kind's response
-codes ("closed": the server closed the connection, "timeout": no answer within
-``--timeout`` s). The baseline waits for the daemon's warm-up (its memory grows for the
-first hundred turns or so, see README); an hour's run gives the figure that counts. Exit code 0 when every voice question was answered, every row is valid,
-RSS grew less than 5 % and no request got a 5xx; 1 otherwise; 2 when the daemon died.
+``--warmup`` minutes) to the end and its peak (VmHWM), the longest gap between the daemon's
+watchdog pings (the soak is its NOTIFY_SOCKET, WATCHDOG_USEC 2 s: a ping a second from the
+event loop), the number of 5xx responses, and every kind's response codes ("closed": the
+server closed the connection, "timeout": no answer within ``--timeout`` s). The baseline
+waits for the daemon's warm-up (its memory grows for the first hundred turns or so, see
+README); an hour's run gives the figure that counts. Exit code 0 when every voice question
+was answered, every row is valid, RSS grew less than 5 %, the peak stayed under 1.5 GB, no
+watchdog gap passed 10 s and no request got a 5xx; 1 otherwise; 2 when the daemon died.
 
     .venv/bin/python bench/fault_soak.py --minutes 5
     .venv/bin/python bench/fault_soak.py --minutes 60 --json /tmp/fault_soak.json
@@ -36,20 +48,13 @@ RSS grew less than 5 % and no request got a 5xx; 1 otherwise; 2 when the daemon 
 from __future__ import annotations
 
 import argparse
-import collections
-import io
 import json
-import random
-import select
 import shutil
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import wave
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,167 +65,16 @@ from alsa_support import make_paced_alsa, portaudio_available  # noqa: E402
 from assistant.demo import draw_scene  # noqa: E402
 from speech_fixtures import synthesize_pcm  # noqa: E402
 from tiny_models import write_mmproj, write_text_model  # noqa: E402
+from http_attacks import Attacker  # noqa: E402
+from wyoming_attacks import Watchdog, WyomingAttacks, peak_rss_mb  # noqa: E402
 
 GROWTH_LIMIT = 0.05
-KINDS = ("bad_json", "surrogate", "nul_chat", "nul_speech", "huge_history", "odd_wav_rate",
-         "hangup")
-
-
-# --------------------------------------------------------------------------- the attacker
-
-class Attacker:
-    """Fires the bad requests in a loop on 127.0.0.1:port and counts the answers."""
-
-    def __init__(self, port: int, args, stop: threading.Event):
-        self.port = port
-        self.args = args
-        self.stop = stop
-        self.codes: dict[str, collections.Counter] = {k: collections.Counter()
-                                                      for k in KINDS + ("slow_headers",)}
-        self.sent = 0
-        self._lock = threading.Lock()
-        self._slow = threading.Semaphore(args.slow_connections)
-        self.rates = [int(r) for r in args.wav_rates.split(",")]
-
-    def record(self, kind: str, code) -> None:
-        with self._lock:
-            self.codes[kind][str(code)] += 1
-
-    @property
-    def server_errors(self) -> int:
-        return sum(n for c in self.codes.values() for code, n in c.items()
-                   if code.isdigit() and int(code) >= 500)
-
-    def run(self) -> None:
-        i = 0
-        while not self.stop.is_set() and self.sent < self.args.max_requests:
-            kind = KINDS[i % len(KINDS)]
-            i += 1
-            if i % len(KINDS) == 1 and self._slow.acquire(blocking=False):
-                threading.Thread(target=self._slow_headers, daemon=True).start()
-            try:
-                code = getattr(self, kind)()
-            except socket.timeout:
-                code = "timeout"
-            except ConnectionError:
-                code = "closed"
-            except Exception as e:      # whatever it is, the loop goes on and says so
-                code = f"error:{type(e).__name__}"
-            self.record(kind, code)
-            self.sent += 1
-            self.stop.wait(self.args.interval)
-
-    # ------------------------------------------------------------------ one request
-
-    def _request(self, method: str, path: str, body: bytes, ctype: str,
-                 read_all: bool = True) -> int:
-        """One HTTP/1.1 request on a fresh connection; the status code."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=self.args.timeout) as s:
-            head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-                    f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                    f"Connection: close\r\n\r\n").encode("ascii")
-            s.sendall(head + body)
-            return _read_status(s, read_all)
-
-    def _chat(self, messages: list, stream: bool = False, raw: bytes = b"") -> int:
-        body = raw or json.dumps({"model": "rkvlm", "messages": messages, "max_tokens": 8,
-                                  "stream": stream}).encode("utf-8")
-        return self._request("POST", "/v1/chat/completions", body, "application/json")
-
-    def bad_json(self) -> int:
-        return self._chat([], raw=b'{"model": "rkvlm", "messages": [{"role": "user", "con')
-
-    def surrogate(self) -> int:
-        # json.dumps writes the lone surrogate as the escape "\ud800": the server decodes it.
-        return self._chat([{"role": "user", "content": "What is this \ud800 thing?"}])
-
-    def nul_chat(self) -> int:
-        return self._chat([{"role": "user", "content": "Say\u0000 something."}])
-
-    def nul_speech(self) -> int:
-        body = json.dumps({"model": "tts-1", "input": "Hello\u0000 there.",
-                           "voice": "alloy"}).encode("utf-8")
-        return self._request("POST", "/v1/audio/speech", body, "application/json")
-
-    def huge_history(self) -> int:
-        pairs = []
-        for k in range(self.args.history_pairs):
-            pairs += [{"role": "user", "content": f"Question {k} about the table?"},
-                      {"role": "assistant", "content": f"Answer {k}: a red apple."}]
-        return self._chat(pairs + [{"role": "user", "content": "And now?"}])
-
-    def odd_wav_rate(self) -> int:
-        rate = self.rates[self.sent % len(self.rates)]
-        boundary = "faultsoak" + "".join(random.choices("0123456789abcdef", k=12))
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-                f"filename=\"q.wav\"\r\nContent-Type: audio/wav\r\n\r\n").encode()
-        body += _wav(rate) + f"\r\n--{boundary}--\r\n".encode()
-        return self._request("POST", "/v1/audio/transcriptions", body,
-                             f"multipart/form-data; boundary={boundary}")
-
-    def hangup(self) -> int:
-        body = json.dumps({"model": "rkvlm", "stream": True, "max_tokens": 64, "messages": [
-            {"role": "user", "content": "Tell me everything about the room."}]}).encode()
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=self.args.timeout)
-        try:
-            s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                       f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                       f"\r\n").encode() + body)
-            code = _read_status(s, read_all=False)
-        finally:
-            # RST, not FIN: the client is gone mid-stream.
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            s.close()
-        return code
-
-    def _slow_headers(self) -> None:
-        """Headers a byte every half second; who gives up first?"""
-        head = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200
-        t0 = time.monotonic()
-        outcome = "open when given up"
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                for byte in head:
-                    if time.monotonic() - t0 > self.args.slow_hold or self.stop.is_set():
-                        break
-                    s.sendall(bytes([byte]))
-                    if select.select([s], [], [], 0.5)[0]:
-                        data = s.recv(1024)
-                        outcome = (f"answered {data.split()[1].decode()}" if data.startswith(b"HTTP/")
-                                   else "closed by the server")
-                        break
-        except (ConnectionError, OSError):
-            outcome = "closed by the server"
-        finally:
-            self._slow.release()
-        self.record("slow_headers", outcome)
-
-
-def _read_status(s: socket.socket, read_all: bool) -> int:
-    """The status code of the response on ``s`` (and, with ``read_all``, its whole body)."""
-    data = b""
-    while b"\r\n" not in data:
-        chunk = s.recv(4096)
-        if not chunk:
-            raise ConnectionResetError("closed before a status line")
-        data += chunk
-    code = int(data.split(b"\r\n", 1)[0].split()[1])
-    while read_all and s.recv(65536):
-        pass
-    return code
-
-
-def _wav(rate: int) -> bytes:
-    """A 3 KB mono WAV whose header announces ``rate`` Hz."""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(8000)
-        w.writeframes(b"\x00\x01" * 1500)
-    data = bytearray(buf.getvalue())
-    struct.pack_into("<II", data, 24, rate, rate * 2)     # sample rate, byte rate
-    return bytes(data)
+WATCHDOG_S = 1.0            # the daemon pings every second (WATCHDOG_USEC = 2 s)
+GAP_LIMIT_S = 10.0          # the longest gap between two pings that is still clean
+PEAK_LIMIT_MB = 1500.0      # the daemon's peak resident memory (VmHWM)
+WYOMING = """\
+wyoming: {{enabled: true, uri: "tcp://127.0.0.1:{port}"}}
+"""
 
 
 # --------------------------------------------------------------------------- the transcript
@@ -277,6 +131,17 @@ def main() -> int:
                     help="a slow-header connection is given up after this many seconds")
     ap.add_argument("--answer-timeout", type=float, default=90.0,
                     help="give up waiting for one spoken answer after this many seconds")
+    ap.add_argument("--wyoming-hold", type=float, default=20.0,
+                    help="seconds the idle, endless and unread Wyoming connections are held")
+    ap.add_argument("--wyoming-read", type=float, default=45.0,
+                    help="seconds an unpunctuated Wyoming synthesize is listened to")
+    ap.add_argument("--conversation-turns", type=int, default=40,
+                    help="Wyoming handle turns with one conversation id before \"Clear.\"")
+    ap.add_argument("--max-wyoming", type=int, default=1000,
+                    help="at most this many Wyoming attacks (default 1000)")
+    ap.add_argument("--wyoming-skip", default="",
+                    help="Wyoming attacks left out, by name, comma-separated (e.g. "
+                         "low_rate_1000,low_rate_8000)")
     ap.add_argument("--workdir", help="keep the models, config, transcript and daemon log here "
                                       "(default: a temporary directory, removed at the end)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
@@ -299,15 +164,17 @@ def soak(args, work: Path) -> int:
     write_text_model(work / "tiny.gguf", scripted_reply=REPLY)
     write_mmproj(work / "tiny-mmproj.gguf")
     draw_scene(work / "scene.jpg")
-    port = free_port()
-    (work / "config.yaml").write_text(CONFIG.format(rate=RATE, port=port))
+    port, wport = free_port(), free_port()
+    (work / "config.yaml").write_text(CONFIG.format(rate=RATE, port=port) + WYOMING.format(
+        port=wport))
     clips = {q: synthesize_pcm(q, RATE) for q in QUESTIONS + [CLEAR]}
     fake = make_paced_alsa(work, capture_rate=RATE)
     mic = fake.paced_mic()
     log = work / "daemon.log"
     transcript = work / "turns.jsonl"
     env = fake.env()
-    env.pop("NOTIFY_SOCKET", None)
+    watchdog = Watchdog(work / "notify.sock")
+    env.update(NOTIFY_SOCKET=watchdog.path, WATCHDOG_USEC=str(int(WATCHDOG_S * 2e6)))
     with open(log, "wb") as errf:
         proc = subprocess.Popen([sys.executable, "-m", "assistant", "--config", "config.yaml",
                                  "run"], cwd=work, env=env, stdout=subprocess.DEVNULL,
@@ -316,10 +183,14 @@ def soak(args, work: Path) -> int:
           f"work dir {work}", flush=True)
     stop = threading.Event()
     attacker = Attacker(port, args, stop)
+    wyoming = WyomingAttacks(wport, port, stop, max_attacks=args.max_wyoming,
+                             hold_s=args.wyoming_hold, read_s=args.wyoming_read,
+                             conversation_turns=args.conversation_turns,
+                             skip=tuple(filter(None, args.wyoming_skip.split(","))))
     reader = VoiceRows(transcript)
     asked = answered = 0
     missed: list[int] = []
-    base = end = None
+    base = end = peak = silent = None
     died = None
     t_start = time.monotonic()
     try:
@@ -327,6 +198,7 @@ def soak(args, work: Path) -> int:
         ready = sample(proc.pid)
         attack = threading.Thread(target=attacker.run, name="attacker", daemon=True)
         attack.start()
+        wyoming.start()
         deadline = t_start + args.minutes * 60
         while time.monotonic() < deadline:
             if base is None and time.monotonic() - t_start >= args.warmup * 60:
@@ -360,10 +232,13 @@ def soak(args, work: Path) -> int:
             time.sleep(0.8)
         if died is None:
             end = sample(proc.pid)
+            peak = peak_rss_mb(proc.pid)
+            silent = time.monotonic() - (watchdog.last or t_start)
     finally:
         stop.set()
         stop_daemon(proc)
         mic.close()
+        watchdog.close()
     elapsed = time.monotonic() - t_start
     rows, bad_lines = check_rows(transcript)
     voice = [r for r in rows if r.get("source") in (None, "voice")]
@@ -382,6 +257,16 @@ def soak(args, work: Path) -> int:
           f"slow-header connections), {attacker.server_errors} 5xx")
     for kind, c in codes.items():
         print(f"    {kind:13s} " + ", ".join(f"{code}: {n}" for code, n in c.items()))
+    gap = max(watchdog.longest, silent or 0.0)
+    outcomes = {k: dict(c) for k, c in sorted(wyoming.outcomes.items())}
+    print(f"  wyoming attacks: {wyoming.sent}, {wyoming.server_errors} 5xx (HTTP speech)")
+    for kind, c in outcomes.items():
+        print(f"    {kind}:")
+        for what, n in sorted(c.items(), key=lambda x: -x[1]):
+            print(f"      {n:4d} x {what}")
+    print(f"  watchdog: {watchdog.pings} pings, longest gap {gap:.1f} s (limit {GAP_LIMIT_S:g})")
+    print("  peak rss (VmHWM): " + (f"{peak:.0f} MB (limit {PEAK_LIMIT_MB:g})" if peak
+                                    else "-"))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "minutes": elapsed / 60, "daemon_exit": proc.returncode, "asked": asked,
@@ -389,11 +274,15 @@ def soak(args, work: Path) -> int:
             "voice_rows": len(voice), "invalid_lines": bad_lines, "rss_ready": ready,
             "rss_baseline": base, "rss_end": end, "rss_growth": growth,
             "bad_requests": attacker.sent, "server_errors": attacker.server_errors,
-            "codes": codes}, indent=2))
+            "codes": codes, "wyoming_attacks": wyoming.sent, "wyoming": outcomes,
+            "wyoming_server_errors": wyoming.server_errors, "watchdog_pings": watchdog.pings,
+            "watchdog_longest_gap_s": gap, "peak_rss_mb": peak}, indent=2))
     if died is not None:
         return 2
     clean = (not missed and answered == asked and bad_lines == 0
-             and growth is not None and growth < GROWTH_LIMIT and attacker.server_errors == 0)
+             and growth is not None and growth < GROWTH_LIMIT and attacker.server_errors == 0
+             and wyoming.server_errors == 0 and gap <= GAP_LIMIT_S and watchdog.pings > 0
+             and peak is not None and peak < PEAK_LIMIT_MB)
     print("fault soak: " + ("clean" if clean else "NOT clean"))
     return 0 if clean else 1
 

@@ -9,8 +9,16 @@ abbreviation. A sentence is released as soon as its end is certain:
 - a newline (the end of a line, a list item or a heading).
 
 A long run-on with no end yet is cut after a comma once it grows past ``max_chars``, so the
-first sound is not held back by one long sentence. Markdown that a voice would read aloud
-(``*``, ``#``, backticks, links, emoji) is removed.
+first sound is not held back by one long sentence; with no comma, at the last word boundary
+once it is twice as long. Whatever the punctuation, no piece is longer than ``hard_chars``
+(``MAX_PIECE``): piper's memory grows with the square of one piece's length, and every text
+spoken (the voice loop's answers, HTTP speech, Wyoming) is cut here. A piece that reaches
+the cap is cut after its last comma or word within it, else (no space at all) at the cap.
+
+The text is scanned once: each ``feed`` looks for a sentence end only in what it has not
+looked at yet, and what waits for its end is never longer than the cap, so a stream of any
+length costs the same per character. Markdown that a voice would read aloud (``*``, ``#``,
+backticks, links, emoji) is removed.
 """
 
 from __future__ import annotations
@@ -35,6 +43,13 @@ _LINE_PREFIX = re.compile(r"^\s*(?:>\s*|[-+•]\s+)", re.MULTILINE)
 _SPACES = re.compile(r"\s+")
 
 _WAIT = -1  # the end depends on text that has not arrived yet
+
+# The longest piece handed to the voice, in speech_length units. Piper's memory grows with the
+# square of a piece's length (4,094 unpunctuated characters in one piece: 10.9 GB); at this
+# cap the daemon's peak speaking HTTP's 4,096 or Wyoming's 10,000 unpunctuated characters is
+# 1.05 GB (bench/speech_memory.py; 1.06 to 1.36 GB at 300). The voice loop's run-on cut is
+# at 2 x 100 too, so normal answers are cut as before.
+MAX_PIECE = 200
 
 
 def is_cjk(ch: str) -> bool:
@@ -62,16 +77,37 @@ def clean_for_speech(text: str) -> str:
 class SentenceSplitter:
     """Accumulates streamed text and hands back complete sentences."""
 
-    def __init__(self, max_chars: int = 100, min_chars: int = 20):
-        self.max_chars = max_chars  # a run-on longer than this is cut at a comma
-        self.min_chars = min_chars  # ... leaving at least this much in the piece cut off
+    def __init__(self, max_chars: int = 100, min_chars: int = 20, hard_chars: int = MAX_PIECE):
+        self.max_chars = max_chars    # a run-on longer than this is cut at a comma
+        self.min_chars = min_chars    # ... leaving at least this much in the piece cut off
+        self.hard_chars = hard_chars  # no piece is longer than this, whatever its punctuation
+        self.scanned_chars = 0        # characters looked at for a sentence end (each once)
+        self._reset()
+
+    def _reset(self) -> None:
         self._buf = ""
-        self._line_start = True  # the buffer begins at the start of a line
+        self._units = 0           # speech_length(self._buf)
+        self._scanned = 0         # self._buf[:self._scanned] holds no sentence end
+        self._line_start = True   # the buffer begins at the start of a line
+
+    @property
+    def pending(self) -> int:
+        """The speech length of the text waiting for its end (at most ``hard_chars`` between
+        two calls)."""
+        return self._units
 
     def feed(self, piece: str) -> list[str]:
         """Add a piece of text; returns the sentences it completed (possibly none)."""
-        self._buf += piece.replace("\r\n", "\n").translate(_MARKUP)
-        return self._drain(final=False)
+        piece = piece.replace("\r\n", "\n").translate(_MARKUP)
+        out: list[str] = []
+        # A cap's worth at a time: the buffer stays bounded however long the piece.
+        step = max(1, self.hard_chars)
+        for k in range(0, len(piece), step):
+            part = piece[k:k + step]
+            self._buf += part
+            self._units += speech_length(part)
+            out += self._drain(final=False)
+        return out
 
     def flush(self) -> list[str]:
         """The end of the text: whatever is left, as sentences. The splitter is reset."""
@@ -79,14 +115,12 @@ class SentenceSplitter:
         rest = clean_for_speech(self._buf)
         if rest:
             out.append(rest)
-        self._buf = ""
-        self._line_start = True
+        self._reset()
         return out
 
     def reset(self) -> None:
         """Forget any partial sentence (an answer was cut short)."""
-        self._buf = ""
-        self._line_start = True
+        self._reset()
 
     # ---------------------------------------------------------------- internals
 
@@ -94,11 +128,15 @@ class SentenceSplitter:
         out: list[str] = []
         while self._buf:
             cut = self._find_end(final)
+            if cut not in (None, _WAIT) and speech_length(self._buf[:cut]) > self.hard_chars:
+                cut = None      # a sentence longer than a piece may be: cut as a run-on
             if cut is None or cut == _WAIT:
-                cut = None if final else self._find_run_on_cut()
+                cut = self._find_run_on_cut(final)
             if cut is None:
                 break
             sentence, self._buf = self._buf[:cut], self._buf[cut:]
+            self._units -= speech_length(sentence)
+            self._scanned = max(0, self._scanned - cut)
             self._line_start = sentence.rstrip(" \t").endswith("\n")
             text = clean_for_speech(sentence)
             if text:
@@ -106,25 +144,32 @@ class SentenceSplitter:
         return out
 
     def _find_end(self, final: bool) -> Optional[int]:
-        """Index just past the first certain sentence end; _WAIT; or None (no end yet)."""
+        """Index just past the first certain sentence end; _WAIT; or None (no end yet).
+        The scan starts where the last one stopped: what it passed holds no end, and a mark
+        whose verdict waited for more text is looked at again."""
         buf = self._buf
         n = len(buf)
-        i = 0
+        start = i = self._scanned
+        verdict: Optional[int] = None
         while i < n:
             ch = buf[i]
             if ch == "\n":
-                return i + 1
+                verdict = i + 1
+                break
             if ch in CJK_ENDS:
-                return self._skip_ends(i, CJK_ENDS)
+                verdict = self._skip_ends(i, CJK_ENDS)
+                break
             if ch in EN_ENDS:
                 j = self._skip_ends(i, EN_ENDS)
                 verdict = self._english_end(i, j, final)
                 if verdict is not None:
-                    return verdict
+                    break
                 i = j
                 continue
             i += 1
-        return None
+        self.scanned_chars += i - start
+        self._scanned = i
+        return verdict
 
     def _skip_ends(self, i: int, ends: str) -> int:
         """Past a run of end marks and the closing quotes/brackets after it."""
@@ -171,35 +216,42 @@ class SentenceSplitter:
             return False
         return line_start > 0 or self._line_start
 
-    def _find_run_on_cut(self) -> Optional[int]:
-        """A cut for a run-on longer than max_chars: after the last comma, else (when twice
-        as long) at the last space or after a Chinese character."""
-        buf = self._buf
-        if speech_length(buf) < self.max_chars:
+    def _find_run_on_cut(self, final: bool) -> Optional[int]:
+        """A cut for a run-on: past max_chars, after the last comma within it (else the
+        first after it); twice as long, at the last word boundary (a space, or after a
+        Chinese character) within hard_chars; past hard_chars, at the cap itself when there
+        is neither.
+        Never a piece past hard_chars. At the end of the text (``final``) only the cap cuts.
+        Looks at no more than hard_chars of the buffer."""
+        units, hard = self._units, self.hard_chars
+        if units <= hard and (final or units < self.max_chars):
             return None
-        best = None  # the last comma within max_chars, else the first one past it
+        buf = self._buf
+        comma = word = None
+        length = 0                # speech_length(buf[:m])
+        m = 0
         for m, ch in enumerate(buf):
-            if ch not in COMMAS:
-                continue
-            after = buf[m + 1] if m + 1 < len(buf) else ""
-            if ch == "," and not after.isspace():
-                continue  # the comma of 1,000 (or not known yet)
-            length = speech_length(buf[:m + 1])
-            if length < self.min_chars:
-                continue
-            if length > self.max_chars and best is not None:
-                break
-            best = m + 1
-            if length > self.max_chars:
-                break
-        if best is not None or speech_length(buf) < 2 * self.max_chars:
-            return best
-        for m in range(len(buf) - 1, 0, -1):
-            if buf[m].isspace() or is_cjk(buf[m - 1]):
-                if speech_length(buf[:m]) >= self.min_chars:
-                    return m
-                break
-        return None
+            if comma is not None and length > self.max_chars:
+                return comma      # the last comma within max_chars, or the first past it
+            if m and length >= self.min_chars and (ch.isspace() or is_cjk(buf[m - 1])):
+                word = m          # the last word boundary within the cap
+            w = 3 if is_cjk(ch) else 1
+            if length + w > hard:
+                break             # buf[:m] is as much as a piece may hold
+            length += w
+            if ch in COMMAS and length >= self.min_chars:
+                after = buf[m + 1] if m + 1 < len(buf) else ""
+                if (ch != "," or after.isspace()) and (length <= self.max_chars or comma is None):
+                    comma = m + 1  # not the comma of 1,000 (or not known yet)
+        else:
+            m = len(buf)
+        if comma is not None:
+            return comma
+        if units <= hard and units < 2 * self.max_chars:
+            return None
+        if word is not None:
+            return word
+        return max(m, 1) if units > hard else None
 
 
 __all__ = ["SentenceSplitter", "clean_for_speech", "speech_length", "is_cjk"]

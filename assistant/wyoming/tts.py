@@ -7,7 +7,13 @@
 - ``synthesize-start``, ``synthesize-chunk``s, ``synthesize-stop`` -> one ``audio-start`` /
   chunks / ``audio-stop`` per sentence as soon as the text completes it, then
   ``synthesize-stopped``. The ``synthesize`` a client sends inside the stream (for servers
-  that do not stream) is ignored.
+  that do not stream) is ignored. Each chunk's text is scanned once (the splitter looks only
+  at what is new); text with no sentence end is spoken a piece at a time once it reaches
+  the splitter's cap (``sentences.MAX_PIECE``), so what waits is never longer than that. A
+  chunk longer than ``INLINE_CHARS`` is split in a worker thread, off the event loop.
+
+Every text goes to piper in pieces of at most ``MAX_PIECE`` characters (piper's memory grows
+with the square of a piece's length), cut at clauses or words where it can.
 
 ``voice``: ``name`` (a configured voice, by its file name or its tts.voice value) or
 ``language`` (zh picks tts.voice_zh); neither: the default voice. Audio goes out at the
@@ -22,6 +28,7 @@ the client gets an ``error`` (code ``busy`` or ``deadline_exceeded``), then the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Iterator, Optional
@@ -41,6 +48,7 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 10_000
 SAMPLES_PER_CHUNK = 2048
+INLINE_CHARS = 1024     # a streamed chunk up to this long is split on the loop (bounded work)
 
 
 class TtsSession:
@@ -63,7 +71,9 @@ class TtsSession:
         elif kind == "synthesize-chunk":
             text = text_field(event)
             splitter = self._stream(event)
-            for sentence in splitter.feed(text):
+            pieces = (splitter.feed(text) if len(text) <= INLINE_CHARS
+                      else await asyncio.to_thread(splitter.feed, text))
+            for sentence in pieces:
                 await self._sentence(sentence)
         elif kind == "synthesize-stop":
             splitter = self._stream(event)
@@ -86,10 +96,11 @@ class TtsSession:
             raise ProtocolError(f"synthesize: the text is {len(text)} characters; the limit "
                                 f"is {MAX_TEXT_CHARS}", "text_too_long")
         synth = self._voice(event)
-        splitter = SentenceSplitter()
-        sentences = splitter.feed(text) + splitter.flush()
 
         def speech() -> Iterator[np.ndarray]:
+            # Split on the speech worker: the work grows with the text.
+            splitter = SentenceSplitter()
+            sentences = splitter.feed(text) + splitter.flush()
             for i, sentence in enumerate(sentences):
                 if i:
                     yield synth.silence()
