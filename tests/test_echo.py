@@ -28,10 +28,16 @@ FRAME = SAMPLE_RATE * 30 // 1000
 
 
 class Room:
-    def __init__(self, person: np.ndarray, echo_gain: float, delay_s: float = 0.08):
+    """``stalls``: (at, seconds) of a starved process: the microphone's frames captured
+    then reach the loop together when the stall ends (a capture buffer read late), their
+    sound that of when they were captured."""
+
+    def __init__(self, person: np.ndarray, echo_gain: float, delay_s: float = 0.08,
+                 stalls: tuple = ()):
         self.person = person.astype(np.float32)
         self.gain = echo_gain
         self.delay = delay_s
+        self.stalls = stalls
         self.timeline: list[tuple[float, np.ndarray]] = []   # (start, 16 kHz float) played
         room = self
 
@@ -45,7 +51,9 @@ class Room:
                 t0 = time.monotonic()
                 for k in range(len(room.person) // FRAME):
                     due = t0 + (k + 1) * FRAME / SAMPLE_RATE
-                    await asyncio.sleep(max(0.0, due - time.monotonic()))
+                    late = max([a + s for a, s in room.stalls if a <= due - t0 < a + s],
+                               default=due - t0)
+                    await asyncio.sleep(max(0.0, t0 + late - time.monotonic()))
                     frame = room.person[k * FRAME:(k + 1) * FRAME] + room.echo(due)
                     yield np.clip(frame, -32768, 32767).astype(np.int16).tobytes()
 
@@ -102,7 +110,8 @@ def voices():
     return v
 
 
-def run_room(spoken, whisper, voices, models, *, stop_at_s=None, echo_match=0.7, gain=0.5):
+def run_room(spoken, whisper, voices, models, *, stop_at_s=None, echo_match=0.7, gain=0.5,
+             stalls=()):
     q = spoken.pcm("What do you see on the table?")
     parts = [np.zeros(SAMPLE_RATE // 2, np.int16), q, np.zeros(int(12 * SAMPLE_RATE), np.int16)]
     person = np.concatenate(parts)
@@ -111,7 +120,7 @@ def run_room(spoken, whisper, voices, models, *, stop_at_s=None, echo_match=0.7,
         at = len(parts[0]) + len(q) + int(stop_at_s * SAMPLE_RATE)
         person = person.copy()
         person[at:at + len(stop)] += stop
-    room = Room(person, gain)
+    room = Room(person, gain, stalls=stalls)
     cfg = replace(CFG, audio=replace(CFG.audio, barge_in=True, echo_match=echo_match))
     b = LlamaCppBackend(cfg.llm, cfg.persona, models["long"])
     b.load()
@@ -129,6 +138,24 @@ def test_its_own_voice_from_the_speaker_cuts_nothing(spoken, whisper_tiny, voice
     (turn,) = pipe.turns
     assert not turn.interrupted and turn.answer == LONG
     assert room.speaker.seconds > 6          # the whole answer was played
+
+
+# A starved process every 1.5 s through the answer and past its end: 0.7 s of the
+# microphone's frames each time reach the loop at once, up to 0.7 s after they were captured.
+STALLS = tuple((4.0 + 1.5 * k, 0.7) for k in range(7))
+
+
+def test_its_own_voice_read_late_from_the_microphone_cuts_nothing(spoken, whisper_tiny,
+                                                                   voices, models):
+    """A busy CPU (other work on the machine, a board's own load): the microphone's frames
+    come in bursts, late. Bugs caught: the guard timing a frame by when it arrived rather
+    than by its own sample clock (the echo then lies further back than it looks, and the
+    guard takes it for a person: a barge-in on its own voice), and speech heard in a late
+    frame captured while the answer played taken for a new question once it ended."""
+    pipe, room = run_room(spoken, whisper_tiny, voices, models, stalls=STALLS)
+    (turn,) = pipe.turns
+    assert not turn.interrupted and turn.answer == LONG
+    assert room.speaker.seconds > 6
 
 
 def test_without_the_guard_the_echo_would_cut_the_answer(spoken, whisper_tiny, voices, models):
@@ -182,3 +209,25 @@ def test_a_person_is_not_taken_for_an_answer_that_has_just_begun(spoken):
         guard.heard(person[k * FRAME:(k + 1) * FRAME].tobytes(),
                     at=t0 + (k + 1) * FRAME / SAMPLE_RATE)
     assert guard.match() < 0.5
+
+
+def test_the_mic_clock_is_the_sample_clock():
+    """Frames that reach the guard late and in bursts are placed where their samples were
+    captured (bug caught: their arrival time taken as their time, which puts an echo that
+    came back 0.08 s after it was played 0.68 s back, out of the guard's reach)."""
+    rng = np.random.default_rng(3)
+    answer = (rng.standard_normal(3 * SAMPLE_RATE) * 3000).astype(np.float32)
+    t0, delay = 1000.0, int(0.08 * SAMPLE_RATE)
+    heard = np.zeros(len(answer), np.float32)
+    heard[delay:] = 0.5 * answer[:-delay]
+    guard = EchoGuard()
+    guard.played(answer, started=t0)
+    n = len(heard) // FRAME
+    end = t0 + n * FRAME / SAMPLE_RATE
+    for k in range(n):
+        captured = t0 + (k + 1) * FRAME / SAMPLE_RATE
+        # On time for the first second; the rest read all at once, 0.6 s after the last.
+        arrived = captured if captured <= t0 + 1.0 else end + 0.6
+        guard.heard(heard[k * FRAME:(k + 1) * FRAME].astype(np.int16).tobytes(), at=arrived)
+    assert guard.captured_at == pytest.approx(end, abs=1e-6)
+    assert guard.match() > 0.9
