@@ -9,6 +9,9 @@ Real time is the point (the echo must overlap the answer), so these run at real-
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -33,11 +36,15 @@ class Room:
     sound that of when they were captured."""
 
     def __init__(self, person: np.ndarray, echo_gain: float, delay_s: float = 0.08,
-                 stalls: tuple = ()):
+                 stalls: tuple = (), stall_at_ends: bool = False):
         self.person = person.astype(np.float32)
         self.gain = echo_gain
         self.delay = delay_s
-        self.stalls = stalls
+        self.stalls = list(stalls)
+        # Also a stall over the end of each long piece played: its last 0.8 s of sound
+        # reach the loop 0.6 s after it ended (after the answer, for the last one).
+        self.stall_at_ends = stall_at_ends
+        self.t0 = 0.0
         self.timeline: list[tuple[float, np.ndarray]] = []   # (start, 16 kHz float) played
         room = self
 
@@ -48,7 +55,7 @@ class Room:
                 pass
 
             async def frames(self):
-                t0 = time.monotonic()
+                t0 = room.t0 = time.monotonic()
                 for k in range(len(room.person) // FRAME):
                     due = t0 + (k + 1) * FRAME / SAMPLE_RATE
                     late = max([a + s for a, s in room.stalls if a <= due - t0 < a + s],
@@ -74,6 +81,8 @@ class Room:
                 room.timeline.append((start, resample(pcm, self.sample_rate, SAMPLE_RATE)
                                       .astype(np.float32)))
                 length = len(pcm) / self.sample_rate
+                if room.stall_at_ends and length > 0.9:
+                    room.stalls.append((start + length - 0.8 - room.t0, 1.4))
                 try:
                     await asyncio.wait_for(self._stop.wait(), length)
                 except asyncio.TimeoutError:
@@ -103,6 +112,20 @@ class Room:
         return out * self.gain
 
 
+@pytest.fixture
+def cpu_hog():
+    """A busy machine: one process spinning on each core for the test's length (a board is
+    busy too; the guard must not depend on the loop reading the microphone on time)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(os.cpu_count() or 2)]
+    try:
+        yield
+    finally:
+        for p in hogs:
+            p.kill()
+            p.wait()
+
+
 @pytest.fixture(scope="module")
 def voices():
     v = VoiceSet(TtsConfig())
@@ -111,16 +134,16 @@ def voices():
 
 
 def run_room(spoken, whisper, voices, models, *, stop_at_s=None, echo_match=0.7, gain=0.5,
-             stalls=()):
+             stalls=(), stall_at_ends=False, tail_s=12.0):
     q = spoken.pcm("What do you see on the table?")
-    parts = [np.zeros(SAMPLE_RATE // 2, np.int16), q, np.zeros(int(12 * SAMPLE_RATE), np.int16)]
+    parts = [np.zeros(SAMPLE_RATE // 2, np.int16), q, np.zeros(int(tail_s * SAMPLE_RATE), np.int16)]
     person = np.concatenate(parts)
     if stop_at_s is not None:
         stop = spoken.pcm("Stop.")
         at = len(parts[0]) + len(q) + int(stop_at_s * SAMPLE_RATE)
         person = person.copy()
         person[at:at + len(stop)] += stop
-    room = Room(person, gain, stalls=stalls)
+    room = Room(person, gain, stalls=stalls, stall_at_ends=stall_at_ends)
     cfg = replace(CFG, audio=replace(CFG.audio, barge_in=True, echo_match=echo_match))
     b = LlamaCppBackend(cfg.llm, cfg.persona, models["long"])
     b.load()
@@ -133,7 +156,8 @@ def run_room(spoken, whisper, voices, models, *, stop_at_s=None, echo_match=0.7,
     return pipe, room
 
 
-def test_its_own_voice_from_the_speaker_cuts_nothing(spoken, whisper_tiny, voices, models):
+def test_its_own_voice_from_the_speaker_cuts_nothing(spoken, whisper_tiny, voices, models,
+                                                    cpu_hog):
     pipe, room = run_room(spoken, whisper_tiny, voices, models)
     (turn,) = pipe.turns
     assert not turn.interrupted and turn.answer == LONG
@@ -146,7 +170,7 @@ STALLS = tuple((4.0 + 1.5 * k, 0.7) for k in range(7))
 
 
 def test_its_own_voice_read_late_from_the_microphone_cuts_nothing(spoken, whisper_tiny,
-                                                                   voices, models):
+                                                                   voices, models, cpu_hog):
     """A busy CPU (other work on the machine, a board's own load): the microphone's frames
     come in bursts, late. Bugs caught: the guard timing a frame by when it arrived rather
     than by its own sample clock (the echo then lies further back than it looks, and the
@@ -156,6 +180,18 @@ def test_its_own_voice_read_late_from_the_microphone_cuts_nothing(spoken, whispe
     (turn,) = pipe.turns
     assert not turn.interrupted and turn.answer == LONG
     assert room.speaker.seconds > 6
+
+
+def test_its_last_words_read_late_from_the_microphone_are_no_question(spoken, whisper_tiny,
+                                                                      voices, models, cpu_hog):
+    """The process starved as each long piece of speech ends: the answer's last 0.8 s reach
+    the loop 0.6 s after it stopped. Bug caught: asking whether the answer plays now, not whether it
+    played when the frame was captured (its own last words then make a second turn)."""
+    # The microphone goes on past the answer's end (its last frames are the point here).
+    pipe, room = run_room(spoken, whisper_tiny, voices, models, stall_at_ends=True, tail_s=18.0)
+    (turn,) = pipe.turns
+    assert not turn.interrupted and turn.answer == LONG
+    assert len(room.stalls) >= 4, room.stalls     # a stall at each long piece's end
 
 
 def test_without_the_guard_the_echo_would_cut_the_answer(spoken, whisper_tiny, voices, models):
