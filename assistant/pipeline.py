@@ -218,6 +218,8 @@ class Pipeline:
                 self.notify(f"STATUS=microphone unavailable: {e}")
                 backoff += 1
                 self._drop_speech()
+                if self.echo is not None:
+                    self.echo.new_stream()
                 await self.parts.source.close()
                 await asyncio.sleep(delay)
 

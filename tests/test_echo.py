@@ -267,3 +267,17 @@ def test_the_mic_clock_is_the_sample_clock():
         guard.heard(heard[k * FRAME:(k + 1) * FRAME].astype(np.int16).tobytes(), at=arrived)
     assert guard.captured_at == pytest.approx(end, abs=1e-6)
     assert guard.match() > 0.9
+
+
+def test_a_reopened_microphone_starts_its_clock_afresh():
+    """Bug caught: the sample clock carried over a microphone that went away and came back:
+    the gap holds no samples, so every later frame would be placed seconds too early (and
+    the echo of what plays then never found)."""
+    guard, t0 = EchoGuard(), 500.0
+    silence = np.zeros(FRAME, np.int16).tobytes()
+    for k in range(50):
+        guard.heard(silence, at=t0 + (k + 1) * FRAME / SAMPLE_RATE)
+    guard.new_stream()
+    back = t0 + 50 * FRAME / SAMPLE_RATE + 3.0          # 3 s without a microphone
+    guard.heard(silence, at=back)
+    assert guard.captured_at == pytest.approx(back, abs=1e-6)

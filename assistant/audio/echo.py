@@ -64,6 +64,13 @@ class EchoGuard:
         self._heard_end = 0.0
         self._clock = MicClock()
 
+    def new_stream(self) -> None:
+        """The microphone was opened again: its sample clock starts afresh (the gap while it
+        was away is no audio), and what it heard before is gone."""
+        self._clock = MicClock()
+        self._heard.clear()
+        self._heard_n = 0
+
     @property
     def captured_at(self) -> float:
         """The monotonic time the newest microphone frame's last sample was captured."""
