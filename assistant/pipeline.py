@@ -221,6 +221,8 @@ class Pipeline:
                 self.notify(f"STATUS=microphone unavailable: {e}")
                 backoff += 1
                 self._drop_speech()
+                if self.echo is not None:
+                    self.echo.new_stream()
                 await self.parts.source.close()
                 await asyncio.sleep(delay)
 
@@ -274,12 +276,19 @@ class Pipeline:
             for ev in self.turn_end.after_frame(self.endpointer):
                 self._on_vad(ev)
 
+    def _heard_while_speaking(self) -> bool:
+        """Was the answer playing when the frame now handled was captured? On a busy CPU
+        frames arrive late: one may hold the answer's last words after it has ended."""
+        if self.echo is None:
+            return self.voice.speaking
+        return self.voice.speaking_at(self.echo.captured_at)
+
     def _on_vad(self, ev) -> None:
         if isinstance(ev, SpeechStarted):
             self._addressed = self.addressing.speech_started()
             if not self._addressed and self.addressing.mode == "word":
                 return           # not for the assistant: no barge-in, no snapshot
-            if self.voice.speaking and self.cfg.audio.barge_in:
+            if self._heard_while_speaking() and self.cfg.audio.barge_in:
                 if self.echo is not None and self.echo.is_echo():
                     # Its own voice: drop this "speech" and keep talking. The VAD starts
                     # afresh, so a person joining in is checked again within a few frames.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from assistant.config import parse
-from assistant.conversation import Conversation, Request
+from assistant.conversation import Conversation, Priority, Request
 from assistant.llm.llamacpp import LlamaCppBackend
 from assistant.turn import Turn
 from assistant.vision.file_camera import ImageCamera
@@ -104,6 +104,17 @@ def test_compacted_while_idle_the_next_question_finds_room(setup):
         conv.work_when_idle(quiet.is_set)          # the answer is still being spoken
         await asyncio.sleep(0.3)
         assert conv.compactions == 0               # nothing while it is not quiet
+        # Quiet, but a turn holds the model: the job queues for it, and the person speaks
+        # again before it gets it. Bug caught: the job not asking again once it has the
+        # model, compacting over the person's new question.
+        async with conv.gate.slot(Priority.VOICE):
+            quiet.set()
+            await asyncio.sleep(0.3)
+            assert conv.gate.waiting == 1          # the job, waiting for the model
+            quiet.clear()
+        await asyncio.sleep(0.3)
+        assert conv.compactions == 0 and conv.idle_compactions == 0
+        assert not conv._idle_task.done()          # still waiting for quiet
         quiet.set()
         await conv._idle_task
         assert conv.idle_compactions == 1 and not conv.wants_compaction()

@@ -340,11 +340,31 @@ def _kill_converse(signum, frame):
 signal.signal(signal.SIGUSR1, _kill_converse)
 """
 
+# Added to KILL_HOOK: the shutdown after it is slow (the transcript's last write takes 1.5 s,
+# as a slow SD card's does), so a watchdog left running would ping during it.
+SLOW_CLOSE_HOOK = """
+import time
+
+_kill_before = _kill_converse
+
+def _kill_converse(signum, frame):
+    from assistant.transcript import TranscriptWriter
+    close = TranscriptWriter.close
+
+    def slow_close(self, *a, **kw):
+        time.sleep(1.5)
+        return close(self, *a, **kw)
+    TranscriptWriter.close = slow_close
+    _kill_before(signum, frame)
+
+signal.signal(signal.SIGUSR1, _kill_converse)
+"""
+
 
 def test_a_killed_voice_task_ends_the_process_for_a_restart(setup, tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(KILL_HOOK)
+    (hook / "sitecustomize.py").write_text(KILL_HOOK + SLOW_CLOSE_HOOK)
     from tiny_models import write_text_model
     write_text_model(tmp_path / "tiny.gguf", scripted_reply="I see a red apple.")
     # exit_action idle: without the fault the daemon would go on listening for good.
@@ -366,11 +386,15 @@ def test_a_killed_voice_task_ends_the_process_for_a_restart(setup, tmp_path):
     assert took < 10, took
     critical = [l for l in err.splitlines() if "CRITICAL" in l]
     assert len(critical) == 1 and "the voice loop was cancelled" in critical[0], err[-3000:]
-    # systemd was pinged while it worked, and never after the voice loop was gone.
+    # systemd was pinged while it worked, and never after the voice loop was gone, though
+    # the shutdown then took 1.5 s (three ping intervals). Bug caught: the watchdog task
+    # left running while the daemon shuts down (systemd then thinks it healthy).
     msgs = d.sock.messages
     gone = msgs.index("STATUS=the voice loop stopped; restarting")
     pings = [i for i, m in enumerate(msgs) if m == "WATCHDOG=1"]
-    assert pings and max(pings) < gone, msgs
+    assert len(pings) >= 2 and max(pings) < gone, msgs
+    assert msgs[gone + 1:] == ["STOPPING=1"], msgs
+    assert took > 1.5, took                       # the slow close was waited for
 
 
 # The test's hook: once the file $WEDGE_FILE exists, every write to the speaker blocks for

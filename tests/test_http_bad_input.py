@@ -10,7 +10,6 @@ must log no traceback (checked when it stops) and still answer afterwards.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import struct
@@ -220,15 +219,29 @@ def test_bad_input_is_a_400_naming_the_field(server, name, how, what, param, cod
         assert "Hz" in err["message"] and "8000-192000" in err["message"], err
 
 
-@pytest.mark.parametrize("path", ["/v1/models/%00", "/v1/models/%ED%A0%80",
-                                  "/v1/models/%FF", "/%00", "/events%00"])
-def test_odd_paths_are_404(server, path):
+@pytest.mark.parametrize("path, code, param", [
+    ("/v1/models/%00", "model_not_found", "model"),
+    ("/v1/models/%ED%A0%80", "model_not_found", "model"),
+    ("/v1/models/%FF", "model_not_found", "model"),
+    ("/%00", "not_found", None),
+    ("/events%00", "not_found", None)])
+def test_odd_paths_are_404(server, path, code, param):
+    """Bugs caught: a NUL or an undecodable byte in the path answered with a 500 or aiohttp's
+    plain-text page, or echoed back raw into the JSON message."""
     status, headers, body = raw_http(server.port, b"GET " + path.encode() + b" HTTP/1.1\r\n"
                                      b"Host: x\r\nAuthorization: Bearer " + KEY.encode()
                                      + b"\r\nConnection: close\r\n\r\n")
-    assert status in (400, 404), body
-    if status == 404:
-        assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+    assert status == 404, body
+    assert headers["content-type"].startswith("application/json")
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert (err["code"], err["param"], err["type"]) == (code, param, "invalid_request_error")
+    assert "\x00" not in err["message"] and all(not 0xD800 <= ord(c) <= 0xDFFF
+                                                 for c in err["message"])
+    if code == "model_not_found":
+        assert err["message"].startswith("the model '") and "does not exist" in err["message"]
+    else:
+        assert err["message"].startswith("no such endpoint; see GET /v1/models")
 
 
 def test_still_answering_after_all_that(server):
@@ -241,7 +254,33 @@ def test_still_answering_after_all_that(server):
 
 
 def test_no_bad_row_reached_the_transcript(server):
+    """Every row in the transcript is whole JSON without a NUL or a lone surrogate in any
+    field, and the one good question asked here is there (bug caught: a transcript that is
+    never written passes a check on the absent file's empty text)."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    marker = "Is this the last good question?"
+    r = client.chat.completions.create(model="rkvlm", messages=[{"role": "user",
+                                                                  "content": marker}])
+    assert r.choices[0].message.content == REPLY
     path = server.dir / "turns.jsonl"
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    assert "\\u0000" not in text and "\\ud800" not in text
-    asyncio.run(asyncio.sleep(0))
+    end = time.monotonic() + 10
+    rows: list = []
+    while time.monotonic() < end and not any(r.get("transcript") == marker for r in rows):
+        time.sleep(0.05)
+        rows = ([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+                if path.exists() else [])
+    assert [r["answer"] for r in rows if r.get("transcript") == marker] == [REPLY], rows[-3:]
+
+    def strings(x):
+        if isinstance(x, str):
+            yield x
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                yield k
+                yield from strings(v)
+        elif isinstance(x, list):
+            for v in x:
+                yield from strings(v)
+    bad = [s for row in rows for s in strings(row)
+           if "\x00" in s or any(0xD800 <= ord(c) <= 0xDFFF for c in s)]
+    assert bad == []

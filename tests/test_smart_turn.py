@@ -55,18 +55,39 @@ def smart_cfg(**vad) -> Config:
 
 
 def test_the_features_are_those_smart_turn_was_made_with(model):
+    """Bugs caught: the short speech padded at the wrong end, and a long one cut to its
+    first 8 s instead of its last (the model would judge how the question began, not how
+    it ends: the 12 s here differ entirely between the two)."""
     # pipecat's own numpy copy of transformers' WhisperFeatureExtractor, loaded from the
     # wheel's file (importing pipecat would pull in its dependencies).
     ref_file = model.path.parent.parent / "_whisper_features.py"
     spec = importlib.util.spec_from_file_location("pipecat_whisper_features", ref_file)
     ref = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ref)
-    pcm = (np.random.default_rng(1).standard_normal(3 * RATE) * 3000).astype(np.int16)
+    rng = np.random.default_rng(1)
+    pcm = (rng.standard_normal(3 * RATE) * 3000).astype(np.int16)
     audio = np.concatenate([np.zeros(5 * RATE, np.float32), pcm.astype(np.float32) / 32768])
     expected = ref.compute_whisper_log_mel_features(audio, do_normalize=True)
     ours = model.features(pcm)
     assert ours.shape == (1, 80, 800)
     assert np.abs(ours[0] - expected).max() < 1e-4
+    # 12 s: loud noise, then 2 s of silence and 6 s of quieter noise (the last 8 s).
+    long = np.concatenate([(rng.standard_normal(4 * RATE) * 9000).astype(np.int16),
+                           np.zeros(2 * RATE, np.int16),
+                           (rng.standard_normal(6 * RATE) * 2000).astype(np.int16)])
+    last = ref.compute_whisper_log_mel_features(long[-8 * RATE:].astype(np.float32) / 32768,
+                                                do_normalize=True)
+    first = ref.compute_whisper_log_mel_features(long[:8 * RATE].astype(np.float32) / 32768,
+                                                 do_normalize=True)
+    assert np.abs(last - first).max() > 0.5              # the two windows are told apart
+    assert np.abs(model.features(long)[0] - last).max() < 1e-4
+
+
+def LONG_QUESTION(endpointing) -> np.ndarray:
+    """Over 8 s of one question, said slowly."""
+    return endpointing.speak("Is the window in the kitchen open, and is the back door shut, "
+                             "and did somebody leave the big lamp on in the hall by the "
+                             "stairs again?", 1.3)
 
 
 class Asked:
@@ -98,10 +119,13 @@ def test_our_glue_gives_pipecats_own_probabilities(model, endpointing):
     lead, tail = np.zeros(RATE // 2, np.int16), np.zeros(2 * RATE, np.int16)
     asked = Asked(model)
     for pcm in (endpointing.speak_with_pause("Which of these", "is the biggest?", 0.8, 400),
-                endpointing.speak("Is the window open?", 1.25)):
+                endpointing.speak("Is the window open?", 1.25), LONG_QUESTION(endpointing)):
         asyncio.run(cut_recording(np.concatenate([lead, pcm, tail]), cfg.vad,
                                   TurnEnder(cfg.vad, asked)))
-    assert len(asked.calls) >= 3
+    assert len(asked.calls) >= 4
+    # Speech longer than the model's 8 s window was asked about too (the cut to its last
+    # 8 s is then compared with pipecat's own, not only its zero-padding).
+    assert max(len(pcm) for pcm, _ in asked.calls) > 8 * RATE
 
     async def pipecats(pcm):
         analyzer = LocalSmartTurnAnalyzerV3(smart_turn_model_path=str(model.path), sample_rate=RATE)
@@ -201,3 +225,32 @@ def test_a_failing_model_leaves_the_silence_limit_and_says_so_once(endpointing, 
         utts = asyncio.run(cut_recording(pcm, cfg.vad, ender))
     assert len(utts) == 2 and all(u.silence_ms >= 900 for u in utts)
     assert caplog.text.count("Smart Turn failed") == 1 and "bad input" in caplog.text
+
+
+class Scripted:
+    """A model giving set probabilities in turn, keeping the length of the audio it got."""
+
+    loaded = True
+
+    def __init__(self, *p):
+        self.p, self.calls = list(p), []
+
+    def predict(self, pcm):
+        self.calls.append(len(pcm))
+        return self.p[min(len(self.calls), len(self.p)) - 1]
+
+
+def test_a_verdict_is_not_used_once_the_person_spoke_on(endpointing):
+    """Bug caught: the verdict on the first pause ("incomplete") reused at the next pause
+    after the person spoke on, so the model is never asked about the whole question and
+    the max_pause_ms limit ends it instead of the model."""
+    cfg = smart_cfg(max_pause_ms=2500)
+    pcm = np.concatenate([np.zeros(RATE // 2, np.int16),
+                          endpointing.speak_with_pause("Which of these", "is the biggest?", 1.0, 500),
+                          np.zeros(3 * RATE, np.int16)])
+    model = Scripted(0.1, 0.9)             # the first pause incomplete, the end complete
+    ender = TurnEnder(cfg.vad, model)
+    (utt,) = asyncio.run(cut_recording(pcm, cfg.vad, ender))
+    assert len(model.calls) == 2 and model.calls[1] > model.calls[0]   # asked again, on more
+    assert ender.last is not None and ender.last["probability"] == 0.9
+    assert utt.silence_ms < 1000                  # cut by the model, long before 2.5 s

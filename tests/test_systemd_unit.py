@@ -120,18 +120,25 @@ def test_the_units_paths_are_the_tables_each_once():
     assert rendered == text
     # The assistant's directories under that environment: the unit's own StateDirectory and
     # CacheDirectory, each once.
+    # Each compared with the path written out (bugs caught: a doubled component such as
+    # /var/lib/rkvlm-assistant/rkvlm-assistant, the hub cache outside the unit's
+    # CacheDirectory, a directory install does not create).
     svc = _unit()["Service"]
-    state, cache = f"/var/lib/{svc['StateDirectory']}", f"/var/cache/{svc['CacheDirectory']}"
+    assert (svc["StateDirectory"], svc["CacheDirectory"], svc["LogsDirectory"]) == (
+        "rkvlm-assistant",) * 3
+    state, cache = "/var/lib/rkvlm-assistant", "/var/cache/rkvlm-assistant"
     saved = {k: os.environ.get(k) for k in (*paths.SERVICE_ENV, "HF_HUB_CACHE")}
     try:
         paths.enter(paths.Layout(service=True))
         assert paths.data_dir() == paths.state_dir() == Path(state) == Path(env["HOME"])
         assert paths.models_dir() == Path(state, "models")
         assert paths.transcript_file() == Path(state, "transcript.jsonl")
-        assert paths.cache_dir() == Path(cache) and paths.hub_cache().parent.parent == Path(cache)
+        assert paths.cache_dir() == Path(cache)
+        assert paths.hub_cache() == Path(cache, "huggingface", "hub")
     finally:
         paths.leave(saved)
-    assert all("rkvlm-assistant/rkvlm-assistant" not in d for d in paths.service_dirs())
+    assert paths.service_dirs() == [state, f"{state}/models", f"{state}/voices", cache,
+                                    f"{cache}/huggingface", "/var/log/rkvlm-assistant"]
 
 
 def _bytes(value: str) -> int:

@@ -145,6 +145,9 @@ def test_phrases_are_found_at_the_start_in_both_languages():
 
 
 def test_the_wake_opens_the_ear_and_the_answer_the_follow_up_window():
+    """Bug caught: the follow-up window measured from the question (when it was taken)
+    instead of the answer's last sound: the second answer here ends 6 s after its
+    question, twice the window."""
     a = Addressing(WakeConfig(listen_s=2.0, follow_up_s=3.0), "word", "Okay Nabu")
     assert a.state == WAITING and a.speech_started() == ""
     a.woken(BY_WORD)
@@ -155,11 +158,13 @@ def test_the_wake_opens_the_ear_and_the_answer_the_follow_up_window():
     a.taken()
     a.heard(10.0)                              # a slow answer keeps it awake
     assert a.state == LISTENING and a.speech_started() == DURING_ANSWER
-    a.taken()
+    a.taken()                                  # the second question, at 10 s
+    a.heard(6.0)                               # its answer is spoken until 16 s
     a.answered()
+    assert a.state == LISTENING and a.speech_started() == DURING_ANSWER
     a.answered()                               # the last sound: the window opens
     a.heard(2.9)
-    assert a.speech_started() == FOLLOW_UP
+    assert a.state == LISTENING and a.speech_started() == FOLLOW_UP
     a.heard(0.2)
     assert a.state == WAITING and a.speech_started() == ""
 
@@ -237,10 +242,13 @@ def test_a_television_makes_no_turn_and_never_reaches_whisper(tmp_path, spoken, 
 
 def test_addressed_questions_and_the_follow_up_window(tmp_path, spoken, whisper_tiny, voices):
     """Live timing (the file is read in real time): the window runs from the answer's last
-    sound, which only a real-time stream can place."""
-    llm = ScriptedLLM(["I see a red apple.", "The cup is blue.", "A clock."])
+    sound, which only a real-time stream can place. The model thinks 2.5 s before it
+    answers, so the answer ends well after the question: the follow-up comes 4.5 s after
+    the first question (past a window measured from the question: the bug this catches)
+    but within 3 s of the answer's end; the third comes 8 s after the second, past both."""
+    llm = ScriptedLLM(["I see a red apple.", "The cup is blue.", "A clock."], think_s=2.5)
     sent: list[str] = []
-    pcm = stream(spoken, 0.5, "Okay Nabu.", 0.8, "What do you see on the table?", 2.0,
+    pcm = stream(spoken, 0.5, "Okay Nabu.", 0.8, "What do you see on the table?", 4.5,
                  "What color is the cup?", 8.0, "What is on the wall?", 1.5)
     pipe, parts = make(tmp_path, pcm, whisper_tiny, voices, llm,
                        WakeConfig(mode="word", follow_up_s=3.0), realtime=True,

@@ -244,8 +244,20 @@ def test_synthesize_streaming_speaks_each_sentence_as_it_arrives(server, whisper
         "audio-start", "audio-stop", "synthesize-stopped"]
     pcm1, rate = pcm_of(first)
     pcm2, _ = pcm_of(rest)
-    assert "cat sat on the mat" in hear(whisper_tiny, resample(pcm1, rate, 16000))
-    assert "dog ran away" in hear(whisper_tiny, resample(pcm2, rate, 16000))
+    # Each audio is its one sentence: as long as piper's own rendering of that sentence alone
+    # (piper's noise varies a rendering by a few per cent; the two sentences together would
+    # be about twice as long), and whisper hears its words and not the other's. Bugs caught:
+    # the first sentence held back until the text ends, both sentences in one audio, the
+    # first spoken twice.
+    voice = server.parts.voices.default
+    assert voice.sample_rate == rate
+    for pcm, text in ((pcm1, "The cat sat on the mat."), (pcm2, "The dog ran away.")):
+        alone = len(voice.synthesize(text))
+        assert abs(len(pcm) - alone) < 0.2 * alone, (text, len(pcm), alone)
+    heard1 = hear(whisper_tiny, resample(pcm1, rate, 16000))
+    heard2 = hear(whisper_tiny, resample(pcm2, rate, 16000))
+    assert "cat" in heard1 and "dog" not in heard1, heard1
+    assert "dog" in heard2 and "cat" not in heard2, heard2
 
 
 def test_clients_that_hang_up_mid_stream_leave_the_server_serving(server):
@@ -329,9 +341,23 @@ def test_a_conversation_keeps_its_newest_exchanges(server):
 
 
 def test_no_conversation_id_gets_one(server):
-    events = asyncio.run(ask(server.port, "Hello?", None))
-    cid = events[-2].data["context"]["conversation_id"]
-    assert cid.startswith("wyoming-") and events[-2].data["text"] == REPLY
+    """Bugs caught: one id for every request without one (strangers would share a
+    conversation), an id not kept (the client cannot continue it), an id in the answer that
+    is not the one the exchange was stored under."""
+    import re
+
+    n = len(rows(server, 0))
+    first = asyncio.run(ask(server.port, "Hello?", None))
+    second = asyncio.run(ask(server.port, "Hi there?", None))
+    ids = [e[-2].data["context"]["conversation_id"] for e in (first, second)]
+    assert all(re.fullmatch(r"wyoming-[0-9a-f]{12}", cid) for cid in ids), ids
+    assert ids[0] != ids[1]
+    assert first[0].data["context"]["conversation_id"] == ids[0]     # handled-start too
+    assert first[-2].data["text"] == second[-2].data["text"] == REPLY
+    store = server.server.services.store
+    assert store.get(ids[0]).history() == [("Hello?", REPLY)]
+    assert store.get(ids[1]).history() == [("Hi there?", REPLY)]
+    assert [r["conversation"] for r in rows(server, n + 2)[n:]] == [f"wyoming:{c}" for c in ids]
 
 
 # ---------------------------------------------------------------------------- bad input

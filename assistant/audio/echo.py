@@ -8,6 +8,10 @@ started, it looks for the played audio inside the heard audio at any delay up to
 hears the speaker, not a person: the speech is dropped and the answer goes on. A person
 talking over the answer makes the heard audio a mixture the played audio no longer explains,
 and the match falls.
+
+The microphone's audio is placed in time by its own sample clock, not by when its frames
+reach the loop: a busy CPU delivers them late and in bursts (a capture buffer read late),
+and a frame that arrives 0.6 s after it was captured holds the sound of 0.6 s ago.
 """
 
 from __future__ import annotations
@@ -22,6 +26,31 @@ from assistant.audio.base import SAMPLE_RATE
 
 _KEEP_S = 4.0
 _SILENT_RMS = 1.0      # int16 units
+# How far back the least late frame is looked for (see MicClock): longer than any stall a
+# busy machine makes, short enough to follow a stream that lost samples (an overrun).
+_CLOCK_S = 10.0
+
+
+class MicClock:
+    """When the microphone captured its audio, from its sample count: a frame cannot arrive
+    before its last sample was captured, so the stream's start is at most (arrival - audio
+    so far) for every frame, and the least late frame of the last ``_CLOCK_S`` tells it."""
+
+    def __init__(self):
+        self.samples = 0
+        self._origins: collections.deque[tuple[int, float]] = collections.deque()  # rising
+
+    def heard(self, n: int, arrived: float) -> float:
+        """``n`` samples arrived at ``arrived``; the capture time of the last of them."""
+        self.samples += n
+        origin = arrived - self.samples / SAMPLE_RATE
+        # A sliding minimum: an origin later than a newer, smaller one never counts again.
+        while self._origins and self._origins[-1][1] >= origin:
+            self._origins.pop()
+        self._origins.append((self.samples, origin))
+        while self.samples - self._origins[0][0] > _CLOCK_S * SAMPLE_RATE:
+            self._origins.popleft()
+        return self._origins[0][1] + self.samples / SAMPLE_RATE
 
 
 class EchoGuard:
@@ -33,6 +62,19 @@ class EchoGuard:
         self._heard: collections.deque[np.ndarray] = collections.deque()
         self._heard_n = 0
         self._heard_end = 0.0
+        self._clock = MicClock()
+
+    def new_stream(self) -> None:
+        """The microphone was opened again: its sample clock starts afresh (the gap while it
+        was away is no audio), and what it heard before is gone."""
+        self._clock = MicClock()
+        self._heard.clear()
+        self._heard_n = 0
+
+    @property
+    def captured_at(self) -> float:
+        """The monotonic time the newest microphone frame's last sample was captured."""
+        return self._heard_end
 
     def played(self, pcm16k: np.ndarray, started: Optional[float] = None) -> None:
         """A chunk of speech (16 kHz int16) starts playing now (or at ``started``)."""
@@ -46,7 +88,7 @@ class EchoGuard:
         pcm = np.frombuffer(frame, np.int16).astype(np.float32)
         self._heard.append(pcm)
         self._heard_n += len(pcm)
-        self._heard_end = time.monotonic() if at is None else at
+        self._heard_end = self._clock.heard(len(pcm), time.monotonic() if at is None else at)
         while self._heard_n - len(self._heard[0]) >= self.window:
             self._heard_n -= len(self._heard.popleft())
 

@@ -93,6 +93,11 @@ class VoiceOut:
         """Sound is coming out of the speaker (or its echo is still in the room)."""
         return self._playing > 0 or time.monotonic() < self._speaking_until
 
+    def speaking_at(self, t: float) -> bool:
+        """Was sound coming out at monotonic time ``t`` (now or before; a microphone frame
+        read late was captured before it arrived)?"""
+        return self._playing > 0 or t < self._speaking_until
+
     @property
     def busy(self) -> bool:
         """An answer is being spoken or about to be (synthesis under way)."""
