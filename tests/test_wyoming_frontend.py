@@ -222,6 +222,82 @@ def test_connections_past_the_limit_are_refused_with_a_reason(monkeypatch):
         close(s)
 
 
+
+def _raw(port: int, source: str = "127.0.0.1"):
+    """A raw client from a loopback source address of its own (127.0.0.0/8)."""
+    import socket
+
+    from test_wyoming_limits import Events, event
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    return s, Events(s), event
+
+
+def test_an_idle_connection_makes_room_at_the_cap(monkeypatch):
+    """Slots held by connections that do nothing must not lock Home Assistant out until the
+    idle timeout: at the cap, the longest-idle one is closed with a reason and the newcomer
+    is served. Bugs caught: refusing while every slot is idle (the lockout), evicting a
+    connection that is still active instead of the idle one."""
+    from assistant.wyoming import server as server_mod
+
+    monkeypatch.setattr(server_mod, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(server_mod, "EVICT_IDLE_S", 0.5)
+    s = make_server()
+    held = []
+    try:
+        idle, idle_events, event = _raw(s.port)
+        held.append(idle)
+        time.sleep(1.0)                              # idle for longer than EVICT_IDLE_S
+        busy, busy_events, _ = _raw(s.port)
+        held.append(busy)
+        busy.sendall(event("describe"))
+        assert busy_events.next()["type"] == "info"  # just active: not the one to go
+        new, new_events, _ = _raw(s.port)
+        held.append(new)
+        new.sendall(event("describe"))
+        assert new_events.next()["type"] == "info"   # served, not too_many_connections
+        gone = idle_events.next()
+        assert gone["type"] == "error" and gone["data"]["code"] == "evicted", gone
+        assert idle_events.next() is None            # and closed
+        busy.sendall(event("describe"))
+        assert busy_events.next()["type"] == "info"  # the active one still serves
+    finally:
+        for c in held:
+            c.close()
+        close(s)
+
+
+def test_one_address_cannot_take_every_slot(monkeypatch):
+    """A client on one address that keeps all its connections busy (pinging, so never idle)
+    can hold at most PER_ADDRESS of them: another address is still served. Bug caught: the
+    cap counted over all addresses only (one stranger takes every slot)."""
+    from assistant.wyoming import server as server_mod
+
+    monkeypatch.setattr(server_mod, "MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(server_mod, "PER_ADDRESS", 2)
+    s = make_server()
+    held = []
+    try:
+        for _ in range(2):
+            c, events, event = _raw(s.port, "127.0.0.2")
+            held.append(c)
+            c.sendall(event("describe"))
+            assert events.next()["type"] == "info"
+        third, events, event = _raw(s.port, "127.0.0.2")
+        held.append(third)
+        refused = events.next()
+        assert refused["type"] == "error" and refused["data"]["code"] == "too_many_connections"
+        assert "at most 2 from one address" in refused["data"]["text"]
+        other, other_events, _ = _raw(s.port, "127.0.0.3")
+        held.append(other)
+        other.sendall(event("describe"))
+        assert other_events.next()["type"] == "info"
+    finally:
+        for c in held:
+            c.close()
+        close(s)
+
+
 # ---------------------------------------------------------------------------- the LAN rule
 
 def test_a_lan_address_needs_allow_lan():

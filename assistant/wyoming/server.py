@@ -13,8 +13,11 @@ through the conversation.
 
 Wyoming has no authentication, so what one client can hold is bounded: bytes read and not
 yet handled (``CONNECTION_BYTES``, then the reader stops reading and TCP pushes back),
-connections (``MAX_CONNECTIONS``), time without anything to do (``wyoming.idle_timeout_s``:
-nothing read while nothing is handled, or a send the client does not take), and log lines
+connections (``MAX_CONNECTIONS``, at most ``PER_ADDRESS`` from one address; at the cap a
+connection with nothing to do for ``EVICT_IDLE_S`` makes room, the longest idle first, so
+held slots cannot lock Home Assistant out), time without anything to do
+(``wyoming.idle_timeout_s``: nothing read while nothing is handled, or a send the client does
+not take), and log lines
 (a few per cause, then a count: log_limit). A closed connection drops everything it held
 (unsent data too: a stop never waits on a client) and the heap's free pages are given back.
 
@@ -53,6 +56,8 @@ log = logging.getLogger(__name__)
 
 _QUEUE = 64          # events a connection may have waiting for its worker (then TCP waits)
 MAX_CONNECTIONS = 32  # Home Assistant opens one per request; more at once is a runaway client
+PER_ADDRESS = 24      # one address cannot take every slot: the rest stay for other clients
+EVICT_IDLE_S = 2.0    # at the cap, a connection idle this long is closed to make room
 # Bytes of events a connection may have read and not yet handled; past it the reader waits
 # and TCP pushes back on the client. One event of any allowed size is always read when the
 # connection holds nothing, so a connection holds at most this plus one largest event.
@@ -137,6 +142,8 @@ class Connection:
                  writer: asyncio.StreamWriter):
         self.reader, self.writer = reader, writer
         self.peer = writer.get_extra_info("peername")
+        self.address = self.peer[0] if isinstance(self.peer, tuple) and self.peer else ""
+        self._evicted = asyncio.Event()
         self.queue: asyncio.Queue = asyncio.Queue(_QUEUE)
         self.budget = Budget(CONNECTION_BYTES)
         self.held = 0                   # the most bytes this connection had read and not handled
@@ -201,6 +208,16 @@ class Connection:
                     continue
                 self.budget.give(got.size)
 
+    def idle_for(self) -> float:
+        """Seconds with nothing to do (0 while a turn or speech job runs for it)."""
+        if self._working and not self._sends:
+            return 0.0
+        return self._clock() - self._last
+
+    def evict(self) -> None:
+        """Close this connection to make room for another client (it was idle)."""
+        self._evicted.set()
+
     async def _idle(self) -> None:
         """Return once the connection has been idle for ``wyoming.idle_timeout_s`` (read
         per check, so a SIGHUP's value applies): nothing read from the client and nothing
@@ -211,16 +228,22 @@ class Connection:
             if self._working and not self._sends:
                 self._last = now                # a turn or a speech job runs: not idle
             left = self._last + timeout - now
-            if left <= 0:
-                self.logs.log(logging.INFO, "idle", "wyoming %s: closed after %g s idle "
-                              "(wyoming.idle_timeout_s)", self.peer, timeout)
+            evicted = self._evicted.is_set()
+            if left <= 0 or evicted:
+                if evicted:
+                    code, text = "evicted", ("closed to make room for another client (every "
+                                             "connection slot was taken; this one was idle)")
+                else:
+                    code, text = "idle_timeout", (f"nothing was sent for {timeout:g} s "
+                                                  f"(wyoming.idle_timeout_s); connection closed")
+                self.logs.log(logging.INFO, code, "wyoming %s: %s", self.peer, text)
                 if not self.writer.transport.get_write_buffer_size():   # it reads: tell it
                     with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
-                        await asyncio.wait_for(self.send(Error(
-                            text=f"nothing was sent for {timeout:g} s (wyoming.idle_timeout_s); "
-                                 f"connection closed", code="idle_timeout").event()), 1.0)
+                        await asyncio.wait_for(self.send(Error(text=text, code=code).event()),
+                                               1.0)
                 return
-            await asyncio.sleep(min(left, 1.0))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._evicted.wait(), min(left, 1.0))
 
     async def _close(self) -> None:
         """Close the socket without waiting on the client: unsent data (a client that does
@@ -293,7 +316,7 @@ class WyomingServer:
                                  getattr(parts, "voices", None),
                                  media if media is not None else media_work(cfg))
         self._server: Optional[asyncio.AbstractServer] = None
-        self._connections: set[asyncio.Task] = set()
+        self._connections: dict[asyncio.Task, Connection] = {}
         self._make_zeroconf = make_zeroconf
         self.announcer = None
 
@@ -325,24 +348,44 @@ class WyomingServer:
                           "in Home Assistant by host and port", e)
                 self.announcer = None
 
+    def _make_room(self, address: str) -> bool:
+        """Whether a new connection from ``address`` may be served: under the caps, or once
+        the longest-idle connection (of that address first, when it holds its share) is
+        evicted. Connections already evicted and closing do not count."""
+        open_ = [c for c in self._connections.values() if not c._evicted.is_set()]
+        for pool, cap in (([c for c in open_ if c.address == address], PER_ADDRESS),
+                          (open_, MAX_CONNECTIONS)):
+            if len(pool) < cap:
+                continue
+            victim = max(pool, key=Connection.idle_for)
+            if victim.idle_for() < EVICT_IDLE_S:
+                return False
+            victim.evict()
+            open_.remove(victim)
+        return True
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._connections) >= MAX_CONNECTIONS:
-            log.warning("wyoming: %d connections are open; refusing one more from %s",
-                        len(self._connections), writer.get_extra_info("peername"))
+        peer = writer.get_extra_info("peername")
+        address = peer[0] if isinstance(peer, tuple) and peer else ""
+        if not self._make_room(address):
+            log.warning("wyoming: %d connections are open and none idle; refusing one more "
+                        "from %s", len(self._connections), peer)
             with contextlib.suppress(ConnectionError):
                 await async_write_event(Error(
-                    text=f"too many connections ({MAX_CONNECTIONS} are open); try again "
-                         f"shortly", code="too_many_connections").event(), writer)
+                    text=f"too many connections ({MAX_CONNECTIONS} are open, at most "
+                         f"{PER_ADDRESS} from one address); try again shortly",
+                    code="too_many_connections").event(), writer)
             writer.close()
             return
         task = asyncio.current_task()
-        self._connections.add(task)
+        connection = Connection(self.services, reader, writer)
+        self._connections[task] = connection
         try:
-            await Connection(self.services, reader, writer).run()
+            await connection.run()
         except asyncio.CancelledError:
             pass                 # the server stops: this task is the connection's top level
         finally:
-            self._connections.discard(task)
+            self._connections.pop(task, None)
 
     async def stop(self) -> None:
         if self.announcer is not None:
