@@ -121,7 +121,8 @@ def test_a_missing_voice_names_tts_voice(tmp_path, monkeypatch):
 
 def test_a_missing_chinese_voice_names_tts_voice_zh(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
-    with pytest.raises(ModelMissingError, match=r"^tts\.voice_zh: .*piper\.download_voices"):
+    with pytest.raises(ModelMissingError,
+                       match=r"^tts\.voice_zh: .*models pull zh_CN-huayan-medium`"):
         VoiceSet(TtsConfig(voice_zh="zh_CN-huayan-medium"))
 
 
