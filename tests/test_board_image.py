@@ -48,11 +48,9 @@ REPLY = "I am listening from the board."
 AS_ROOT = os.geteuid() == 0
 
 
-@pytest.fixture
-def root():
-    """A board's tree, in a directory the service user can reach (pytest's own temporary
-    directories are private to the user running the tests)."""
-    r = Path(tempfile.mkdtemp(prefix="board-image-"))
+def _tree(**where):
+    """A minimal board tree (root's account, an audio group, nologin), removed afterwards."""
+    r = Path(tempfile.mkdtemp(**where))
     r.chmod(0o755)
     (r / "etc").mkdir()
     (r / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
@@ -61,6 +59,13 @@ def root():
     (r / "usr/sbin/nologin").write_text("")
     yield r
     shutil.rmtree(r, ignore_errors=True)
+
+
+@pytest.fixture
+def root():
+    """A board's tree, in a directory the service user can reach (pytest's own temporary
+    directories are private to the user running the tests)."""
+    yield from _tree(prefix="board-image-")
 
 
 def _program() -> Path:
@@ -367,15 +372,7 @@ def sandbox(root: Path, u: dict[str, list[str]]) -> list[str]:
 @pytest.fixture
 def board_tree():
     """A board's tree outside /tmp and /var/tmp (the unit's PrivateTmp hides those)."""
-    r = Path(tempfile.mkdtemp(prefix="rkvlm-board-", dir="/srv"))
-    r.chmod(0o755)
-    (r / "etc").mkdir()
-    (r / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
-    (r / "etc/group").write_text("root:x:0:\naudio:x:29:\n")
-    (r / "usr/sbin").mkdir(parents=True)
-    (r / "usr/sbin/nologin").write_text("")
-    yield r
-    shutil.rmtree(r, ignore_errors=True)
+    yield from _tree(prefix="rkvlm-board-", dir="/srv")
 
 
 OLDEST = sorted((REPO / "tests/config_releases").glob("*.yaml"))[0]
