@@ -23,7 +23,7 @@ not take), and log lines
 
 A non-loopback ``wyoming.uri`` is refused unless
 ``wyoming.allow_lan`` says the network may use it: the rule the HTTP API applies with its
-key (check_uri).
+key (address.py).
 """
 
 from __future__ import annotations
@@ -33,17 +33,16 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
-from urllib.parse import urlparse
 
 from wyoming.error import Error
 from wyoming.event import Event, async_write_event
 
-from assistant.config import Config, ConfigError
+from assistant.config import Config
 from assistant.errors import AssistantError, DeviceError
 from assistant.frontend import Limits, MediaWork, media_work, size_limits, started
 from assistant import memtrim
-from assistant.http.server import is_loopback
 from assistant.log_limit import LogLimit
+from assistant.wyoming.address import check_uri, parse_uri
 from assistant.wyoming.asr import AsrSession
 from assistant.wyoming.conversations import ConversationStore
 from assistant.wyoming.events import (MAX_LINE, BadEvent, Budget, ProtocolError, error_code,
@@ -63,42 +62,6 @@ EVICT_IDLE_S = 2.0    # at the cap, a connection idle this long is closed to mak
 # connection holds nothing, so a connection holds at most this plus one largest event.
 CONNECTION_BYTES = 1 << 20
 _TRIM_AFTER = 1 << 20  # a connection that held this much: free heap pages go back (memtrim)
-
-
-def parse_uri(cfg: Config) -> tuple[str, int]:
-    """``tcp://HOST:PORT`` -> (host, port); ConfigError naming wyoming.uri otherwise."""
-    value = cfg.wyoming.uri
-
-    def bad(why: str) -> ConfigError:
-        return ConfigError(f"{cfg.source}: wyoming.uri: expected \"tcp://HOST:PORT\" (e.g. "
-                           f"\"tcp://127.0.0.1:10700\"), found {value!r}: {why}",
-                           key="wyoming.uri", source=cfg.source)
-    try:
-        u = urlparse(str(value).strip())
-        port = u.port
-    except ValueError as e:
-        raise bad(str(e)) from None
-    if u.scheme != "tcp":
-        raise bad("only tcp:// is served (Home Assistant connects over TCP)")
-    if not u.hostname or port is None:
-        raise bad("a host and a port are needed")
-    return u.hostname, port
-
-
-def check_uri(cfg: Config) -> Optional[tuple[str, int]]:
-    """The address to listen on (None when the server is off); ConfigError (exit 78) for a
-    non-loopback address without ``wyoming.allow_lan``."""
-    if not cfg.wyoming.enabled:
-        return None
-    host, port = parse_uri(cfg)
-    if not is_loopback(host) and not cfg.wyoming.allow_lan:
-        raise ConfigError(
-            f"{cfg.source}: wyoming.allow_lan: required when wyoming.uri is not a loopback "
-            f"address (found {cfg.wyoming.uri!r}): Wyoming has no authentication, so anyone "
-            f"on the network could use the assistant and its camera; set "
-            f"wyoming.allow_lan: true or listen on tcp://127.0.0.1", key="wyoming.allow_lan",
-            source=cfg.source)
-    return host, port
 
 
 @dataclass
