@@ -348,8 +348,11 @@ def readme_commands(heading: str) -> list[str]:
 
 def make_install_recipe() -> list[str]:
     """`make -n install`: what `sudo make install` runs, as the Makefile says today."""
-    r = subprocess.run(["make", "-n", "install"], cwd=REPO, capture_output=True, text=True,
-                       timeout=60)
+    # As a person's shell runs it: not as a sub-make of `make test` (whose MAKEFLAGS would
+    # add "Entering directory" lines and the parent's options).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    r = subprocess.run(["make", "-n", "--no-print-directory", "install"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout.splitlines()
 
