@@ -366,9 +366,19 @@ def sandbox(root: Path, u: dict[str, list[str]]) -> list[str]:
     writable = [_under(root, f"{base}/{u[key][0]}") for key, base in (
         ("StateDirectory", "/var/lib"), ("CacheDirectory", "/var/cache"),
         ("LogsDirectory", "/var/log"))]
+    # A checkout (and its venv) under /tmp, as a CI clone may be, would vanish behind the
+    # private /tmp (the real unit would not find it either: install warns about that): it is
+    # set aside on a scratch mount and moved back in after, so the test runs wherever it is.
+    keep = sorted({str(p) for p in (REPO.resolve(), Path(sys.prefix).resolve())
+                   if p.parts[1:2] == ("tmp",) or p.parts[1:3] == ("var", "tmp")})
+    aside = "".join(f'mkdir /mnt/keep{i} && mount --bind "{p}" /mnt/keep{i} && '
+                    for i, p in enumerate(keep))
+    back = "".join(f'mkdir -p "{p}" && mount --move /mnt/keep{i} "{p}" && '
+                   for i, p in enumerate(keep))
     script = "".join(f'mount --bind "{d}" "{d}" && ' for d in writable) + (
+        ("mount -t tmpfs tmpfs /mnt && " + aside if keep else "") +
         "mount -t tmpfs -o mode=1777 tmpfs /tmp && mount -t tmpfs -o mode=1777 tmpfs /var/tmp && "
-        "mount -o remount,bind,ro / && exec \"$@\"")
+        + back + "mount -o remount,bind,ro / && exec \"$@\"")
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sandbox"]
 
 
